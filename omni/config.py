@@ -1,0 +1,194 @@
+"""Configs are data: the defaults every run shares, the GPT-3 recipe, and validation.
+
+A config file in configs/ calls one of the builders here and states only what differs. `validate` runs
+before anything is compiled, so a bad value stops the run with one message naming the key.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+GPT2_VOCAB = 50257
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every stage and size (a tiny GPT-2 on the offline corpus)."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.stage = "pretrain"
+    c.init_from = ""  # workdir of an earlier stage
+    c.dry_run = False  # build abstractly, print parameter count and memory per device, exit
+
+    c.model = m = ml_collections.ConfigDict()
+    m.variant = "gpt2"  # gpt1 (post-LN) | gpt2 (pre-LN) | gpt3 (gpt2 + alternating banded attention)
+    m.num_layers = 2
+    m.num_heads = 4
+    m.d_model = 128
+    m.d_ff = 512
+    m.vocab_size = 1024
+    m.max_len = 256
+    m.sparse_window = 256  # gpt3: tokens each banded-attention layer looks back over (self included)
+    m.dropout = 0.0  # residual, embedding and attention dropout
+    m.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    m.param_dtype = "float32"
+    m.scan_layers = True  # nn.scan over blocks: compile time independent of depth
+    m.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    m.attention = "xla"
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 100
+    t.batch_size = 8  # global, in sequences
+    t.grad_accum = 1
+    t.seq_len = 128
+    t.log_every = 10
+    t.eval_every = 50
+    t.eval_batches = 8
+    t.checkpoint_every = 50
+    t.keep_checkpoints = 3
+    t.seed = 0
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-3
+    o.warmup_steps = 10
+    o.decay_steps = -1  # cosine decay length; -1: train.steps
+    o.min_lr_ratio = 0.1  # cosine ends at this fraction of lr, then stays
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.clip_norm = 1.0
+
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "stdlib"  # stdlib (offline corpus) | text (local .txt/.jsonl files in data.path) | a TFDS name
+    d.path = ""
+    d.text_key = "text"  # field of a JSONL line or TFDS example holding the text
+    d.data_dir = os.path.join(os.path.expanduser("~"), ".cache", "omni")
+    d.max_corpus_mb = 0.0  # stdlib: cap on corpus size; 0 = everything
+    d.tokenizer_sample_mb = 8.0  # text used to train the sentencepiece model
+    return c
+
+
+def gpt3_config(num_layers: int, d_model: int, num_heads: int, batch_tokens: int, lr: float) -> ml_collections.ConfigDict:
+    """A GPT-3 size from Brown et al. 2020, Table 2.1, with the paper's training recipe."""
+    c = base_config()
+    m = c.model
+    m.variant = "gpt3"
+    m.num_layers, m.d_model, m.num_heads = num_layers, d_model, num_heads
+    m.d_ff = 4 * d_model
+    m.vocab_size = GPT2_VOCAB
+    m.max_len = 2048
+    m.sparse_window = 256
+    m.dtype = "bfloat16"
+    m.remat = "full"
+    c.data.name = "c4/en"
+
+    t = c.train
+    t.seq_len = 2048
+    t.batch_size = batch_tokens // t.seq_len
+    tokens_per_step = t.batch_size * t.seq_len
+    t.steps = math.ceil(300e9 / tokens_per_step)  # 300B training tokens
+    t.log_every, t.eval_every, t.checkpoint_every = 10, 1000, 1000
+
+    o = c.optim
+    o.lr = lr
+    o.warmup_steps = math.ceil(375e6 / tokens_per_step)  # 375M tokens
+    o.decay_steps = math.ceil(260e9 / tokens_per_step)  # cosine to 10% over 260B tokens
+    o.min_lr_ratio = 0.1
+    o.b1, o.b2, o.eps = 0.9, 0.95, 1e-8
+    o.weight_decay, o.clip_norm = 0.1, 1.0
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    return c
+
+
+def gpt2_config(num_layers: int, d_model: int, num_heads: int) -> ml_collections.ConfigDict:
+    """A GPT-2 size as released (Radford et al. 2019): pre-LN, 1,024 context, tied embeddings."""
+    c = base_config()
+    m = c.model
+    m.variant = "gpt2"
+    m.num_layers, m.d_model, m.num_heads = num_layers, d_model, num_heads
+    m.d_ff = 4 * d_model
+    m.vocab_size = GPT2_VOCAB
+    m.max_len = 1024
+    m.dropout = 0.1
+    m.dtype = "bfloat16"
+    m.remat = "full"
+    c.data.name = "c4/en"
+    c.train.seq_len = 1024
+    c.train.batch_size = 512
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: everything that can be checked before compiling.
+
+VARIANTS = ("gpt1", "gpt2", "gpt3")
+REMAT = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+STAGES = ("pretrain",)
+
+
+def _require(ok: bool, key: str, value, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def resolve_mesh(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with one -1 filled so that their product is the device count."""
+    sizes = dict(mesh)
+    free = [k for k, v in sizes.items() if v == -1]
+    _require(len(free) <= 1, "mesh", sizes, "at most one axis may be -1")
+    for k, v in sizes.items():
+        _require(v == -1 or (isinstance(v, int) and v >= 1), f"mesh.{k}", v, "must be a positive int or -1")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        _require(num_devices % fixed == 0, "mesh", sizes, f"fixed axes ({fixed}) do not divide the {num_devices} devices")
+        sizes[free[0]] = num_devices // fixed
+    _require(math.prod(sizes.values()) == num_devices, "mesh", sizes,
+             f"product {math.prod(sizes.values())} != {num_devices} devices")
+    return sizes
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+    """Checks a config and returns a copy with derived values resolved (mesh -1, decay_steps -1)."""
+    c = ml_collections.ConfigDict(c.to_dict())
+    m, t, o = c.model, c.train, c.optim
+    _require(c.stage in STAGES, "stage", c.stage, f"expected one of {STAGES}")
+    _require(m.variant in VARIANTS, "model.variant", m.variant, f"expected one of {VARIANTS}")
+    _require(m.remat in REMAT, "model.remat", m.remat, f"expected one of {REMAT}")
+    for key in ("dtype", "param_dtype"):
+        _require(m[key] in DTYPES, f"model.{key}", m[key], f"expected one of {DTYPES}")
+    for key in ("num_layers", "num_heads", "d_model", "d_ff", "vocab_size", "max_len"):
+        _require(isinstance(m[key], int) and m[key] > 0, f"model.{key}", m[key], "must be a positive int")
+    _require(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
+             f"not divisible by model.num_heads={m.num_heads}")
+    _require(m.sparse_window > 0, "model.sparse_window", m.sparse_window, "must be positive")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    _require(m.attention == "xla", "model.attention", m.attention, "only 'xla' is available")
+    for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "checkpoint_every",
+                "keep_checkpoints"):
+        _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive int")
+    _require(t.seq_len <= m.max_len, "train.seq_len", t.seq_len, f"exceeds model.max_len={m.max_len}")
+    _require(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
+             f"not divisible by train.grad_accum={t.grad_accum}")
+    c.mesh.update(resolve_mesh(c.mesh, num_devices))
+    batch_shards = c.mesh.data * c.mesh.fsdp
+    micro = t.batch_size // t.grad_accum
+    _require(micro % batch_shards == 0, "train.batch_size", t.batch_size,
+             f"micro-batch {micro} (batch_size / grad_accum) not divisible by mesh data*fsdp={batch_shards}")
+    _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    if o.decay_steps == -1:
+        o.decay_steps = t.steps
+    _require(o.decay_steps > o.warmup_steps, "optim.decay_steps", o.decay_steps,
+             f"must exceed optim.warmup_steps={o.warmup_steps}")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    return c

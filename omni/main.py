@@ -1,0 +1,100 @@
+"""Entry point: `python -m omni.main --config=configs/NAME.py [--config.KEY=VALUE ...] [--workdir=DIR]`.
+
+Validates the config before anything compiles, then runs config.stage in the workdir (default runs/NAME);
+rerunning with the same workdir resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import jax
+
+from omni import config as config_lib
+from omni import estimate
+from omni.data import DataError
+from omni.stages import pretrain
+from omni.train import checkpoint, metrics, trainer
+
+STAGES = {"pretrain": pretrain.task}
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory; default runs/NAME.")
+FLAGS = flags.FLAGS
+
+
+def config_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def dry_run(config) -> None:
+    """Validate against the config's own mesh (the target slice), print size and memory, allocate nothing."""
+    sizes = dict(config.mesh)
+    devices = math.prod(sizes.values()) if -1 not in sizes.values() else jax.device_count()
+    config = config_lib.validate(config, devices)
+    est = estimate.estimate(config)
+    print(estimate.report(est))
+    print(json.dumps(est))
+
+
+def check_resumable(config, workdir: str) -> None:
+    """A workdir with checkpoints can only be resumed by a run of the same model."""
+    path = os.path.join(workdir, "config.json")
+    if checkpoint.latest_step(workdir) is None or not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)["model"]
+    for key, value in config.model.items():
+        if key in saved and saved[key] != value and key not in ("dropout", "remat", "scan_layers"):
+            raise config_lib.ConfigError(
+                f"config.model.{key}={value!r} but {workdir} holds checkpoints of a model with {key}="
+                f"{saved[key]!r}; use another --workdir")
+
+
+def run(config, workdir: str) -> int:
+    if config.dry_run:
+        dry_run(config)
+        return 0
+    config = config_lib.validate(config, jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
+    check_resumable(config, workdir)
+    task = STAGES[config.stage](config, workdir)
+    if jax.process_index() == 0:
+        metrics.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    start = time.time()
+    summary = trainer.train(config, workdir, task)
+    if "preempted" in summary:
+        return 0
+    summary["wall_s"] = time.time() - start
+    if jax.process_index() == 0:
+        metrics.write_json(os.path.join(workdir, "summary.json"), summary)
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config=configs/NAME.py is required")
+    config = FLAGS.config
+    config.name = config_name(config_flags.get_config_filename(FLAGS["config"]))
+    workdir = FLAGS.workdir or os.path.join("runs", config.name)
+    try:
+        sys.exit(run(config, workdir))
+    except (config_lib.ConfigError, DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except trainer.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

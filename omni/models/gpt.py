@@ -1,0 +1,165 @@
+"""The GPT decoder family in one file: GPT-1 (post-LN), GPT-2 (pre-LN) and GPT-3 (GPT-2 with alternating
+dense and locally banded sparse attention).
+
+Every parameter carries logical axis names (batch, length, embed, heads, kv, mlp, vocab, layers); the one
+table in omni/parallel.py maps them to mesh axes. Layers run under nn.scan so compile time does not grow
+with depth; config.model.scan_layers=False unrolls them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from omni.models.attention import banded_causal_mask, causal_mask, xla_attention
+
+Dtype = jnp.dtype
+
+
+def _init(std: float, axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def _constrain(x: jax.Array, axes: tuple) -> jax.Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+def layer_norm(m: ml_collections.ConfigDict, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-5, dtype=m.dtype, param_dtype=m.param_dtype, scale_init=_ones(("embed",)),
+                        bias_init=_zeros(("embed",)), name=name)
+
+
+class Attention(nn.Module):
+    config: ml_collections.ConfigDict
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        m = self.config
+        head_dim = m.d_model // m.num_heads
+        # Kernels keep a separate heads axis so the rules table can shard attention by heads.
+        w_qkv = self.param("qkv_kernel", _init(0.02, ("embed", None, "heads", "kv")),
+                           (m.d_model, 3, m.num_heads, head_dim), m.param_dtype)
+        b_qkv = self.param("qkv_bias", _zeros((None, "heads", "kv")), (3, m.num_heads, head_dim), m.param_dtype)
+        w_out = self.param("out_kernel", _init(_residual_std(m), ("heads", "kv", "embed")),
+                           (m.num_heads, head_dim, m.d_model), m.param_dtype)
+        b_out = self.param("out_bias", _zeros(("embed",)), (m.d_model,), m.param_dtype)
+        qkv = jnp.einsum("bld,dchk->blchk", x, w_qkv.astype(m.dtype)) + b_qkv.astype(m.dtype)
+        q, k, v = (_constrain(qkv[:, :, i], ("batch", "length", "heads", "kv")) for i in range(3))
+        dropout_rng = None if self.deterministic or m.dropout == 0.0 else self.make_rng("dropout")
+        y = _constrain(xla_attention(q, k, v, mask, dropout_rng, m.dropout), ("batch", "length", "heads", "kv"))
+        return jnp.einsum("blhk,hkd->bld", y, w_out.astype(m.dtype)) + b_out.astype(m.dtype)
+
+
+class MLP(nn.Module):
+    config: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        m = self.config
+        h = nn.Dense(m.d_ff, dtype=m.dtype, param_dtype=m.param_dtype, kernel_init=_init(0.02, ("embed", "mlp")),
+                     bias_init=_zeros(("mlp",)), name="fc")(x)
+        h = _constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+        return nn.Dense(m.d_model, dtype=m.dtype, param_dtype=m.param_dtype,
+                        kernel_init=_init(_residual_std(m), ("mlp", "embed")),
+                        bias_init=_zeros(("embed",)), name="proj")(h)
+
+
+def _residual_std(m: ml_collections.ConfigDict) -> float:
+    # GPT-2: projections into the residual stream scaled by 1/sqrt(N), N = 2 residual adds per layer.
+    return 0.02 if m.variant == "gpt1" else 0.02 / math.sqrt(2 * m.num_layers)
+
+
+class Block(nn.Module):
+    """One decoder layer. `sparse` (a traced bool, scanned over layers) selects GPT-3's banded mask."""
+    config: ml_collections.ConfigDict
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, sparse: jax.Array):
+        m = self.config
+        length = x.shape[1]
+        mask = jnp.where(sparse, banded_causal_mask(length, m.sparse_window), causal_mask(length))
+        drop = functools.partial(nn.Dropout(m.dropout), deterministic=self.deterministic)
+        attn = Attention(m, self.deterministic, name="attn")
+        mlp = MLP(m, name="mlp")
+        if m.variant == "gpt1":  # post-LN: normalise after each residual add
+            x = layer_norm(m, "ln1")(x + drop(attn(x, mask)))
+            x = layer_norm(m, "ln2")(x + drop(mlp(x)))
+        else:  # pre-LN: normalise the input of each sub-block
+            x = x + drop(attn(layer_norm(m, "ln1")(x), mask))
+            x = x + drop(mlp(layer_norm(m, "ln2")(x)))
+        return _constrain(x, ("batch", "length", "embed")), None
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer, recompute it in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def sparse_layers(m: ml_collections.ConfigDict) -> jax.Array:
+    """Which layers use banded attention: GPT-3 alternates dense (even) and sparse (odd) layers."""
+    layer = jnp.arange(m.num_layers)
+    return (layer % 2 == 1) if m.variant == "gpt3" else jnp.zeros(m.num_layers, bool)
+
+
+class GPT(nn.Module):
+    """`GPT(config.model).apply({'params': p}, tokens)` -> logits [batch, length, vocab] (float32)."""
+    config: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        m = self.config
+        wte = nn.Embed(m.vocab_size, m.d_model, dtype=m.dtype, param_dtype=m.param_dtype,
+                       embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
+        wpe = self.param("wpe", _init(0.01 if m.variant != "gpt1" else 0.02, (None, "embed")),
+                         (m.max_len, m.d_model), m.param_dtype)
+        tokens = _constrain(tokens, ("batch", "length"))
+        x = wte(tokens) + wpe[: tokens.shape[1]].astype(m.dtype)
+        x = nn.Dropout(m.dropout)(x, deterministic=deterministic)
+        x = _constrain(x, ("batch", "length", "embed"))
+        x = self._blocks(x, deterministic)
+        if m.variant != "gpt1":
+            x = layer_norm(m, "ln_f")(x)
+        logits = wte.attend(x).astype(jnp.float32)  # tied input/output embeddings
+        return _constrain(logits, ("batch", "length", "vocab"))
+
+    def _blocks(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        m = self.config
+        block = Block
+        if m.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[m.remat], prevent_cse=not m.scan_layers)
+        sparse = sparse_layers(m)
+        if m.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                            in_axes=0, length=m.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(m, deterministic, name="blocks")(x, sparse)
+            return x
+        for i in range(m.num_layers):
+            x, _ = block(m, deterministic, name=f"blocks_{i}")(x, sparse[i])
+        return x
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Training FLOPs per token, counted honestly (PaLM appendix B): 6 x every matmul weight, the tied
+    unembedding included, plus 12 x layers x seq_len x d_model for attention scores and weighted sums
+    (the full square, as the XLA kernel computes it; remat's recomputation is not counted)."""
+    matmul_params = m.num_layers * (4 * m.d_model ** 2 + 2 * m.d_model * m.d_ff) + m.vocab_size * m.d_model
+    return 6.0 * matmul_params + 12.0 * m.num_layers * seq_len * m.d_model

@@ -1,0 +1,67 @@
+"""Device mesh, the one logical-axis rules table, and placement helpers.
+
+Nothing else in omni names a mesh axis: models name logical axes, this table decides where they live.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Rules are tried in order and a mesh axis is used at most once per array, so for
+# activations `batch` takes data+fsdp and `embed` stays whole, while for parameters (which have no batch axis)
+# `embed` is sharded over fsdp (ZeRO-3 style) and heads/mlp/vocab over tensor (Megatron style).
+LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+    """A mesh of the resolved `config.mesh` sizes (no -1 left) over all (or the given) devices."""
+    shape = tuple(mesh_config[a] for a in MESH_AXES)
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh):
+    """NamedShardings for a tree of (possibly nn.Partitioned-boxed) abstract arrays; unboxed leaves replicate."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a [batch, length] data array: rows over data x fsdp."""
+    spec = nn.logical_to_mesh_axes(("batch", "length"), LOGICAL_RULES)
+    return NamedSharding(mesh, spec)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_shape(shape: tuple[int, ...], spec: P, mesh_sizes: dict[str, int]) -> tuple[int, ...]:
+    """Per-device shape of an array of `shape` placed by `spec` on a mesh of `mesh_sizes` (no devices needed)."""
+    out = []
+    for i, dim in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        div = int(np.prod([mesh_sizes[a] for a in axes])) if axes else 1
+        out.append(-(-dim // div))
+    return tuple(out)

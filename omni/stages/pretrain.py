@@ -1,0 +1,61 @@
+"""Pretraining: next-token prediction on packed documents.
+
+Batch: inputs, targets int32 [batch, seq_len] (targets = inputs shifted by one), weights float32 [batch,
+seq_len] (0 on padding). Loss: mean cross-entropy over weighted target tokens.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from omni import data
+from omni.models import GPT, flops_per_token
+from omni.train import checkpoint
+from omni.train.trainer import Task
+
+
+def lm_loss(model: GPT):
+    def loss_fn(params, batch: dict, rng: jax.Array | None):
+        logits = model.apply({"params": params}, batch["inputs"], deterministic=rng is None,
+                             rngs=None if rng is None else {"dropout": rng})
+        w = batch["weights"]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * w
+        correct = (jnp.argmax(logits, -1) == batch["targets"]) * w
+        return nll.sum(), {"loss": nll.sum(), "accuracy": correct.sum(), "weight": w.sum()}
+
+    return loss_fn
+
+
+def stage_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> data.Tokenizer:
+    """The tokenizer of an earlier stage (init_from) or of this run's corpus, copied into the workdir."""
+    if config.init_from:
+        _, path, _ = checkpoint.read_meta(config.init_from)
+        tokenizer = data.Tokenizer(path)
+        if tokenizer.vocab_size != config.model.vocab_size:
+            raise data.DataError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer of "
+                                 f"config.init_from={config.init_from} has {tokenizer.vocab_size} pieces")
+    else:
+        tokenizer = data.get_tokenizer(config)
+    local = os.path.join(workdir, "tokenizer.model")
+    if os.path.abspath(tokenizer.model_path) != os.path.abspath(local):
+        shutil.copyfile(tokenizer.model_path, local)
+    return data.Tokenizer(local)
+
+
+def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
+    tokenizer = stage_tokenizer(config, workdir)
+    pid, count = jax.process_index(), jax.process_count()
+    train_iter = data.train_iterator(config, tokenizer, pid, count)
+    eval_batches = data.eval_batches(config, tokenizer, pid, count)
+    unigram = data.unigram_perplexity(config, tokenizer)
+    print(f"unigram baseline perplexity on the held-out set: {unigram:.2f}", flush=True)
+    model = GPT(config.model)
+    return Task(model=model, loss_fn=lm_loss(model), train_iter=train_iter, eval_batches=eval_batches,
+                tokenizer_path=tokenizer.model_path, example_batch=eval_batches[0],
+                flops_per_token=flops_per_token(config.model, config.train.seq_len),
+                summary_extras={"unigram_perplexity": unigram})

@@ -1,0 +1,1 @@
+"""The trainer every stage reuses, its optimizer, checkpoints and metrics."""

@@ -1,0 +1,95 @@
+"""Orbax checkpoints: one step directory holds params, optimizer state, the data iterator's position, the
+resolved config and the tokenizer, so a workdir alone is enough to resume, start the next stage or sample."""
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names its path."""
+
+
+def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+    path = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                           enable_async_checkpointing=not read_only)
+    return ocp.CheckpointManager(path, options=options, item_handlers={
+        "params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+
+def meta(config: ml_collections.ConfigDict, tokenizer_path: str) -> dict:
+    with open(tokenizer_path, "rb") as f:
+        spm = base64.b64encode(f.read()).decode("ascii")
+    return {"config": config.to_dict(), "tokenizer_model_b64": spm}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta_json: dict) -> None:
+    """Starts an (asynchronous where possible) save of the train state at `step`."""
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+        data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta_json)))
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
+    """Restores params and optimizer state onto the shardings in `abstract_state`; moves `data_iter`."""
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
+        raise CheckpointError(f"cannot restore checkpoint {mngr.directory}/{step}: {type(e).__name__}: {e}") from e
+    step_array = jax.device_put(np.int32(step), abstract_state.step.sharding)
+    return abstract_state.replace(step=step_array, params=out.params, opt_state=out.opt_state)
+
+
+def latest_step(workdir: str) -> int | None:
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return None
+    return manager(workdir, keep=1, read_only=True).latest_step()
+
+
+def read_meta(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, str, int]:
+    """(config, path of the tokenizer model written beside the checkpoints, step) of a workdir's checkpoint."""
+    mngr = manager(workdir, keep=1, read_only=True)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    try:
+        m = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read checkpoint {mngr.directory}/{step}: {type(e).__name__}: {e}") from e
+    tok_path = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(tok_path):
+        _write_atomic(tok_path, base64.b64decode(m["tokenizer_model_b64"]))
+    return ml_collections.ConfigDict(m["config"]), tok_path, step
+
+
+def restore_params(workdir: str, step: int, abstract_params):
+    """Only the parameters of a checkpoint (for init_from and omni.load), onto `abstract_params`' shardings."""
+    mngr = manager(workdir, keep=1, read_only=True)
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot restore params from {mngr.directory}/{step}: {type(e).__name__}: {e}") from e
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def with_shardings(abstract_tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)

@@ -1,0 +1,27 @@
+"""AdamW with GPT-3's schedule: linear warmup, cosine decay to a floor, then constant."""
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def lr_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
+    """0 -> lr over warmup_steps, cosine lr -> min_lr_ratio*lr until decay_steps, then constant."""
+    cosine = optax.cosine_decay_schedule(o.lr, o.decay_steps - o.warmup_steps, alpha=o.min_lr_ratio)
+    if o.warmup_steps == 0:
+        return cosine
+    warmup = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+    return optax.join_schedules([warmup, cosine], [o.warmup_steps])
+
+
+def decay_mask(params):
+    """Weight decay on matmul kernels only: not on biases, LayerNorm gains or embeddings (GPT-1, GPT-3)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", "")).endswith("kernel"), params)
+
+
+def optimizer(o: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
+    )

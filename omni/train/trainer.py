@@ -1,0 +1,234 @@
+"""The one training loop every stage reuses.
+
+A stage hands the trainer a `Task`: its model, its loss, its data. The trainer owns everything else: the
+mesh, sharded initialisation, the jit'd step with gradient accumulation, evaluation, metrics, checkpoints,
+resumption, preemption and non-finite-loss handling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from omni import parallel
+from omni.models import count_params
+from omni.train import checkpoint, metrics
+from omni.train.optim import lr_schedule, optimizer
+
+# loss_fn(params, batch, dropout_rng or None) -> (loss_sum, sums). `sums` holds per-batch sums, among them
+# 'loss' and 'weight' (the loss's denominator, e.g. the number of target tokens); the trainer divides every
+# sum by the total weight, so gradient accumulation gives exactly the full-batch gradient.
+LossFn = Callable[[Any, dict, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass
+class Task:
+    """What a stage gives the trainer."""
+    model: nn.Module
+    loss_fn: LossFn
+    train_iter: Any  # grain DatasetIterator of host-local numpy batches (state is checkpointed)
+    eval_batches: list[dict]
+    tokenizer_path: str
+    flops_per_token: float
+    example_batch: dict  # one host-local batch: gives shapes for init
+    summary_extras: dict = dataclasses.field(default_factory=dict)
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def abstract_state(config: ml_collections.ConfigDict, model: nn.Module, tokens_shape: tuple[int, int],
+                   mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState, Callable]:
+    """(abstract TrainState, its shardings, init_fn(rng) -> TrainState) without allocating anything."""
+    tx = optimizer(config.optim)
+    dummy = jnp.zeros(tokens_shape, jnp.int32)
+
+    def init_fn(rng):
+        params = nn.unbox(model.init(rng, dummy)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
+    param_shardings = parallel.logical_shardings(boxed, mesh)
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    rep = parallel.replicated(mesh)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_shardings,
+                                          transform_non_params=lambda _: rep)
+    shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings)
+    return abstract, shardings, init_fn
+
+
+def make_train_step(config: ml_collections.ConfigDict, loss_fn: LossFn) -> Callable:
+    tx = optimizer(config.optim)
+    schedule = lr_schedule(config.optim)
+    accum = config.train.grad_accum
+    base_key = jax.random.key(config.train.seed)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(base_key, state.step)  # dropout masks depend only on seed and step
+
+        # Micro-batch i takes rows i, i+accum, ...: every device keeps its share of every micro-batch.
+        def split(x):
+            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+            return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+        def accumulate(acc, xs):
+            micro, i = xs
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (_, sums), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, acc, (grads, sums)), None
+
+        micro_batches = jax.tree.map(split, batch)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        sums_shape = jax.eval_shape(lambda: loss_fn(state.params, first, rng)[1])
+        zeros = jax.tree.map(jnp.zeros_like, (state.params, sums_shape))
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(accum)))
+        weight = jnp.maximum(sums.pop("weight"), 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = {k: v / weight for k, v in sums.items()}
+        out.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+
+    return train_step
+
+
+class Preemption:
+    """SIGTERM (TPU maintenance, spot reclaim) asks the loop to checkpoint and stop at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
+    """Runs (or resumes) a stage to config.train.steps. Returns the summary; {'preempted': step} if stopped."""
+    t = config.train
+    mesh = parallel.make_mesh(config.mesh)
+    tokens_shape = (t.batch_size // t.grad_accum, task.example_batch["inputs"].shape[1])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+        abstract, shardings, init_fn = abstract_state(config, task.model, tokens_shape, mesh)
+        mngr = checkpoint.manager(workdir, t.keep_checkpoints)
+        meta = checkpoint.meta(config, task.tokenizer_path)
+        state = _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task)
+        batch_sharding = parallel.batch_sharding(mesh)
+        step_fn = jax.jit(make_train_step(config, task.loss_fn), donate_argnums=0,
+                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+        eval_fn = jax.jit(lambda p, b: task.loss_fn(p, b, None)[1], in_shardings=(shardings.params, batch_sharding))
+        return _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn)
+
+
+def _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task) -> TrainState:
+    target = checkpoint.with_shardings(abstract, shardings)
+    step = mngr.latest_step()
+    if step is not None:
+        print(f"resuming from {mngr.directory}/{step}", flush=True)
+        return checkpoint.restore(mngr, step, target, task.train_iter)
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.train.seed))
+    if config.init_from:
+        _, _, src_step = checkpoint.read_meta(config.init_from)
+        print(f"initialising parameters from {config.init_from} step {src_step}", flush=True)
+        params = checkpoint.restore_params(config.init_from, src_step, target.params)
+        state = jax.jit(lambda s, p: s.replace(params=p, opt_state=optimizer(config.optim).init(p)),
+                        out_shardings=shardings, donate_argnums=0)(state, params)
+    return state
+
+
+def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> dict:
+    t = config.train
+    start = int(jax.device_get(state.step))
+    num_params = count_params(state.params)
+    tokens_per_step = t.batch_size * task.example_batch["inputs"].shape[1]
+    peak, peak_source = metrics.peak_flops_per_device()
+    peak_total = peak * jax.device_count()
+    writer = metrics.MetricsWriter(workdir, t.steps, start)
+    writer.message(f"{num_params:,} parameters; {tokens_per_step:,} tokens/step; peak {peak / 1e9:,.0f} "
+                   f"GFLOP/s per device ({peak_source}); steps {start}..{t.steps}")
+    preemption = Preemption()
+    window_start, window_tokens, timed_tokens, timed_s, last_done = None, 0, 0, 0.0, start
+    last, evals = {}, {}
+    if start >= t.steps:  # already finished: report the final evaluation again
+        evals = evaluate(eval_fn, state.params, task.eval_batches, mesh)
+    try:
+        for step in range(start, t.steps):
+            batch = parallel.global_batch(next(task.train_iter), mesh)
+            state, step_metrics = step_fn(state, batch)
+            done = step + 1
+            boundary = (done % t.log_every == 0 or done % t.eval_every == 0 or done % t.checkpoint_every == 0
+                        or done == t.steps or preemption.requested)
+            if not boundary and done != start + 1:
+                continue
+            last = metrics.to_host(step_metrics)  # waits for this step: timings below are real
+            if not math.isfinite(last["loss"]):
+                raise NonFiniteLoss(f"non-finite loss {last['loss']} at step {done}; last good checkpoint: "
+                                    f"{mngr.latest_step()} in {mngr.directory}")
+            now = time.perf_counter()
+            if window_start is None:  # the first step includes compilation: time from its end
+                window_start, window_tokens = now, 0
+            else:
+                window_tokens += tokens_per_step * (done - last_done)
+            last_done = done
+            if done % t.log_every == 0 or done == t.steps:
+                elapsed = now - window_start
+                tps = window_tokens / elapsed if elapsed > 0 and window_tokens else float("nan")
+                if window_tokens:
+                    timed_tokens, timed_s = timed_tokens + window_tokens, timed_s + elapsed
+                last.update(tokens_per_s=tps, mfu=tps * task.flops_per_token / peak_total)
+                writer.write(done, last)
+                writer.progress(done, {"loss": last["loss"], "tok/s": tps, "mfu": last["mfu"]})
+                window_start, window_tokens = now, 0
+            if done % t.eval_every == 0 or done == t.steps:
+                evals = evaluate(eval_fn, state.params, task.eval_batches, mesh)
+                writer.write(done, evals)
+                writer.message(f"step {done}: eval_loss {evals['eval_loss']:.4f} "
+                               f"eval_perplexity {evals['eval_perplexity']:.2f}")
+            if done % t.checkpoint_every == 0 or done == t.steps or preemption.requested:
+                checkpoint.save(mngr, done, state, task.train_iter, meta)
+            if preemption.requested:
+                mngr.wait_until_finished()
+                writer.message(f"preempted: saved step {done}; rerun the same command to resume")
+                return {"preempted": done}
+        mngr.wait_until_finished()
+    finally:
+        mngr.wait_until_finished()
+        preemption.restore()
+        writer.close()
+    tps = timed_tokens / timed_s if timed_s else float("nan")
+    return {"step": t.steps, "loss": last.get("loss"), **evals, "params": num_params, "tokens_per_s": tps,
+            "mfu": tps * task.flops_per_token / peak_total, "peak_flops_per_device": peak,
+            "peak_flops_source": peak_source, **task.summary_extras}
+
+
+def evaluate(eval_fn, params, batches: list[dict], mesh) -> dict[str, float]:
+    totals = None
+    for b in batches:
+        sums = eval_fn(params, parallel.global_batch(b, mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = metrics.to_host(totals)
+    weight = max(totals.pop("weight"), 1.0)
+    out = {f"eval_{k}": v / weight for k, v in totals.items()}
+    out["eval_perplexity"] = math.exp(min(out["eval_loss"], 700.0))
+    return out

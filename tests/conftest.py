@@ -1,0 +1,30 @@
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs")
+
+
+def load_config(name: str):
+    """configs/NAME.py's get_config(), as the CLI loads it."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def run_cli(args, cwd=ROOT, env=None, timeout=600, **kw):
+    """Runs `python -m omni.main ARGS` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "omni.main", *args], cwd=cwd, env=full_env, timeout=timeout,
+                          capture_output=True, text=True, **kw)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes; not run in CI (pytest -m slow)")
+    config.addinivalue_line("markers", "gpu: needs a GPU; skipped elsewhere")
