@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.scan_layers = True  # nn.scan over blocks: compile time independent of depth
     m.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
     m.attention = "xla"
+    m.attention_chunk = 64  # query chunk of the causal XLA path (skips the masked triangle); 0 = one block
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
@@ -173,6 +174,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
     _require(m.sparse_window > 0, "model.sparse_window", m.sparse_window, "must be positive")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _require(m.attention == "xla", "model.attention", m.attention, "only 'xla' is available")
+    _require(m.attention_chunk >= 0, "model.attention_chunk", m.attention_chunk, "must be >= 0")
     for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "checkpoint_every",
                 "keep_checkpoints"):
         _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive int")

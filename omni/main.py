@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
@@ -83,6 +83,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:
         raise app.UsageError("--config=configs/NAME.py is required")
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's and JAX's INFO chatter out of the run's output
     config = FLAGS.config
     config.name = config_name(config_flags.get_config_filename(FLAGS["config"]))
     workdir = FLAGS.workdir or os.path.join("runs", config.name)

@@ -104,7 +104,7 @@ def make_train_step(config: ml_collections.ConfigDict, loss_fn: LossFn) -> Calla
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {k: v / weight for k, v in sums.items()}
-        out.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        out.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
     return train_step
