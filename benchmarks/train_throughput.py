@@ -5,7 +5,8 @@ same shapes, measured side by side in one run. Prints one JSON line.
 
 Shapes (the issue's): 6 layers, 6 heads, d_model 384, vocab 8192, seq_len 256, batch 8, fp32, dropout 0.
 Both take real optimizer steps (AdamW) on random tokens; each side is timed over the same number of steps
-after warm-up, alternating rounds so that machine noise hits both alike; the best round counts.
+after warm-up, alternating rounds (each after a short idle gap) so that machine noise hits both alike;
+the best round counts.
 """
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ def hf_stepper():
 
 
 def timed(run, steps: int) -> float:
+    # Let the other framework's worker threads (torch's OpenMP pool, XLA's Eigen pool) stop spin-waiting
+    # before the clock starts, so neither side is timed while the other still holds the cores.
+    time.sleep(0.5)
     start = time.perf_counter()
     run(steps)
     return BATCH * SEQ * steps / (time.perf_counter() - start)
@@ -85,7 +89,7 @@ def timed(run, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-hf", action="store_true", help="omni only (no torch installed)")
     parser.add_argument("--scan", action="store_true", help="nn.scan over layers (default: unrolled)")
     args = parser.parse_args()

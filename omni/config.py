@@ -154,7 +154,8 @@ def resolve_mesh(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str,
         _require(num_devices % fixed == 0, "mesh", sizes, f"fixed axes ({fixed}) do not divide the {num_devices} devices")
         sizes[free[0]] = num_devices // fixed
     _require(math.prod(sizes.values()) == num_devices, "mesh", sizes,
-             f"product {math.prod(sizes.values())} != {num_devices} devices")
+             f"product {math.prod(sizes.values())} != {num_devices} devices here "
+             "(set one axis to -1 to fill the devices, e.g. --config.mesh.fsdp=-1)")
     return sizes
 
 

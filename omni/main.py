@@ -75,6 +75,10 @@ def run(config, workdir: str) -> int:
     if jax.process_index() == 0:
         metrics.write_json(os.path.join(workdir, "summary.json"), summary)
         print(json.dumps(summary), flush=True)
+        if "unigram_perplexity" in summary and "eval_perplexity" in summary:
+            print(f"held-out perplexity {summary['eval_perplexity']:.2f} (unigram baseline "
+                  f"{summary['unigram_perplexity']:.2f}); {summary['tokens_per_s']:,.0f} tokens/s, "
+                  f"MFU {summary['mfu']:.1%}, {summary['wall_s']:.0f} s; workdir {workdir}", flush=True)
     return 0
 
 

@@ -11,7 +11,6 @@ import shutil
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from omni import data
 from omni.models import GPT, flops_per_token
@@ -19,14 +18,24 @@ from omni.train import checkpoint
 from omni.train.trainer import Task
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log p(target) per position. The target logit is picked with a one-hot product rather than a gather,
+    so the backward pass is elementwise instead of a scatter over [batch, length, vocab]."""
+    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
 def lm_loss(model: GPT):
     def loss_fn(params, batch: dict, rng: jax.Array | None):
-        logits = model.apply({"params": params}, batch["inputs"], deterministic=rng is None,
-                             rngs=None if rng is None else {"dropout": rng})
+        train = rng is not None
+        logits = model.apply({"params": params}, batch["inputs"], deterministic=not train,
+                             rngs={"dropout": rng} if train else None)
         w = batch["weights"]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * w
-        correct = (jnp.argmax(logits, -1) == batch["targets"]) * w
-        return nll.sum(), {"loss": nll.sum(), "accuracy": correct.sum(), "weight": w.sum()}
+        nll = token_nll(logits, batch["targets"]) * w
+        sums = {"loss": nll.sum(), "weight": w.sum()}
+        if not train:  # accuracy costs an argmax over the vocabulary: evaluation only
+            sums["accuracy"] = ((jnp.argmax(logits, -1) == batch["targets"]) * w).sum()
+        return nll.sum(), sums
 
     return loss_fn
 

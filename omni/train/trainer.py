@@ -88,17 +88,19 @@ def make_train_step(config: ml_collections.ConfigDict, loss_fn: LossFn) -> Calla
             x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
             return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
 
-        def accumulate(acc, xs):
-            micro, i = xs
-            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (_, sums), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, acc, (grads, sums)), None
+        def grads_and_sums(micro, i):
+            (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, micro, jax.random.fold_in(rng, i))
+            return grads, sums
 
-        micro_batches = jax.tree.map(split, batch)
-        first = jax.tree.map(lambda x: x[0], micro_batches)
-        sums_shape = jax.eval_shape(lambda: loss_fn(state.params, first, rng)[1])
-        zeros = jax.tree.map(jnp.zeros_like, (state.params, sums_shape))
-        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(accum)))
+        if accum == 1:  # no loop: XLA fuses across the whole step (a 1-trip loop costs ~5% on CPU)
+            grads, sums = grads_and_sums(batch, 0)
+        else:
+            micro_batches = jax.tree.map(split, batch)
+            first = jax.tree.map(lambda x: x[0], micro_batches)
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_and_sums, first, 0))
+            (grads, sums), _ = jax.lax.scan(lambda acc, xs: (jax.tree.map(jnp.add, acc, grads_and_sums(*xs)), None),
+                                            zeros, (micro_batches, jnp.arange(accum)))
         weight = jnp.maximum(sums.pop("weight"), 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
