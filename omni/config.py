@@ -74,57 +74,36 @@ def base_config() -> ml_collections.ConfigDict:
     d.data_dir = os.path.join(os.path.expanduser("~"), ".cache", "omni")
     d.max_corpus_mb = 0.0  # stdlib: cap on corpus size; 0 = everything
     d.tokenizer_sample_mb = 8.0  # text used to train the sentencepiece model
+    d.shuffle_rows = 1024  # packed rows are shuffled within windows of this many (<= 1: off)
+    d.eval_tokens_per_doc = 512  # held-out set: the first tokens of every validation document (0: all)
+    return c
+
+
+def gpt2_config(num_layers: int, d_model: int, num_heads: int) -> ml_collections.ConfigDict:
+    """A GPT-2 size as released (Radford et al. 2019): pre-LN, 1,024 context, tied embeddings, batch 512."""
+    c = base_config()
+    c.model.update(variant="gpt2", num_layers=num_layers, d_model=d_model, num_heads=num_heads, d_ff=4 * d_model,
+                   vocab_size=GPT2_VOCAB, max_len=1024, dropout=0.1, dtype="bfloat16", remat="full")
+    c.train.update(seq_len=1024, batch_size=512, log_every=10, eval_every=1000, checkpoint_every=1000)
+    c.data.name = "c4/en"
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
     return c
 
 
 def gpt3_config(num_layers: int, d_model: int, num_heads: int, batch_tokens: int, lr: float) -> ml_collections.ConfigDict:
-    """A GPT-3 size from Brown et al. 2020, Table 2.1, with the paper's training recipe."""
-    c = base_config()
-    m = c.model
-    m.variant = "gpt3"
-    m.num_layers, m.d_model, m.num_heads = num_layers, d_model, num_heads
-    m.d_ff = 4 * d_model
-    m.vocab_size = GPT2_VOCAB
-    m.max_len = 2048
-    m.sparse_window = 256
-    m.dtype = "bfloat16"
-    m.remat = "full"
-    c.data.name = "c4/en"
-
+    """A GPT-3 size from Brown et al. 2020, Table 2.1: GPT-2 with alternating banded attention, 2,048 context,
+    and the paper's training recipe."""
+    c = gpt2_config(num_layers, d_model, num_heads)
+    c.model.update(variant="gpt3", max_len=2048, sparse_window=256, dropout=0.0)
     t = c.train
     t.seq_len = 2048
     t.batch_size = batch_tokens // t.seq_len
     tokens_per_step = t.batch_size * t.seq_len
     t.steps = math.ceil(300e9 / tokens_per_step)  # 300B training tokens
-    t.log_every, t.eval_every, t.checkpoint_every = 10, 1000, 1000
-
-    o = c.optim
-    o.lr = lr
-    o.warmup_steps = math.ceil(375e6 / tokens_per_step)  # 375M tokens
-    o.decay_steps = math.ceil(260e9 / tokens_per_step)  # cosine to 10% over 260B tokens
-    o.min_lr_ratio = 0.1
-    o.b1, o.b2, o.eps = 0.9, 0.95, 1e-8
-    o.weight_decay, o.clip_norm = 0.1, 1.0
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
-    return c
-
-
-def gpt2_config(num_layers: int, d_model: int, num_heads: int) -> ml_collections.ConfigDict:
-    """A GPT-2 size as released (Radford et al. 2019): pre-LN, 1,024 context, tied embeddings."""
-    c = base_config()
-    m = c.model
-    m.variant = "gpt2"
-    m.num_layers, m.d_model, m.num_heads = num_layers, d_model, num_heads
-    m.d_ff = 4 * d_model
-    m.vocab_size = GPT2_VOCAB
-    m.max_len = 1024
-    m.dropout = 0.1
-    m.dtype = "bfloat16"
-    m.remat = "full"
-    c.data.name = "c4/en"
-    c.train.seq_len = 1024
-    c.train.batch_size = 512
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.optim.update(
+        lr=lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, min_lr_ratio=0.1,
+        warmup_steps=math.ceil(375e6 / tokens_per_step),  # linear warmup over 375M tokens
+        decay_steps=math.ceil(260e9 / tokens_per_step))  # cosine to 10% of lr over 260B tokens, then flat
     return c
 
 

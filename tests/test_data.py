@@ -30,6 +30,14 @@ def config(tmp_path_factory):
     c.data.max_corpus_mb = 1.0
     c.model.vocab_size = 512
     c.train.batch_size, c.train.seq_len, c.train.eval_batches, c.train.seed = 4, 32, 2, 0
+    c.data.shuffle_rows = 16  # small window: the resume tests cross several window boundaries
+    return c
+
+
+def _in_order(c):
+    """The same config with the row shuffle off, so the packed stream can be read back in order."""
+    c = c.copy_and_resolve_references()
+    c.data.shuffle_rows = 0
     return c
 
 
@@ -190,6 +198,7 @@ def test_vocab_mismatch_raises(config, tokenizer, jsonl_config):
 
 
 def test_batches_pack_shuffled_documents(config, tokenizer):
+    config = _in_order(config)
     batches = _take(data.train_iterator(config, tokenizer), 500)  # long files: a few whole ones
     for b in batches:
         assert b["inputs"].shape == b["targets"].shape == b["weights"].shape == (4, 32)
@@ -210,6 +219,7 @@ def test_batches_pack_shuffled_documents(config, tokenizer):
 
 
 def test_epochs_are_reshuffled_permutations(jsonl_config, tokenizer):
+    jsonl_config = _in_order(jsonl_config)
     train = _texts(jsonl_config, "train")
     batches = _take(data.train_iterator(jsonl_config, tokenizer), 60)
     stream = _stream(batches)
@@ -220,6 +230,17 @@ def test_epochs_are_reshuffled_permutations(jsonl_config, tokenizer):
     epochs = [docs[i * n:(i + 1) * n] for i in range(3)]
     assert all(sorted(e) == sorted(train) for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_row_shuffle_permutes_rows_within_windows(config, tokenizer):
+    def rows(c, n):
+        return [r.tobytes() for b in _take(data.train_iterator(c, tokenizer), n) for r in b["inputs"]]
+
+    window = config.data.shuffle_rows  # 16 rows = 4 batches of 4
+    shuffled, ordered = rows(config, 8), rows(_in_order(config), 8)
+    assert shuffled != ordered
+    for start in range(0, 32, window):
+        assert sorted(shuffled[start:start + window]) == sorted(ordered[start:start + window])
 
 
 def test_same_seed_same_batches_other_seed_differs(config, tokenizer):
@@ -264,6 +285,7 @@ def test_resume_anywhere_across_epochs(jsonl_config, tokenizer):
 
 
 def test_processes_see_disjoint_documents(jsonl_config, tokenizer):
+    jsonl_config = _in_order(jsonl_config)
     seen = []
     for index in range(2):
         batches = _take(data.train_iterator(jsonl_config, tokenizer, index, 2), 8)

@@ -150,16 +150,21 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, proc
     # shuffle before repeat: grain folds the epoch into the seed, so each epoch has its own order.
     docs = docs.shuffle(seed=config.train.seed).repeat().map(_Tokenize(tokenizer))
     rows = _Pack(docs.to_iter_dataset(_READ_OPTIONS), config.train.seq_len)
+    if config.data.shuffle_rows > 1:  # consecutive rows come from one document: mix rows of many per batch
+        rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=config.data.shuffle_rows,
+                                                           seed=config.train.seed)
     return iter(rows.batch(batch, drop_remainder=True))
 
 
 def _eval_stream(config: ml_collections.ConfigDict, tokenizer: Tokenizer, num_tokens: int) -> np.ndarray:
-    """The first `num_tokens` tokens of the validation split in stored order (fewer if it is shorter)."""
+    """At most `num_tokens` held-out tokens: each validation document in stored order, cut to its first
+    data.eval_tokens_per_doc tokens (0: whole) so that one long file cannot make up the whole eval set."""
     source, pieces, have = documents(config.data, "validation"), [], 0
+    cap = config.data.eval_tokens_per_doc or None
     for i in range(len(source)):
         if have >= num_tokens:
             break
-        pieces.append(tokenizer.encode(source[i]["text"]) + [tokenizer.eos_id])
+        pieces.append(tokenizer.encode(source[i]["text"])[:cap] + [tokenizer.eos_id])
         have += len(pieces[-1])
     return np.asarray([t for p in pieces for t in p], np.int32)[:num_tokens]
 
