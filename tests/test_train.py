@@ -153,7 +153,7 @@ def test_preempted_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
 
     out = run_cli(small_overrides(data_dir, interrupted))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resuming from" in out.stdout
+    assert "resuming from" in out.stdout
     resumed = _summary(interrupted)
     assert resumed["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert resumed["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -213,7 +212,6 @@ def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> d
                 mngr.wait_until_finished()
                 writer.message(f"preempted: saved step {done}; rerun the same command to resume")
                 return {"preempted": done}
-        mngr.wait_until_finished()
     finally:
         mngr.wait_until_finished()
         preemption.restore()
