@@ -58,7 +58,7 @@ def test_sharded_train_step_matches_single_device():
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     single = result.pop("single")
-    full_qkv = 64 * 3 * 4 * 16
+    full_qkv = 2 * 64 * 3 * 4 * 16  # (layers, embed, qkv, heads, kv)
     for mesh, r in result.items():
         assert abs(r["loss"] - single) / single < 1e-5, (mesh, r["loss"], single)
         # Relative 1e-5 on the updated parameters (Adam's first step moves each by ~lr, so this is strict).
