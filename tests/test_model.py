@@ -200,3 +200,16 @@ def test_flops_per_token_counts_attention():
     m = load_config("gpt3_175b").model
     # 6N for N = 175B, plus attention's 12 * 96 * 2048 * 12288 ~ 2.9e10 (PaLM's accounting).
     assert flops_per_token(m, 2048) == pytest.approx(6 * 174.6e9 + 12 * 96 * 2048 * 12288, rel=0.01)
+
+
+def test_unembed_gradient_matches_autodiff():
+    """The hand-written backward of the tied unembedding equals autodiff of x @ E^T."""
+    from omni.models.gpt import unembed
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+    emb = jnp.asarray(rng.standard_normal((11, 8)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((2, 5, 11)), jnp.float32)
+    ours = jax.grad(lambda x, e: jnp.sum(jnp.sin(unembed(x, e)) * probe), argnums=(0, 1))(x, emb)
+    ref = jax.grad(lambda x, e: jnp.sum(jnp.sin(x @ e.T) * probe), argnums=(0, 1))(x, emb)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

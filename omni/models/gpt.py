@@ -139,7 +139,7 @@ class GPT(nn.Module):
         x = self._blocks(x, deterministic)
         if m.variant != "gpt1":
             x = layer_norm(m, "ln_f")(x)
-        logits = wte.attend(x).astype(jnp.float32)  # tied input/output embeddings
+        logits = unembed(x, wte.embedding.astype(m.dtype)).astype(jnp.float32)  # tied input/output embeddings
         return _constrain(logits, ("batch", "length", "vocab"))
 
     def _blocks(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -156,6 +156,29 @@ class GPT(nn.Module):
         for i in range(m.num_layers):
             x, _ = block(m, deterministic, name=f"blocks_{i}")(x, sparse[i])
         return x
+
+
+@jax.custom_vjp
+def unembed(x: jax.Array, embedding: jax.Array) -> jax.Array:
+    """x @ embedding^T, with a hand-written backward pass. Autodiff's embedding gradient contracts the
+    [tokens, vocab] logit gradient over its leading axis, which XLA:CPU does by first transposing that whole
+    array; contracting a (small) transposed x against it instead is a plain matmul (+5-10% step speed)."""
+    return x @ embedding.T
+
+
+def _unembed_fwd(x, embedding):
+    return x @ embedding.T, (x, embedding)
+
+
+def _unembed_bwd(residuals, d_logits):
+    x, embedding = residuals
+    x_t = x.reshape(-1, x.shape[-1]).T
+    # The barrier stops XLA from folding the transpose back into the dot (which restores the slow form).
+    d_embedding = jax.lax.optimization_barrier(x_t) @ d_logits.reshape(-1, d_logits.shape[-1])
+    return d_logits @ embedding, d_embedding.T
+
+
+unembed.defvjp(_unembed_fwd, _unembed_bwd)
 
 
 def count_params(params) -> int:
