@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage = "pretrain"
     c.init_from = ""  # workdir of an earlier stage
     c.dry_run = False  # build abstractly, print parameter count and memory per device, exit
+    c.topology = ""  # with dry_run: also compile ahead of time for this TPU topology, e.g. "v5e:16x16" (libtpu)
 
     c.model = m = ml_collections.ConfigDict()
     m.variant = "gpt2"  # gpt1 (post-LN) | gpt2 (pre-LN) | gpt3 (gpt2 + alternating banded attention)
@@ -39,10 +40,15 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.scan_layers = True  # nn.scan over blocks: compile time independent of depth
     m.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
-    m.attention = "xla"
-    m.attention_chunk = 64  # query chunk of the causal XLA path (skips the masked triangle); 0 = one block
+    m.attention = "auto"  # auto (cudnn on GPU, splash on TPU, else xla) | xla | cudnn | splash
+    m.attention_chunk = 64  # query chunk of the XLA path (skips the masked triangle, memory linear in length)
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Devices per slice along each axis (one may be -1: fill). `sequence` splits the length of activations
+    # (context parallelism); dcn_* multiply data/fsdp across slices joined by the data-center network.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1, dcn_data=1, dcn_fsdp=1))
+
+    # Many hosts: an empty coordinator auto-detects a cluster (TPU VM slice, SLURM) or runs one process.
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 100
@@ -76,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.tokenizer_sample_mb = 8.0  # text used to train the sentencepiece model
     d.shuffle_rows = 1024  # packed rows are shuffled within windows of this many (<= 1: off)
     d.eval_tokens_per_doc = 512  # held-out set: the first tokens of every validation document (0: all)
+    # Packed documents attend only within themselves (segment ids). GPT-2/3 did not do this: False keeps
+    # their plain EOS-separated packing.
+    d.separate_documents = False
     return c
 
 
@@ -121,13 +130,20 @@ def _require(ok: bool, key: str, value, why: str) -> None:
         raise ConfigError(f"config.{key}={value!r}: {why}")
 
 
+ICI_AXES = ("data", "fsdp", "tensor", "sequence")
+DCN_AXES = ("dcn_data", "dcn_fsdp")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
+
+
 def resolve_mesh(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Mesh axis sizes with one -1 filled so that their product is the device count."""
+    """Mesh axis sizes with one in-slice -1 filled so that the product of all axes is the device count."""
     sizes = dict(mesh)
-    free = [k for k, v in sizes.items() if v == -1]
-    _require(len(free) <= 1, "mesh", sizes, "at most one axis may be -1")
+    _require(set(sizes) == set(ICI_AXES + DCN_AXES), "mesh", sizes, f"expected exactly the keys {ICI_AXES + DCN_AXES}")
     for k, v in sizes.items():
-        _require(v == -1 or (isinstance(v, int) and v >= 1), f"mesh.{k}", v, "must be a positive int or -1")
+        ok = (isinstance(v, int) and v >= 1) or (v == -1 and k in ICI_AXES)
+        _require(ok, f"mesh.{k}", v, "must be a positive int" + (" or -1" if k in ICI_AXES else ""))
+    free = [k for k in ICI_AXES if sizes[k] == -1]
+    _require(len(free) <= 1, "mesh", sizes, "at most one axis may be -1")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         _require(num_devices % fixed == 0, "mesh", sizes, f"fixed axes ({fixed}) do not divide the {num_devices} devices")
@@ -153,7 +169,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
              f"not divisible by model.num_heads={m.num_heads}")
     _require(m.sparse_window > 0, "model.sparse_window", m.sparse_window, "must be positive")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
-    _require(m.attention == "xla", "model.attention", m.attention, "only 'xla' is available")
+    _require(m.attention in ATTENTION, "model.attention", m.attention, f"expected one of {ATTENTION}")
     _require(m.attention_chunk >= 0, "model.attention_chunk", m.attention_chunk, "must be >= 0")
     for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "checkpoint_every",
                 "keep_checkpoints"):
@@ -162,10 +178,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
     _require(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
              f"not divisible by train.grad_accum={t.grad_accum}")
     c.mesh.update(resolve_mesh(c.mesh, num_devices))
-    batch_shards = c.mesh.data * c.mesh.fsdp
+    batch_shards = c.mesh.data * c.mesh.fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
     micro = t.batch_size // t.grad_accum
     _require(micro % batch_shards == 0, "train.batch_size", t.batch_size,
-             f"micro-batch {micro} (batch_size / grad_accum) not divisible by mesh data*fsdp={batch_shards}")
+             f"micro-batch {micro} (batch_size / grad_accum) not divisible by the mesh's batch shards "
+             f"(data*fsdp*dcn_data*dcn_fsdp={batch_shards})")
+    _require(t.seq_len % c.mesh.sequence == 0, "train.seq_len", t.seq_len,
+             f"not divisible by mesh.sequence={c.mesh.sequence}")
+    _require(m.num_heads % c.mesh.tensor == 0, "model.num_heads", m.num_heads,
+             f"not divisible by mesh.tensor={c.mesh.tensor} (attention is sharded by heads)")
+    d = c.distributed
+    _require(d.num_processes >= 1, "distributed.num_processes", d.num_processes, "must be >= 1")
+    _require(0 <= d.process_id < d.num_processes, "distributed.process_id", d.process_id,
+             f"must be in [0, distributed.num_processes={d.num_processes})")
     _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     if o.decay_steps == -1:

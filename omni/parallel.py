@@ -4,20 +4,23 @@ Nothing else in omni names a mesh axis: models name logical axes, this table dec
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
 # Logical axis -> mesh axes. Rules are tried in order and a mesh axis is used at most once per array, so for
 # activations `batch` takes data+fsdp and `embed` stays whole, while for parameters (which have no batch axis)
 # `embed` is sharded over fsdp (ZeRO-3 style) and heads/mlp/vocab over tensor (Megatron style).
 LOGICAL_RULES = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "sequence"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv", None),
@@ -28,10 +31,15 @@ LOGICAL_RULES = (
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
-    """A mesh of the resolved `config.mesh` sizes (no -1 left) over all (or the given) devices."""
-    shape = tuple(mesh_config[a] for a in MESH_AXES)
+    """A mesh of the resolved `config.mesh` sizes (no -1 left) over all (or the given) devices. With dcn_* > 1
+    (several slices) data and fsdp span slices, so only their gradient reductions cross the slower network."""
+    ici = tuple(mesh_config[a] for a in MESH_AXES)
+    dcn = (mesh_config.dcn_data, mesh_config.dcn_fsdp, 1, 1)
     devices = jax.devices() if devices is None else devices
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    if math.prod(dcn) == 1:
+        return jax.make_mesh(ici, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_shardings(abstract_tree, mesh: Mesh):
