@@ -20,6 +20,7 @@ setup(
         "tqdm",
         "tensorboardX",
         "numpy",
+        "matplotlib",  # experiments/scaling.py's plot
     ],
     extras_require={
         "test": ["pytest"],

@@ -2,6 +2,11 @@
 
 Validates the config before anything compiles, then runs config.stage in the workdir (default runs/NAME);
 rerunning with the same workdir resumes from its latest checkpoint.
+
+Many hosts: every process runs the same command. With config.distributed.coordinator=HOST:PORT (plus
+num_processes and process_id) the processes meet there; with it empty they are found from a cluster launcher
+(SLURM srun or Open MPI mpirun with several tasks, a Cloud TPU VM), or this is the only process. Only process
+0 prints and writes metrics; checkpoints are written by all of them together.
 """
 from __future__ import annotations
 
@@ -41,6 +46,55 @@ def dry_run(config) -> None:
     est = estimate.estimate(config)
     print(estimate.report(est))
     print(json.dumps(est))
+
+
+def _cluster_launcher() -> str | None:
+    """The launcher that started this process as one of several, if any; JAX then finds the coordinator, the
+    process count and this process's id from it. Only these: jax.distributed.initialize() alone would also take
+    any Kubernetes pod, or a one-task SLURM allocation, for a cluster and wait for peers that never come."""
+    if "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in os.environ and int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    from jax._src import cloud_tpu_init  # set on `import jax` from the PCI bus: no network, no backend
+
+    # On a TPU VM JAX reads the slice's workers from the metadata server; a one-host slice is one process.
+    return "Cloud TPU" if cloud_tpu_init.running_in_cloud_tpu_vm else None
+
+
+def _check_distributed(d) -> None:
+    host, _, port = d.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise config_lib.ConfigError(f"config.distributed.coordinator={d.coordinator!r}: expected HOST:PORT")
+    if not isinstance(d.num_processes, int) or d.num_processes < 1:
+        raise config_lib.ConfigError(f"config.distributed.num_processes={d.num_processes!r}: must be >= 1")
+    if not isinstance(d.process_id, int) or not 0 <= d.process_id < d.num_processes:
+        raise config_lib.ConfigError(f"config.distributed.process_id={d.process_id!r}: must be in [0, "
+                                     f"config.distributed.num_processes={d.num_processes})")
+
+
+def init_distributed(config) -> None:
+    """Joins the other processes of a multi-host run; must come before anything else uses JAX."""
+    d = config.distributed
+    if d.coordinator:
+        _check_distributed(d)
+        args, where = dict(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                           process_id=d.process_id), f"config.distributed.coordinator={d.coordinator!r}"
+    elif d.num_processes != 1:
+        raise config_lib.ConfigError(f"config.distributed.num_processes={d.num_processes!r} needs "
+                                     "config.distributed.coordinator=HOST:PORT (and process_id)")
+    elif launcher := _cluster_launcher():
+        args, where = {}, f"config.distributed.coordinator='' (found by {launcher})"
+    else:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes exchange arrays over gloo
+    try:
+        jax.distributed.initialize(**args)
+    except Exception as e:  # noqa: BLE001 - whatever JAX raises, the user must fix the same keys
+        raise config_lib.ConfigError(f"{where}: cannot join the other processes: {type(e).__name__}: {e}") from e
+    if jax.process_index() != 0:  # one process speaks for the run (Python and C++ alike); stderr stays
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def check_resumable(config, workdir: str) -> None:
@@ -92,6 +146,8 @@ def main(argv) -> None:
     config.name = config_name(config_flags.get_config_filename(FLAGS["config"]))
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     try:
+        if not config.dry_run:  # a dry run allocates nothing and needs no other host
+            init_distributed(config)
         sys.exit(run(config, workdir))
     except (config_lib.ConfigError, DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -60,6 +60,16 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> list[int]:
+    """The rows of a global batch that this process's devices hold, in the order `global_batch` takes its
+    local rows: what this process's data loader must produce (processes holding replicas get the same)."""
+    length = mesh.devices.size  # any length the mesh divides: only the rows matter
+    rows = set()
+    for index in batch_sharding(mesh).addressable_devices_indices_map((batch_size, length)).values():
+        rows.update(range(batch_size)[index[0]])
+    return sorted(rows)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

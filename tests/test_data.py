@@ -64,15 +64,25 @@ def _equal(a, b):
     return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
-def _stream(batches):
-    """The token stream the batches were cut from: inputs concatenated, plus the last target."""
-    inputs = np.concatenate([b["inputs"].reshape(-1) for b in batches])
-    return np.append(inputs, batches[-1]["targets"][-1, -1])
+def _stream(batches, row=None):
+    """The token stream one row of successive batches was cut from (row None: the batches' rows one after
+    another, as in eval): inputs concatenated, plus the last target."""
+    rows = [b["inputs"].reshape(-1) if row is None else b["inputs"][row] for b in batches]
+    last = batches[-1]["targets"][-1 if row is None else row, -1]
+    return np.append(np.concatenate(rows), last)
 
 
 def _documents_in(stream, tokenizer):
     """The complete documents of a stream (between EOS tokens), decoded."""
     cuts = np.flatnonzero(stream == tokenizer.eos_id)
+    return [tokenizer.decode(stream[a + 1:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _row_documents(batches, row, tokenizer):
+    """The documents packed into one row of the global batch, in order: a row's stream starts at a document
+    and every complete one ends with EOS."""
+    stream = _stream(batches, row)
+    cuts = [-1] + np.flatnonzero(stream == tokenizer.eos_id).tolist()
     return [tokenizer.decode(stream[a + 1:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
@@ -197,50 +207,63 @@ def test_vocab_mismatch_raises(config, tokenizer, jsonl_config):
 # --- training batches -------------------------------------------------------------------------------------
 
 
+def _pieces(stream, eos_id):
+    """A row's stream cut after each EOS: whole documents (EOS last), then the start of the next one."""
+    cuts = np.flatnonzero(stream == eos_id) + 1
+    return [p.tolist() for p in np.split(stream, cuts) if len(p)]
+
+
 def test_batches_pack_shuffled_documents(config, tokenizer):
     config = _in_order(config)
-    batches = _take(data.train_iterator(config, tokenizer), 500)  # long files: a few whole ones
+    batches = _take(data.train_iterator(config, tokenizer), 500)  # long files: a few whole ones per row
     for b in batches:
+        assert set(b) == {"inputs", "targets", "weights"}  # data.separate_documents=False: nothing else
         assert b["inputs"].shape == b["targets"].shape == b["weights"].shape == (4, 32)
         assert b["inputs"].dtype == b["targets"].dtype == np.int32 and b["weights"].dtype == np.float32
         assert np.all(b["weights"] == 1)
         np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
-        np.testing.assert_array_equal(b["targets"][:-1, -1], b["inputs"][1:, 0])  # rows share one token
-    stream = _stream(batches)
-    docs = _documents_in(stream, tokenizer)
-    assert len(docs) >= 2
-    train = _texts(config, "train")
-    assert all(d in train for d in docs) and len(set(docs)) == len(docs)
-    assert docs != train[train.index(docs[0]):][:len(docs)]  # not the stored order
-    # Reference packing in plain Python: documents, each followed by EOS, concatenated.
-    first = int(np.flatnonzero(stream == tokenizer.eos_id)[0]) + 1
-    reference = [t for d in docs for t in tokenizer.encode(d) + [tokenizer.eos_id]]
-    assert stream[first:first + len(reference)].tolist() == reference
+    for b, after in zip(batches[:-1], batches[1:]):  # a row continues in the next batch, sharing one token
+        np.testing.assert_array_equal(b["targets"][:, -1], after["inputs"][:, 0])
+    # Reference packing in plain Python: each row is training documents, each followed by EOS, concatenated
+    # from the row's first token on.
+    encoded = [tokenizer.encode(t) + [tokenizer.eos_id] for t in _texts(config, "train")]
+    firsts, whole = [], 0
+    for row in range(4):
+        pieces = _pieces(_stream(batches, row), tokenizer.eos_id)
+        which = [[i for i, e in enumerate(encoded) if e[:len(p)] == p] for p in pieces]
+        assert all(len(w) == 1 for w in which), [len(w) for w in which]
+        assert all(len(p) == len(encoded[w[0]]) for p, w in zip(pieces[:-1], which))  # whole but the last
+        firsts.append(which[0][0])
+        whole += len(pieces) - 1
+    assert whole >= 4
+    assert len(set(firsts)) == 4 and sorted(firsts) != list(range(min(firsts), min(firsts) + 4))  # shuffled
 
 
 def test_epochs_are_reshuffled_permutations(jsonl_config, tokenizer):
+    """Document i of the shuffled order is row i mod B's (i // B)-th: together the rows go through every
+    epoch's permutation, and each epoch has its own."""
     jsonl_config = _in_order(jsonl_config)
     train = _texts(jsonl_config, "train")
-    batches = _take(data.train_iterator(jsonl_config, tokenizer), 60)
-    stream = _stream(batches)
-    first = int(np.flatnonzero(stream == tokenizer.eos_id)[0])
-    docs = [tokenizer.decode(stream[:first])] + _documents_in(stream, tokenizer)
+    batches = _take(data.train_iterator(jsonl_config, tokenizer), 40)
+    rows = [_row_documents(batches, row, tokenizer) for row in range(4)]
     n = len(train)
-    assert len(docs) >= 3 * n
-    epochs = [docs[i * n:(i + 1) * n] for i in range(3)]
+    order = [rows[i % 4][i // 4] for i in range(3 * n)]
+    epochs = [order[i * n:(i + 1) * n] for i in range(3)]
     assert all(sorted(e) == sorted(train) for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
 
 
 def test_row_shuffle_permutes_rows_within_windows(config, tokenizer):
+    """Each row's stream is shuffled within windows of shuffle_rows / batch_size = 4 of its rows."""
     def rows(c, n):
-        return [r.tobytes() for b in _take(data.train_iterator(c, tokenizer), n) for r in b["inputs"]]
+        return np.stack([b["inputs"] for b in _take(data.train_iterator(c, tokenizer), n)])  # [batch, row, L]
 
-    window = config.data.shuffle_rows  # 16 rows = 4 batches of 4
-    shuffled, ordered = rows(config, 8), rows(_in_order(config), 8)
-    assert shuffled != ordered
-    for start in range(0, 32, window):
-        assert sorted(shuffled[start:start + window]) == sorted(ordered[start:start + window])
+    shuffled, ordered = rows(config, 12), rows(_in_order(config), 12)
+    assert not np.array_equal(shuffled, ordered)
+    for row in range(4):
+        for start in range(0, 12, 4):
+            window = slice(start, start + 4)
+            assert sorted(map(bytes, shuffled[window, row])) == sorted(map(bytes, ordered[window, row]))
 
 
 def test_same_seed_same_batches_other_seed_differs(config, tokenizer):
@@ -284,15 +307,98 @@ def test_resume_anywhere_across_epochs(jsonl_config, tokenizer):
         assert _equal(_take(fresh, 2), batches[step:step + 2]), step
 
 
-def test_processes_see_disjoint_documents(jsonl_config, tokenizer):
-    jsonl_config = _in_order(jsonl_config)
-    seen = []
-    for index in range(2):
-        batches = _take(data.train_iterator(jsonl_config, tokenizer, index, 2), 8)
-        assert all(b["inputs"].shape == (2, 32) for b in batches)
-        seen.append(set(_documents_in(_stream(batches), tokenizer)))
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-    assert seen[0] | seen[1] <= set(_texts(jsonl_config, "train"))
+def test_global_batch_does_not_depend_on_processes(config, tokenizer):
+    """Two processes loading rows [0, 1] and [2, 3] get exactly the halves of the one-process batches."""
+    full = _take(data.train_iterator(config, tokenizer), 10)
+    halves = [data.train_iterator(config, tokenizer, rows) for rows in ([0, 1], [2, 3])]
+    for b in full:
+        parts = [next(h) for h in halves]
+        for k in b:
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), b[k])
+    with pytest.raises(data.DataError, match=r"rows \[2, 3\].*rows \[0, 1\].*same mesh"):
+        halves[0].set_state(halves[1].get_state())  # a checkpoint of other rows is refused
+
+
+@pytest.fixture(scope="module")
+def many_docs_config(config, tmp_path_factory):
+    """400 unique one-line documents: enough that the first batches stay within the first epoch."""
+    path = tmp_path_factory.mktemp("many") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}: " + "word " * (i % 5)}) + "\n" for i in range(400)))
+    c = _in_order(config)
+    c.data.name, c.data.path = "text", str(path)
+    return c
+
+
+def test_process_reads_only_its_rows_documents(many_docs_config, tokenizer, monkeypatch):
+    from omni.data import pipelines
+
+    def rows_documents(rows, n):
+        batches = _take(data.train_iterator(many_docs_config, tokenizer), n)
+        return {d for row in rows for d in _row_documents(batches, row, tokenizer)}
+
+    read = []
+
+    class Recording(data.TextSource):
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            read.append(item["text"])
+            return item
+
+    source = data.documents(many_docs_config.data, "train")
+    monkeypatch.setattr(pipelines, "documents", lambda *_: Recording(source, "text"))
+    _take(data.train_iterator(many_docs_config, tokenizer, [2, 3]), 4)
+    monkeypatch.undo()
+    assert len(read) >= 4
+    assert set(read) <= rows_documents([2, 3], 12)
+    assert not set(read) & rows_documents([0, 1], 12)
+
+
+# --- documents kept apart (data.separate_documents) -------------------------------------------------------
+
+
+def _separate(c):
+    c = c.copy_and_resolve_references()
+    c.data.separate_documents = True
+    return c
+
+
+def _check_segments(batch, tokenizer, train=None):
+    """Segments start at each EOS input and at the row start, positions count from 0 there, padding is
+    segment 0; with `train`, every segment inside a row is EOS + one whole training document."""
+    inputs, segments, positions = batch["inputs"], batch["segment_ids"], batch["positions"]
+    assert segments.dtype == positions.dtype == np.int32 and segments.shape == positions.shape == inputs.shape
+    for row in range(inputs.shape[0]):
+        real = segments[row] > 0
+        seg, pos, tokens = segments[row][real], positions[row][real], inputs[row][real]
+        assert np.all(inputs[row][~real] == tokenizer.pad_id) and np.all(positions[row][~real] == 0)
+        if not real.any():
+            continue
+        new = np.diff(seg) != 0
+        assert seg[0] == 1 and np.all(np.diff(seg) <= 1)  # 1, 2, ... per document
+        np.testing.assert_array_equal(new, tokens[1:] == tokenizer.eos_id)  # a new segment starts at EOS
+        starts = np.concatenate([[True], new])
+        assert np.all(pos[starts] == 0) and np.all(pos[1:][~new] == pos[:-1][~new] + 1)
+        for s in range(2, seg.max()) if train is not None else ():
+            assert tokenizer.decode(tokens[seg == s][1:]) in train
+
+
+def test_separate_documents_adds_segments_and_positions(jsonl_config, tokenizer):
+    plain = _take(data.train_iterator(jsonl_config, tokenizer), 6)
+    separate = _take(data.train_iterator(_separate(jsonl_config), tokenizer), 6)
+    train = _texts(jsonl_config, "train")
+    for p, b in zip(plain, separate):
+        assert set(b) == set(p) | {"segment_ids", "positions"}
+        assert all(np.array_equal(p[k], b[k]) for k in p)  # the same batches, two more keys
+        _check_segments(b, tokenizer, train)
+    assert max(b["segment_ids"].max() for b in separate) >= 3  # short documents: whole ones inside rows
+
+
+def test_separate_documents_eval(jsonl_config, tokenizer):
+    (batch,) = data.eval_batches(_separate(jsonl_config), tokenizer)
+    (plain,) = data.eval_batches(jsonl_config, tokenizer)
+    assert all(np.array_equal(plain[k], batch[k]) for k in plain)
+    assert np.any(batch["segment_ids"] == 0)  # the split is short: padding
+    _check_segments(batch, tokenizer, _texts(jsonl_config, "validation"))
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
@@ -305,7 +411,7 @@ def test_eval_batches_fixed(config, tokenizer):
     valid = _texts(config, "validation")
     expected = tokenizer.encode(valid[0]) + [tokenizer.eos_id]
     assert _stream(a)[:len(expected)].tolist() == expected[:2 * 4 * 32 + 1]
-    halves = [data.eval_batches(config, tokenizer, i, 2) for i in range(2)]
+    halves = [data.eval_batches(config, tokenizer, rows) for rows in ([0, 1], [2, 3])]
     for full, p0, p1 in zip(a, *halves):
         np.testing.assert_array_equal(np.concatenate([p0["inputs"], p1["inputs"]]), full["inputs"])
 

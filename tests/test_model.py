@@ -101,7 +101,7 @@ def _tiny(variant, **kw):
 
 
 def _init(model, tokens):
-    return nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    return nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
 
 
 def _randomised(params, seed=1):

@@ -1,5 +1,7 @@
-"""A train step sharded over a (data, fsdp, tensor) = (2, 2, 2) mesh of 8 simulated CPU devices gives the
-loss and updated parameters of the same step on one device."""
+"""A train step sharded over meshes of 8 simulated CPU devices (data, fsdp, tensor and sequence parallelism,
+alone and combined) gives the loss and updated parameters of the same step on one device. The batch packs
+several documents per row (segment ids and restarting positions), so context-parallel attention must keep
+documents apart across sequence shards too."""
 import json
 import os
 import subprocess
@@ -28,7 +30,11 @@ def run(mesh_sizes, devices, grad_accum):
     mesh = parallel.make_mesh(c.mesh, devices)
     model = GPT(c.model)
     t = np.random.default_rng(0).integers(0, 128, (16, 33)).astype(np.int32)
-    batch = {"inputs": t[:, :-1], "targets": t[:, 1:], "weights": np.ones((16, 32), np.float32)}
+    segments = np.repeat(np.arange(1, 5), 8)[None].repeat(16, 0)  # 4 documents of 8 tokens per row
+    segments[::2] = np.repeat(np.arange(1, 3), [13, 19])  # odd rows: 2 documents crossing shard borders
+    positions = np.concatenate([np.arange(np.sum(r == s)) for r in segments for s in np.unique(r)]).reshape(16, 32)
+    batch = {"inputs": t[:, :-1], "targets": t[:, 1:], "weights": np.ones((16, 32), np.float32),
+             "segment_ids": segments.astype(np.int32), "positions": positions.astype(np.int32)}
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
         _, shardings, init_fn = abstract_state(c, model, (16 // grad_accum, 32), mesh)
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
@@ -39,10 +45,12 @@ def run(mesh_sizes, devices, grad_accum):
     return float(metrics["loss"]), jax.tree.map(np.asarray, state.params), str(qkv.sharding.spec), \
         len(qkv.addressable_shards[0].data.reshape(-1))
 
-loss1, params1, _, _ = run(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], 1)
+AXES = ("data", "fsdp", "tensor", "sequence")
+loss1, params1, _, _ = run(dict(zip(AXES, (1, 1, 1, 1))), jax.devices()[:1], 1)
 out = {"single": loss1}
-for sizes, accum in [((2, 2, 2), 1), ((2, 2, 2), 2), ((1, 2, 4), 1)]:
-    loss, params, spec, shard_elems = run(dict(zip(("data", "fsdp", "tensor"), sizes)), jax.devices(), accum)
+for sizes, accum in [((8, 1, 1, 1), 1), ((1, 8, 1, 1), 1), ((2, 2, 2, 1), 1), ((2, 2, 2, 1), 2), ((1, 1, 2, 4), 1),
+                     ((2, 1, 1, 4), 1)]:
+    loss, params, spec, shard_elems = run(dict(zip(AXES, sizes)), jax.devices(), accum)
     worst = max(float(np.max(np.abs(a - b) / (np.abs(b) + 1e-6)))
                 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params1)))
     out[str(sizes) + f" accum={accum}"] = {"loss": loss, "worst_param_rel": worst, "qkv_spec": spec,
@@ -64,6 +72,8 @@ def test_sharded_train_step_matches_single_device():
         # Relative 1e-5 on the updated parameters (Adam's first step moves each by ~lr, so this is strict).
         assert r["worst_param_rel"] < 1e-5, (mesh, r)
     # Parameters are really sharded: (layers, embed, qkv, heads, kv) -> embed over fsdp, heads over tensor.
-    assert result["(2, 2, 2) accum=1"]["qkv_spec"] == "P(None, 'fsdp', None, 'tensor', None)"
-    assert result["(2, 2, 2) accum=1"]["qkv_shard_elems"] == full_qkv // 4
-    assert result["(1, 2, 4) accum=1"]["qkv_shard_elems"] == full_qkv // 8
+    assert len(result) == 6
+    assert result["(2, 2, 2, 1) accum=1"]["qkv_spec"] == "P(None, 'fsdp', None, 'tensor', None)"
+    assert result["(2, 2, 2, 1) accum=1"]["qkv_shard_elems"] == full_qkv // 4
+    assert result["(1, 8, 1, 1) accum=1"]["qkv_shard_elems"] == full_qkv // 8
+    assert result["(1, 1, 2, 4) accum=1"]["qkv_shard_elems"] == full_qkv // 2

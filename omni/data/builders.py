@@ -7,8 +7,9 @@ that must already be prepared under `config.data.data_dir`: there is no network 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
-import functools
+import fcntl
 import hashlib
 import json
 import os
@@ -221,17 +222,15 @@ def _data_dir(data: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(data.data_dir)
 
 
-@functools.lru_cache(maxsize=None)
-def _cached_builder(cls: type, config_cls: type, data_dir: str, fields: tuple) -> tfds.core.DatasetBuilder:
-    # One builder per corpus and process: TFDS logs a warning at each construction with a custom config.
-    return cls(config=config_cls(**dict(fields)), data_dir=data_dir)
+# One builder per corpus and process: TFDS logs a warning at each construction with a custom config.
+_BUILDERS: dict[tuple, tfds.core.DatasetBuilder] = {}
 
 
-def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """Our builder for data.name 'stdlib' or 'text' (not necessarily prepared)."""
+def _builder_key(data: ml_collections.ConfigDict) -> tuple[type, type, str, tuple]:
+    """(builder class, its config class, data_dir, config fields) of our corpus data.name."""
     if data.name == "stdlib":
         fields = (("name", _stdlib_config_name(data.max_corpus_mb)), ("max_corpus_mb", data.max_corpus_mb))
-        return _cached_builder(StdlibCorpus, StdlibConfig, _data_dir(data), fields)
+        return StdlibCorpus, StdlibConfig, _data_dir(data), fields
     if data.name == "text":
         path = os.path.abspath(os.path.expanduser(data.path)) if data.path else ""
         if not path or not os.path.exists(path):
@@ -239,8 +238,45 @@ def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         if not _local_files(path)[1]:
             raise DataError(f"config.data.path={data.path!r}: no .txt or .jsonl files in {path}")
         fields = (("name", _local_config_name(path, data.text_key)), ("path", path), ("text_key", data.text_key))
-        return _cached_builder(LocalText, LocalTextConfig, _data_dir(data), fields)
+        return LocalText, LocalTextConfig, _data_dir(data), fields
     raise DataError(f"config.data.name={data.name!r}: not one of our builders ('stdlib', 'text')")
+
+
+def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """Our builder for data.name 'stdlib' or 'text' (not necessarily prepared)."""
+    key = _builder_key(data)
+    if key not in _BUILDERS:
+        cls, config_cls, data_dir, fields = key
+        _BUILDERS[key] = cls(config=config_cls(**dict(fields)), data_dir=data_dir)
+    return _BUILDERS[key]
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Holds an exclusive lock on `path` (created if missing): processes that share a directory, several on
+    one host or many on a shared filesystem, take turns at building what they all need."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepared(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """Our builder, its dataset prepared under data.data_dir. The first process to take the lock builds it;
+    the others then read what it built."""
+    b = builder(data)
+    if b.info.splits:  # made after the dataset was: its description names the files
+        return b
+    with file_lock(os.path.join(_data_dir(data), f".{b.name}-{b.builder_config.name}.lock")):
+        # A builder made before the dataset existed describes no files, even once another process has
+        # written them: make it again now that nobody else is building.
+        del _BUILDERS[_builder_key(data)]
+        b = builder(data)
+        b.download_and_prepare(file_format="array_record")  # returns at once if another process built it
+    return b
 
 
 def dataset_id(data: ml_collections.ConfigDict) -> str:
@@ -278,12 +314,11 @@ def _tfds_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 def documents(data: ml_collections.ConfigDict, split: str) -> TextSource:
     """Random access to the documents of one split ('train' or 'validation') of the corpus in `data`.
 
-    Our builders are prepared under data.data_dir on first use; later calls reuse the files.
+    Our builders are prepared under data.data_dir on first use (once, whichever process comes first); later
+    calls reuse the files.
     """
     if data.name in ("stdlib", "text"):
-        b = builder(data)
-        b.download_and_prepare(file_format="array_record")
-        return TextSource(b.as_data_source(split), "text")
+        return TextSource(_prepared(data).as_data_source(split), "text")
     b = _tfds_builder(data)
     try:
         source = b.as_data_source(_tfds_split(b, split))

@@ -14,8 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from omni.models.attention import banded_causal_mask, causal_mask, chunked_causal_attention
+from omni.models.attention import attention, resolve
 
 Dtype = jnp.dtype
 
@@ -46,7 +47,7 @@ class Attention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, sparse: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         m = self.config
         head_dim = m.d_model // m.num_heads
         # Kernels keep a separate heads axis so the rules table can shard attention by heads.
@@ -62,7 +63,9 @@ class Attention(nn.Module):
         qkv = qkv + b_qkv.astype(m.dtype)
         q, k, v = (_constrain(qkv[:, :, i], ("batch", "length", "heads", "kv")) for i in range(3))
         dropout_rng = None if self.deterministic or m.dropout == 0.0 else self.make_rng("dropout")
-        y = chunked_causal_attention(q, k, v, mask, m.attention_chunk, dropout_rng, m.dropout)
+        y = attention(q, k, v, impl=resolve(m.attention, m.dtype, m.dropout), sparse=sparse,
+                      window=m.sparse_window, segment_ids=segment_ids, chunk=m.attention_chunk,
+                      dropout_rng=dropout_rng, dropout_rate=m.dropout)
         y = _constrain(y, ("batch", "length", "heads", "kv"))
         y = y.reshape(batch, length, m.d_model) @ w_out.reshape(m.d_model, m.d_model).astype(m.dtype)
         return y + b_out.astype(m.dtype)
@@ -93,18 +96,16 @@ class Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, sparse: jax.Array):
+    def __call__(self, x: jax.Array, sparse: jax.Array, segment_ids: jax.Array | None = None):
         m = self.config
-        length = x.shape[1]
-        mask = jnp.where(sparse, banded_causal_mask(length, m.sparse_window), causal_mask(length))
         drop = functools.partial(nn.Dropout(m.dropout), deterministic=self.deterministic)
         attn = Attention(m, self.deterministic, name="attn")
         mlp = MLP(m, name="mlp")
         if m.variant == "gpt1":  # post-LN: normalise after each residual add
-            x = layer_norm(m, "ln1")(x + drop(attn(x, mask)))
+            x = layer_norm(m, "ln1")(x + drop(attn(x, sparse, segment_ids)))
             x = layer_norm(m, "ln2")(x + drop(mlp(x)))
         else:  # pre-LN: normalise the input of each sub-block
-            x = x + drop(attn(layer_norm(m, "ln1")(x), mask))
+            x = x + drop(attn(layer_norm(m, "ln1")(x), sparse, segment_ids))
             x = x + drop(mlp(layer_norm(m, "ln2")(x)))
         return _constrain(x, ("batch", "length", "embed")), None
 
@@ -115,34 +116,40 @@ REMAT_POLICIES = {
 }
 
 
-def sparse_layers(m: ml_collections.ConfigDict) -> jax.Array:
-    """Which layers use banded attention: GPT-3 alternates dense (even) and sparse (odd) layers."""
-    layer = jnp.arange(m.num_layers)
-    return (layer % 2 == 1) if m.variant == "gpt3" else jnp.zeros(m.num_layers, bool)
+def sparse_layers(m: ml_collections.ConfigDict) -> np.ndarray:
+    """Which layers use banded attention: GPT-3 alternates dense (even) and sparse (odd) layers. NumPy, so
+    unrolled layers see a static choice (accelerator kernels need static masks)."""
+    layer = np.arange(m.num_layers)
+    return (layer % 2 == 1) if m.variant == "gpt3" else np.zeros(m.num_layers, bool)
 
 
 class GPT(nn.Module):
-    """`GPT(config.model).apply({'params': p}, tokens)` -> logits [batch, length, vocab] (float32)."""
+    """`GPT(config.model).apply({'params': p}, tokens)` -> logits [batch, length, vocab] (float32).
+
+    For packed rows, `segment_ids` [batch, length] keeps documents from attending to each other and
+    `positions` [batch, length] restarts the learned positions at each document (both optional)."""
     config: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens: jax.Array, deterministic: bool = True, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
         m = self.config
         wte = nn.Embed(m.vocab_size, m.d_model, dtype=m.dtype, param_dtype=m.param_dtype,
                        embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
         wpe = self.param("wpe", _init(0.01 if m.variant != "gpt1" else 0.02, (None, "embed")),
                          (m.max_len, m.d_model), m.param_dtype)
         tokens = _constrain(tokens, ("batch", "length"))
-        x = wte(tokens) + wpe[: tokens.shape[1]].astype(m.dtype)
+        pos = wpe[: tokens.shape[1]] if positions is None else jnp.take(wpe, positions, axis=0)
+        x = wte(tokens) + pos.astype(m.dtype)
         x = nn.Dropout(m.dropout)(x, deterministic=deterministic)
         x = _constrain(x, ("batch", "length", "embed"))
-        x = self._blocks(x, deterministic)
+        x = self._blocks(x, deterministic, segment_ids)
         if m.variant != "gpt1":
             x = layer_norm(m, "ln_f")(x)
         logits = unembed(x, wte.embedding.astype(m.dtype)).astype(jnp.float32)  # tied input/output embeddings
         return _constrain(logits, ("batch", "length", "vocab"))
 
-    def _blocks(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    def _blocks(self, x: jax.Array, deterministic: bool, segment_ids: jax.Array | None) -> jax.Array:
         m = self.config
         block = Block
         if m.remat != "none":
@@ -150,11 +157,12 @@ class GPT(nn.Module):
         sparse = sparse_layers(m)
         if m.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=0, length=m.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(m, deterministic, name="blocks")(x, sparse)
+                            in_axes=(0, nn.broadcast), length=m.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(m, deterministic, name="blocks")(x, jnp.asarray(sparse), segment_ids)
             return x
         for i in range(m.num_layers):
-            x, _ = block(m, deterministic, name=f"blocks_{i}")(x, sparse[i])
+            x, _ = block(m, deterministic, name=f"blocks_{i}")(x, bool(sparse[i]), segment_ids)
         return x
 
 

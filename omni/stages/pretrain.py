@@ -5,14 +5,11 @@ seq_len] (0 on padding). Loss: mean cross-entropy over weighted target tokens.
 """
 from __future__ import annotations
 
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from omni import data
+from omni import data, parallel
 from omni.models import GPT, flops_per_token
 from omni.train import checkpoint
 from omni.train.trainer import Task
@@ -29,6 +26,7 @@ def lm_loss(model: GPT):
     def loss_fn(params, batch: dict, rng: jax.Array | None):
         train = rng is not None
         logits = model.apply({"params": params}, batch["inputs"], deterministic=not train,
+                             segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                              rngs={"dropout": rng} if train else None)
         w = batch["weights"]
         nll = token_nll(logits, batch["targets"]) * w
@@ -50,17 +48,15 @@ def stage_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> data.Tok
                                  f"config.init_from={config.init_from} has {tokenizer.vocab_size} pieces")
     else:
         tokenizer = data.get_tokenizer(config)
-    local = os.path.join(workdir, "tokenizer.model")
-    if os.path.abspath(tokenizer.model_path) != os.path.abspath(local):
-        shutil.copyfile(tokenizer.model_path, local)
-    return data.Tokenizer(local)
+    return data.Tokenizer(tokenizer.save(workdir))  # atomic: every process of a run writes the same file
 
 
 def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     tokenizer = stage_tokenizer(config, workdir)
-    pid, count = jax.process_index(), jax.process_count()
-    train_iter = data.train_iterator(config, tokenizer, pid, count)
-    eval_batches = data.eval_batches(config, tokenizer, pid, count)
+    # Each process loads only the rows of every global batch that its devices hold.
+    rows = parallel.process_rows(parallel.make_mesh(config.mesh), config.train.batch_size)
+    train_iter = data.train_iterator(config, tokenizer, rows)
+    eval_batches = data.eval_batches(config, tokenizer, rows)
     unigram = data.unigram_perplexity(config, tokenizer)
     print(f"unigram baseline perplexity on the held-out set: {unigram:.2f}", flush=True)
     model = GPT(config.model)
