@@ -80,7 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.data_dir = os.path.join(os.path.expanduser("~"), ".cache", "omni")
     d.max_corpus_mb = 0.0  # stdlib: cap on corpus size; 0 = everything
     d.tokenizer_sample_mb = 8.0  # text used to train the sentencepiece model
-    d.shuffle_rows = 1024  # packed rows are shuffled within windows of this many (<= 1: off)
+    # Rows buffered across the global batch for shuffling: each row's stream shuffles in windows of
+    # shuffle_rows / batch_size packed rows (<= 1: off).
+    d.shuffle_rows = 1024
     d.eval_tokens_per_doc = 512  # held-out set: the first tokens of every validation document (0: all)
     # Packed documents attend only within themselves (segment ids). GPT-2/3 did not do this: False keeps
     # their plain EOS-separated packing.

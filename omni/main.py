@@ -39,12 +39,24 @@ def config_name(path: str) -> str:
 
 
 def dry_run(config) -> None:
-    """Validate against the config's own mesh (the target slice), print size and memory, allocate nothing."""
+    """Validate against the config's own mesh (the target slice), print size and memory, allocate nothing.
+    Where the compiler can target that mesh (this host's devices, or config.topology's TPU devices), the train
+    step is also compiled ahead of time and the compiler's own per-device memory printed."""
     sizes = dict(config.mesh)
-    devices = math.prod(sizes.values()) if -1 not in sizes.values() else jax.device_count()
+    target = estimate.topology_devices(config.topology) if config.topology else None
+    if target is not None:
+        devices = len(target)
+    else:
+        devices = math.prod(sizes.values()) if -1 not in sizes.values() else jax.device_count()
     config = config_lib.validate(config, devices)
     est = estimate.estimate(config)
     print(estimate.report(est))
+    if target is None and devices == jax.device_count():
+        target = jax.devices()
+    if target is not None:
+        est["compiled"] = estimate.compiled_estimate(config, target)
+        if est["compiled"]:
+            print("  " + trainer.memory_line(est["compiled"]))
     print(json.dumps(est))
 
 
@@ -52,7 +64,8 @@ def _cluster_launcher() -> str | None:
     """The launcher that started this process as one of several, if any; JAX then finds the coordinator, the
     process count and this process's id from it. Only these: jax.distributed.initialize() alone would also take
     any Kubernetes pod, or a one-task SLURM allocation, for a cluster and wait for peers that never come."""
-    if "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    # The step's own task count: a batch script's python (one process) also sees the job's SLURM_NTASKS.
+    if "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         return "SLURM"
     if "OMPI_MCA_orte_hnp_uri" in os.environ and int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return "Open MPI"

@@ -38,7 +38,9 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     if math.prod(dcn) == 1:
         return jax.make_mesh(ici, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    # Slices are TPU pods joined by DCN; where devices carry no slice index (GPU, CPU) each process is one.
+    by_process = not hasattr(devices[0], "slice_index")
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

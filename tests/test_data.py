@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 import sysconfig
 
 import grain
@@ -170,6 +172,24 @@ def test_local_text_jsonl_and_txt(config, tmp_path):
     train, valid = _texts(c, "train"), _texts(c, "validation")
     assert sorted(train + valid) == sorted(["first document\n\twith a tab\n", "line one", "line two \u00fc"])
     assert len(valid) >= 1 and len(train) >= 1
+
+
+def test_processes_sharing_data_dir_build_once(config, tmp_path):
+    """Processes that start together on one data_dir (many per host, or a shared filesystem) take turns: one
+    builds the corpus, the others read it, and a builder made before it existed is made again."""
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)))
+    c = config.copy_and_resolve_references()
+    c.data.name, c.data.path, c.data.data_dir = "text", str(tmp_path / "docs.jsonl"), str(tmp_path / "data")
+    early = data.builder(c.data)  # made here before anyone built the corpus
+    assert not early.is_prepared()
+    code = ("import sys; from omni.config import base_config; from omni import data; c = base_config().data; "
+            "c.name, c.path, c.data_dir = 'text', sys.argv[1], sys.argv[2]; print(len(data.documents(c, 'train')))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, c.data.path, c.data.data_dir], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    sizes = {int(out.split()[-1]) for out, _ in outputs}
+    assert sizes == {len(_texts(c, "train"))} and 40 < sizes.pop() < 50
 
 
 def test_missing_path_raises(config, tmp_path):

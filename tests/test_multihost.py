@@ -82,3 +82,33 @@ def test_two_processes_resume_and_match_one(tmp_path):
     assert got[1] == pytest.approx(expected[1], rel=1e-5)
     with open(os.path.join(multi, "summary.json")) as f:
         assert json.load(f)["loss"] == pytest.approx(expected[0][4], rel=1e-5)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--config.distributed.coordinator=localhost"], "config.distributed.coordinator='localhost': expected HOST:PORT"),
+    (["--config.distributed.num_processes=2"], "config.distributed.num_processes=2 needs"),
+    (["--config.distributed.coordinator=localhost:1234", "--config.distributed.num_processes=2",
+      "--config.distributed.process_id=2"], "config.distributed.process_id=2"),
+])
+def test_bad_distributed_values_name_the_key(flags, needle, tmp_path):
+    out = run_cli(["--config=configs/tiny.py", f"--workdir={tmp_path}", *flags], timeout=120)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env,found", [
+    ({}, None),
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, None),  # any pod: not a multi-process launch by itself
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "1"}, None),  # sbatch's shell
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM"),
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "4"}, "Open MPI"),
+])
+def test_cluster_detected_only_for_several_processes(env, found, monkeypatch):
+    from omni import main
+    for key in ("KUBERNETES_SERVICE_HOST", "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_TASKS", "OMPI_MCA_orte_hnp_uri"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main._cluster_launcher() == found  # this machine is no Cloud TPU VM

@@ -1,7 +1,8 @@
 """Pretraining: next-token prediction on packed documents.
 
 Batch: inputs, targets int32 [batch, seq_len] (targets = inputs shifted by one), weights float32 [batch,
-seq_len] (0 on padding). Loss: mean cross-entropy over weighted target tokens.
+seq_len] (0 on padding); with data.separate_documents also segment_ids and positions int32 [batch, seq_len]
+(see omni/data/pipelines.py). Loss: mean cross-entropy over weighted target tokens.
 """
 from __future__ import annotations
 

@@ -17,7 +17,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from omni import parallel
 from omni.models import count_params
@@ -121,6 +123,15 @@ class Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def should_stop(self, step: int, every: int) -> bool:
+        """One process alone reads its own flag at every step. Several must stop at the same step (saving is
+        collective), so they agree every `every` steps: any process signalled -> all stop there."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % every:
+            return False
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
 
@@ -134,12 +145,43 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         abstract, shardings, init_fn = abstract_state(config, task.model, tokens_shape, mesh)
         mngr = checkpoint.manager(workdir, t.keep_checkpoints)
         meta = checkpoint.meta(config, task.tokenizer_path)
-        state = _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task)
         batch_sharding = parallel.batch_sharding(mesh)
-        step_fn = jax.jit(make_train_step(config, task.loss_fn), donate_argnums=0,
-                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+        batch_shapes = {k: ((t.batch_size,) + v.shape[1:], v.dtype) for k, v in task.example_batch.items()}
+        # Compiled before anything is allocated, so an OOM shows here, with the compiler's own numbers.
+        step_fn = compile_train_step(config, task.loss_fn, abstract, shardings, batch_shapes, mesh)
+        memory = compiled_memory(step_fn)
+        if memory and jax.process_index() == 0:
+            print(memory_line(memory), flush=True)
+        state = _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task)
         eval_fn = jax.jit(lambda p, b: task.loss_fn(p, b, None)[1], in_shardings=(shardings.params, batch_sharding))
         return _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, loss_fn: LossFn, abstract: TrainState,
+                       shardings: TrainState, batch_shapes: dict[str, tuple], mesh: jax.sharding.Mesh):
+    """The train step compiled ahead of time for abstract inputs (global batch shapes); nothing is allocated."""
+    batch_sharding = parallel.batch_sharding(mesh)
+    step = jax.jit(make_train_step(config, loss_fn), donate_argnums=0, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, None))
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in batch_shapes.items()}
+    return step.lower(checkpoint.with_shardings(abstract, shardings), batch).compile()
+
+
+def compiled_memory(compiled) -> dict[str, float] | None:
+    """Per-device bytes from the compiler's memory analysis (None where the backend gives none)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    parts = {name: float(getattr(analysis, f"{name}_size_in_bytes"))
+             for name in ("argument", "output", "alias", "temp", "generated_code")}
+    parts["peak"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
+    return parts
+
+
+def memory_line(memory: dict[str, float]) -> str:
+    gib = {k: v / 2 ** 30 for k, v in memory.items()}
+    return (f"compiled train step: {gib['peak']:.3f} GiB per device (arguments {gib['argument']:.3f}, "
+            f"temporaries {gib['temp']:.3f}, outputs {gib['output']:.3f}, donated {gib['alias']:.3f})")
 
 
 def _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task) -> TrainState:
@@ -178,8 +220,9 @@ def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> d
             batch = parallel.global_batch(next(task.train_iter), mesh)
             state, step_metrics = step_fn(state, batch)
             done = step + 1
+            stop = preemption.should_stop(done, t.log_every)
             boundary = (done % t.log_every == 0 or done % t.eval_every == 0 or done % t.checkpoint_every == 0
-                        or done == t.steps or preemption.requested)
+                        or done == t.steps or stop)
             if not boundary and done != start + 1:
                 continue
             last = metrics.to_host(step_metrics)  # waits for this step: timings below are real
@@ -206,9 +249,9 @@ def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> d
                 writer.write(done, evals)
                 writer.message(f"step {done}: eval_loss {evals['eval_loss']:.4f} "
                                f"eval_perplexity {evals['eval_perplexity']:.2f}")
-            if done % t.checkpoint_every == 0 or done == t.steps or preemption.requested:
+            if done % t.checkpoint_every == 0 or done == t.steps or stop:
                 checkpoint.save(mngr, done, state, task.train_iter, meta)
-            if preemption.requested:
+            if stop:
                 mngr.wait_until_finished()
                 writer.message(f"preempted: saved step {done}; rerun the same command to resume")
                 return {"preempted": done}

@@ -1,0 +1,75 @@
+"""bf16 training-step MFU on one GPU: GPT-3 XL shapes (24 layers, d_model 2048, 16 heads of 128, context 2048)
+or as many layers as fit, cuDNN flash attention. Prints one JSON line. The goal on one H100: >= 50% MFU.
+
+    python benchmarks/gpu_train.py [--layers 24] [--batch 8] [--remat dots] [--steps 10]
+
+Needs the package's runtime dependencies (the model imports ml-collections; the loss, the data modules'
+grain and tensorflow-datasets): on a machine without them, install their wheels first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from omni import parallel
+from omni.config import base_config, validate
+from omni.models import GPT, flops_per_token
+from omni.stages.pretrain import lm_loss
+from omni.train.metrics import peak_flops_per_device
+from omni.train.trainer import abstract_state, compile_train_step, compiled_memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--remat", default="dots", choices=("none", "dots", "full"))
+    parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+
+    c = base_config()
+    c.model.update(variant="gpt3", num_layers=args.layers, d_model=2048, num_heads=16, d_ff=8192,
+                   vocab_size=50304, max_len=args.seq, dtype="bfloat16", remat=args.remat,
+                   attention=args.attention, scan_layers=True)
+    c.train.update(batch_size=args.batch, seq_len=args.seq)
+    c = validate(c, jax.device_count())
+    mesh = parallel.make_mesh(c.mesh)
+    model = GPT(c.model)
+    shape = (args.batch, args.seq)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, c.model.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
+    host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones(shape, np.float32)}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+        abstract, shardings, init_fn = abstract_state(c, model, shape, mesh)
+        step = compile_train_step(c, lm_loss(model), abstract, shardings,
+                                  {k: (v.shape, v.dtype) for k, v in host.items()}, mesh)
+        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
+        batch = parallel.global_batch(host, mesh)
+        for _ in range(2):  # warm-up
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / args.steps
+    tps = args.batch * args.seq / seconds
+    peak, source = peak_flops_per_device()
+    fpt = flops_per_token(c.model, args.seq)
+    memory = compiled_memory(step) or {}
+    print(json.dumps({"benchmark": "gpu_train", "device": jax.devices()[0].device_kind,
+                      "devices": jax.device_count(), "layers": args.layers, "batch": args.batch, "seq": args.seq,
+                      "remat": args.remat, "attention": args.attention, "step_s": seconds, "tokens_per_s": tps,
+                      "mfu": tps * fpt / (peak * jax.device_count()), "peak_flops": peak, "peak_source": source,
+                      "loss": float(metrics["loss"]), "peak_memory_gib": memory.get("peak", 0) / 2 ** 30}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Config validation of the mesh (four in-slice axes, multi-slice dcn sizes), sequence and tensor divisibility,
+the distributed settings and the attention choice: each bad value is named in one message."""
+import pytest
+
+from omni.config import ConfigError, base_config, validate
+
+
+def config(**mesh):
+    c = base_config()
+    c.mesh.update(mesh)
+    return c
+
+
+def test_minus_one_fills_the_devices_left_by_the_other_axes():
+    m = validate(config(data=2, tensor=2, sequence=-1), 8).mesh
+    assert (m.data, m.fsdp, m.tensor, m.sequence) == (2, 1, 2, 2)
+    m = validate(config(data=-1, dcn_data=2), 8).mesh  # 2 slices of 4
+    assert (m.data, m.dcn_data) == (4, 2)
+
+
+@pytest.mark.parametrize("mesh,key", [
+    (dict(data=3), "config.mesh"),
+    (dict(dcn_data=-1), "config.mesh.dcn_data=-1"),
+    (dict(data=-1, fsdp=-1), "config.mesh"),
+    (dict(data=1, sequence=3), "config.mesh"),
+])
+def test_bad_meshes_are_named(mesh, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(config(**mesh), 8)
+
+
+def test_sequence_and_tensor_must_divide_length_and_heads():
+    c = config(data=1, sequence=8)
+    c.train.seq_len = 100
+    with pytest.raises(ConfigError, match=r"config\.train\.seq_len=100"):
+        validate(c, 8)
+    c = config(data=1, tensor=8)
+    c.model.num_heads = 4
+    with pytest.raises(ConfigError, match=r"config\.model\.num_heads=4"):
+        validate(c, 8)
+
+
+def test_batch_must_divide_over_slices_too():
+    c = config(data=2, dcn_data=2)
+    c.train.batch_size = 6
+    with pytest.raises(ConfigError, match=r"dcn_data"):
+        validate(c, 4)
+
+
+def test_distributed_and_attention_values():
+    c = base_config()
+    c.distributed.update(num_processes=2, process_id=2)
+    with pytest.raises(ConfigError, match=r"config\.distributed\.process_id=2"):
+        validate(c, 1)
+    c = base_config()
+    c.model.attention = "flash"
+    with pytest.raises(ConfigError, match=r"config\.model\.attention='flash'"):
+        validate(c, 1)
