@@ -172,6 +172,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
     _require(m.sparse_window > 0, "model.sparse_window", m.sparse_window, "must be positive")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _require(m.attention in ATTENTION, "model.attention", m.attention, f"expected one of {ATTENTION}")
+    _require(m.attention in ("auto", "xla") or m.dropout == 0.0, "model.attention", m.attention,
+             f"the {m.attention} kernel has no attention dropout but model.dropout={m.dropout} "
+             "(use 'auto' or 'xla', or dropout 0)")
     _require(m.attention_chunk >= 0, "model.attention_chunk", m.attention_chunk, "must be >= 0")
     for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "checkpoint_every",
                 "keep_checkpoints"):

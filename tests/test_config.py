@@ -56,3 +56,12 @@ def test_distributed_and_attention_values():
     c.model.attention = "flash"
     with pytest.raises(ConfigError, match=r"config\.model\.attention='flash'"):
         validate(c, 1)
+
+
+def test_a_kernel_without_dropout_is_refused_when_dropout_is_on():
+    c = base_config()
+    c.model.update(attention="splash", dropout=0.1)
+    with pytest.raises(ConfigError, match=r"config\.model\.attention='splash'"):
+        validate(c, 1)
+    c.model.attention = "auto"  # auto falls back to the XLA path instead
+    validate(c, 1)
