@@ -1,5 +1,9 @@
 """Every attention implementation against a NumPy reference: causal, GPT-3 banded, packed segments, chunked
 (unrolled and scanned), sequence-shard offsets, dropout gradients, memory growth, and the kernels."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,3 +148,34 @@ def test_packed_documents_equal_separate_runs(variant):
     np.testing.assert_allclose(packed[:, cut:], second, atol=1e-5)
     # ...and without them the second document does see the first.
     assert not np.allclose(apply(params, tokens)[:, cut:], second, atol=1e-3)
+
+
+SHARDED_KERNEL = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from omni import parallel
+from omni.config import base_config, validate
+from omni.models import attention as A
+c = base_config()
+c.mesh.update(data=2, tensor=2)
+mesh = parallel.make_mesh(validate(c, 4).mesh)
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal((2, 256, 2, 32)), jnp.float32) for _ in range(3))
+seg = jnp.asarray(np.repeat([1, 2], [100, 156])[None].repeat(2, 0), jnp.int32)
+ref = A.reference_attention(q, k, v, 128, seg)
+with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
+    for traced in (False, True):  # unrolled layers pass a bool, scanned ones a traced flag
+        f = lambda q, k, v, s: A._kernel("splash", q, k, v, s if traced else True, 128, seg,
+                                         jax.sharding.get_abstract_mesh(), interpret=True)
+        print(float(jnp.abs(jax.jit(f)(q, k, v, jnp.asarray(True)) - ref).max()))
+"""
+
+
+def test_splash_kernel_runs_per_shard_on_a_data_by_tensor_mesh():
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, "-c", SHARDED_KERNEL], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    errors = [float(x) for x in out.stdout.split()]
+    assert len(errors) == 2 and max(errors) < 1e-5, errors

@@ -225,11 +225,27 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | Non
     return out.transpose(0, 2, 1, 3)
 
 
-def _kernel(impl: str, q, k, v, sparse, window: int, segment_ids, interpret: bool = False):
+def _kernel(impl: str, q, k, v, sparse, window: int, segment_ids, mesh, interpret: bool = False):
+    """A kernel on each device's batch and heads shard (shard_map: Pallas kernels do not partition
+    themselves); attention is independent per row and head, so no communication is needed."""
     fn = cudnn_attention if impl == "cudnn" else functools.partial(splash_attention, interpret=interpret)
-    if isinstance(sparse, bool):
-        return fn(q, k, v, window if sparse else None, segment_ids)
-    return jax.lax.cond(sparse, lambda: fn(q, k, v, window, segment_ids), lambda: fn(q, k, v, None, segment_ids))
+
+    def local(q, k, v, seg, sparse):
+        seg = seg if segment_ids is not None else None
+        if isinstance(sparse, bool):
+            return fn(q, k, v, window if sparse else None, seg)
+        return jax.lax.cond(sparse, lambda: fn(q, k, v, window, seg), lambda: fn(q, k, v, None, seg))
+
+    seg = segment_ids if segment_ids is not None else jnp.zeros(q.shape[:2], jnp.int32)
+    if mesh is None or mesh.empty:
+        return local(q, k, v, seg, sparse)
+    qkv_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+    seg_spec = nn.logical_to_mesh_axes(("batch", "length"))
+    static = isinstance(sparse, bool)
+    body = (lambda q, k, v, s: local(q, k, v, s, sparse)) if static else local
+    specs = (qkv_spec, qkv_spec, qkv_spec, seg_spec) + (() if static else (P(),))
+    fn_sharded = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv_spec, check_vma=False)
+    return fn_sharded(q, k, v, seg) if static else fn_sharded(q, k, v, seg, jnp.asarray(sparse))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,7 +284,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, sparse, wi
         return _sequence_parallel(q, k, v, mesh, seq_axis, sparse, window, segment_ids, chunk, dropout_rng,
                                   dropout_rate)
     if impl in ("cudnn", "splash"):
-        return _kernel(impl, q, k, v, sparse, window, segment_ids)
+        return _kernel(impl, q, k, v, sparse, window, segment_ids, mesh)
     band = jnp.where(sparse, window, q.shape[1] + 1)
     return chunked_attention(q, k, v, window=band, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
                              chunk=chunk, dropout_rng=dropout_rng, dropout_rate=dropout_rate)
