@@ -15,6 +15,8 @@ setup(
         "tensorflow-datasets",
         "array-record",
         "sentencepiece",
+        "tokenizers",  # Hugging Face tokenizer.json (GPT-2's byte-level BPE), omni/interop/hf.py
+        "safetensors",  # Hugging Face weights, read and written through numpy: no torch
         "ml-collections",
         "absl-py",
         "tqdm",
@@ -23,7 +25,9 @@ setup(
         "matplotlib",  # experiments/scaling.py's plot
     ],
     extras_require={
-        "test": ["pytest"],
+        # torch and transformers: tests/test_hf.py checks logits against transformers' GPT-2. The pinned torch
+        # is the CPU wheel; an unpinned one would pull GBs of CUDA libraries.
+        "test": ["pytest", "torch==2.13.0", "transformers"],
         # Only for benchmarks/train_throughput.py's side-by-side reference run.
         "bench": ["torch==2.13.0", "transformers"],
     },

@@ -26,6 +26,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.dry_run = False  # build abstractly, print parameter count and memory per device, exit
     c.topology = ""  # with dry_run: also compile ahead of time for this TPU topology, e.g. "v5e:16x16" (libtpu)
 
+    # stage=sample (configs/sample.py): completions of `prompt` by the model in init_from.
+    c.prompt = ""
+    c.sample = ml_collections.ConfigDict(dict(
+        num_samples=1, max_new_tokens=128, temperature=0.8, top_k=0, top_p=0.95, repetition_penalty=1.0,
+        frequency_penalty=0.0, stop="", seed=0))
+
     c.model = m = ml_collections.ConfigDict()
     m.variant = "gpt2"  # gpt1 (post-LN) | gpt2 (pre-LN) | gpt3 (gpt2 + alternating banded attention)
     m.num_layers = 2
@@ -124,7 +130,7 @@ def gpt3_config(num_layers: int, d_model: int, num_heads: int, batch_tokens: int
 VARIANTS = ("gpt1", "gpt2", "gpt3")
 REMAT = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sample")
 
 
 def _require(ok: bool, key: str, value, why: str) -> None:

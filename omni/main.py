@@ -24,7 +24,8 @@ import jax
 from omni import config as config_lib
 from omni import estimate
 from omni.data import DataError
-from omni.stages import pretrain
+from omni.generate import GenerationError
+from omni.stages import pretrain, sample
 from omni.train import checkpoint, metrics, trainer
 
 STAGES = {"pretrain": pretrain.task}
@@ -129,6 +130,9 @@ def run(config, workdir: str) -> int:
         dry_run(config)
         return 0
     config = config_lib.validate(config, jax.device_count())
+    if config.stage == "sample":  # reads a trained workdir, trains nothing
+        sample.run(config, workdir)
+        return 0
     os.makedirs(workdir, exist_ok=True)
     check_resumable(config, workdir)
     task = STAGES[config.stage](config, workdir)
@@ -162,7 +166,7 @@ def main(argv) -> None:
         if not config.dry_run:  # a dry run allocates nothing and needs no other host
             init_distributed(config)
         sys.exit(run(config, workdir))
-    except (config_lib.ConfigError, DataError, checkpoint.CheckpointError) as e:
+    except (config_lib.ConfigError, DataError, checkpoint.CheckpointError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except trainer.NonFiniteLoss as e:

@@ -50,11 +50,17 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, window=None,
 # so memory is then chunk x length, linear in length.
 
 UNROLL_CHUNKS = 4
+# With this few queries (decoding against a KV cache) XLA:CPU would copy the transposed keys for q @ k^T on every
+# call; k @ q^T reads the cache as it lies.
+FEW_QUERIES = 8
 
 
 def _chunk_probs(q, k, q_pos, window, q_seg, k_seg, lse=None):
     """Softmax probabilities of one query chunk (heads-major, q pre-scaled) against keys at 0..len(k)-1."""
-    logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)  # [batch, heads, chunk, keys]
+    if q.shape[2] <= FEW_QUERIES:  # decoding: keys in their own layout; only the tiny result is transposed
+        logits = (k @ q.swapaxes(-1, -2)).swapaxes(-1, -2).astype(jnp.float32)
+    else:
+        logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)  # [batch, heads, chunk, keys]
     mask = allowed(q_pos, jnp.arange(k.shape[2]), window, q_seg, k_seg)
     mask = mask[:, None] if mask.ndim == 3 else mask
     if lse is None:
@@ -186,6 +192,16 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window=None, 
     rng = dropout_rng if dropout_rate > 0.0 else None
     out = _chunked(q, k, v, jnp.asarray(q_offset, jnp.int32), window, q_segment_ids, k_segment_ids, rng,
                    chunk, float(dropout_rate), causal_skip)
+    return out.transpose(0, 2, 1, 3)
+
+
+def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, q_offset, window,
+                     q_segment_ids: jax.Array, k_segment_ids: jax.Array, chunk: int = 64) -> jax.Array:
+    """Generation: q [batch, new, heads, d] at slots q_offset.. against a heads-major KV cache [batch, heads,
+    slots, d] (already holding the new tokens), masked causally, by `window` and by segment (0: padding)."""
+    q = (q * q.shape[-1] ** -0.5).transpose(0, 2, 1, 3)
+    out = _chunked(q, cache_k, cache_v, jnp.asarray(q_offset, jnp.int32), window, q_segment_ids, k_segment_ids,
+                   None, chunk, 0.0, False)
     return out.transpose(0, 2, 1, 3)
 
 

@@ -4,6 +4,9 @@ dense and locally banded sparse attention).
 Every parameter carries logical axis names (batch, length, embed, heads, kv, mlp, vocab, layers); the one
 table in omni/parallel.py maps them to mesh axes. Layers run under nn.scan so compile time does not grow
 with depth; config.model.scan_layers=False unrolls them.
+
+Generation passes a `KVCache`: the model then writes the new tokens' keys and values into it and returns
+`(logits, cache)`; omni/generate.py drives prefill and decoding with it.
 """
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ import functools
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from omni.models.attention import attention, resolve
+from omni.models.attention import attention, cached_attention, resolve
 
 Dtype = jnp.dtype
 
@@ -37,6 +41,24 @@ def _constrain(x: jax.Array, axes: tuple) -> jax.Array:
     return nn.with_logical_constraint(x, axes)
 
 
+class KVCache(flax.struct.PyTreeNode):
+    """Keys and values of every layer for `slots` token positions of each row. Rows are left-padded: row b's
+    tokens start at slot `start[b]`, so one scalar `index` (the next slot to write) serves the whole batch and
+    a token's position is its slot minus its row's start. One array per layer, heads-major, so that decoding
+    writes a token in place and attends without copying or transposing the cache."""
+    k: tuple  # per layer: [batch, heads, slots, head_dim]
+    v: tuple
+    start: jax.Array  # [batch] int32: first slot holding a real token (the row's left padding before it)
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def zeros(cls, m: ml_collections.ConfigDict, start: jax.Array, slots: int) -> "KVCache":
+        shape = (start.shape[0], m.num_heads, slots, m.d_model // m.num_heads)
+        k = tuple(jnp.zeros(shape, m.dtype) for _ in range(m.num_layers))
+        v = tuple(jnp.zeros(shape, m.dtype) for _ in range(m.num_layers))
+        return cls(k=k, v=v, start=start.astype(jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
 def layer_norm(m: ml_collections.ConfigDict, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, dtype=m.dtype, param_dtype=m.param_dtype, scale_init=_ones(("embed",)),
                         bias_init=_zeros(("embed",)), name=name)
@@ -47,7 +69,7 @@ class Attention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, sparse: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, sparse: jax.Array, segment_ids: jax.Array | None, kv=None, slot_info=None):
         m = self.config
         head_dim = m.d_model // m.num_heads
         # Kernels keep a separate heads axis so the rules table can shard attention by heads.
@@ -62,13 +84,30 @@ class Attention(nn.Module):
         qkv = (x @ w_qkv.reshape(m.d_model, -1).astype(m.dtype)).reshape(batch, length, 3, m.num_heads, head_dim)
         qkv = qkv + b_qkv.astype(m.dtype)
         q, k, v = (_constrain(qkv[:, :, i], ("batch", "length", "heads", "kv")) for i in range(3))
-        dropout_rng = None if self.deterministic or m.dropout == 0.0 else self.make_rng("dropout")
-        y = attention(q, k, v, impl=resolve(m.attention, m.dtype, m.dropout), sparse=sparse,
-                      window=m.sparse_window, segment_ids=segment_ids, chunk=m.attention_chunk,
-                      dropout_rng=dropout_rng, dropout_rate=m.dropout)
+        if kv is None:
+            dropout_rng = None if self.deterministic or m.dropout == 0.0 else self.make_rng("dropout")
+            y = attention(q, k, v, impl=resolve(m.attention, m.dtype, m.dropout), sparse=sparse,
+                          window=m.sparse_window, segment_ids=segment_ids, chunk=m.attention_chunk,
+                          dropout_rng=dropout_rng, dropout_rate=m.dropout)
+        else:
+            y, kv = _cached_attention(m, q, k, v, kv, slot_info, sparse, segment_ids)
         y = _constrain(y, ("batch", "length", "heads", "kv"))
         y = y.reshape(batch, length, m.d_model) @ w_out.reshape(m.d_model, m.d_model).astype(m.dtype)
-        return y + b_out.astype(m.dtype)
+        y = y + b_out.astype(m.dtype)
+        return y if kv is None else (y, kv)
+
+
+def _cached_attention(m, q, k, v, kv, slot_info, sparse, q_valid):
+    """Writes this call's keys and values at slots index.. of one layer's cache, then attends from the new
+    queries to every written, non-padding slot (any number of new tokens, at any index)."""
+    index, k_valid = slot_info
+    cache_k, cache_v = (_constrain(jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype),
+                                                                (0, 0, index, 0)), ("batch", "heads", None, "kv"))
+                        for c, x in zip(kv, (k, v)))
+    band = jnp.where(sparse, m.sparse_window, cache_k.shape[2] + 1)
+    y = cached_attention(q, cache_k, cache_v, q_offset=index, window=band, q_segment_ids=q_valid,
+                         k_segment_ids=k_valid, chunk=m.attention_chunk)
+    return y, (cache_k, cache_v)
 
 
 class MLP(nn.Module):
@@ -96,18 +135,30 @@ class Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, sparse: jax.Array, segment_ids: jax.Array | None = None):
+    def __call__(self, x: jax.Array, sparse: jax.Array, segment_ids: jax.Array | None = None, kv=None,
+                 slot_info=None):
+        """`kv`: this layer's (keys, values) cache and `slot_info` (index, valid slots) when generating;
+        the updated cache is then the second output (nn.scan stacks it over layers)."""
         m = self.config
         drop = functools.partial(nn.Dropout(m.dropout), deterministic=self.deterministic)
-        attn = Attention(m, self.deterministic, name="attn")
+        attention_out = Attention(m, self.deterministic, name="attn")
         mlp = MLP(m, name="mlp")
+
+        def attn(h):
+            nonlocal kv
+            out = attention_out(h, sparse, segment_ids, kv, slot_info)
+            if kv is None:
+                return out
+            out, kv = out
+            return out
+
         if m.variant == "gpt1":  # post-LN: normalise after each residual add
-            x = layer_norm(m, "ln1")(x + drop(attn(x, sparse, segment_ids)))
+            x = layer_norm(m, "ln1")(x + drop(attn(x)))
             x = layer_norm(m, "ln2")(x + drop(mlp(x)))
         else:  # pre-LN: normalise the input of each sub-block
-            x = x + drop(attn(layer_norm(m, "ln1")(x), sparse, segment_ids))
+            x = x + drop(attn(layer_norm(m, "ln1")(x)))
             x = x + drop(mlp(layer_norm(m, "ln2")(x)))
-        return _constrain(x, ("batch", "length", "embed")), None
+        return _constrain(x, ("batch", "length", "embed")), kv
 
 
 REMAT_POLICIES = {
@@ -127,29 +178,41 @@ class GPT(nn.Module):
     """`GPT(config.model).apply({'params': p}, tokens)` -> logits [batch, length, vocab] (float32).
 
     For packed rows, `segment_ids` [batch, length] keeps documents from attending to each other and
-    `positions` [batch, length] restarts the learned positions at each document (both optional)."""
+    `positions` [batch, length] restarts the learned positions at each document (both optional). With a
+    `cache` (generation) the tokens fill its slots from cache.index on and the call returns (logits, cache)."""
     config: ml_collections.ConfigDict
 
     @nn.compact
     def __call__(self, tokens: jax.Array, deterministic: bool = True, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, cache: KVCache | None = None):
         m = self.config
         wte = nn.Embed(m.vocab_size, m.d_model, dtype=m.dtype, param_dtype=m.param_dtype,
                        embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
         wpe = self.param("wpe", _init(0.01 if m.variant != "gpt1" else 0.02, (None, "embed")),
                          (m.max_len, m.d_model), m.param_dtype)
         tokens = _constrain(tokens, ("batch", "length"))
+        slot_info = None
+        if cache is not None:  # left-padded rows: position = slot - start; padding only attends to padding
+            slots = cache.index + jnp.arange(tokens.shape[1])
+            positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
+            segment_ids = (slots[None, :] >= cache.start[:, None]).astype(jnp.int32)
+            k_valid = (jnp.arange(cache.k[0].shape[2])[None, :] >= cache.start[:, None]).astype(jnp.int32)
+            slot_info = (cache.index, k_valid)
         pos = wpe[: tokens.shape[1]] if positions is None else jnp.take(wpe, positions, axis=0)
         x = wte(tokens) + pos.astype(m.dtype)
         x = nn.Dropout(m.dropout)(x, deterministic=deterministic)
         x = _constrain(x, ("batch", "length", "embed"))
-        x = self._blocks(x, deterministic, segment_ids)
+        kv = None if cache is None else (cache.k, cache.v)
+        x, kv = self._blocks(x, deterministic, segment_ids, kv, slot_info)
         if m.variant != "gpt1":
             x = layer_norm(m, "ln_f")(x)
         logits = unembed(x, wte.embedding.astype(m.dtype)).astype(jnp.float32)  # tied input/output embeddings
-        return _constrain(logits, ("batch", "length", "vocab"))
+        logits = _constrain(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        return logits, cache.replace(k=kv[0], v=kv[1], index=cache.index + tokens.shape[1])
 
-    def _blocks(self, x: jax.Array, deterministic: bool, segment_ids: jax.Array | None) -> jax.Array:
+    def _blocks(self, x, deterministic, segment_ids, kv, slot_info):
         m = self.config
         block = Block
         if m.remat != "none":
@@ -157,13 +220,25 @@ class GPT(nn.Module):
         sparse = sparse_layers(m)
         if m.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=(0, nn.broadcast), length=m.num_layers,
+                            in_axes=(0, nn.broadcast, 0, nn.broadcast), length=m.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(m, deterministic, name="blocks")(x, jnp.asarray(sparse), segment_ids)
-            return x
+            # A scanned cache is stacked over layers (a copy per call: Generator runs layers unrolled).
+            stacked = None if kv is None else tuple(jnp.stack(c) for c in kv)
+            x, stacked = stack(m, deterministic, name="blocks")(x, jnp.asarray(sparse), segment_ids, stacked,
+                                                                slot_info)
+            return x, None if kv is None else tuple(tuple(c) for c in stacked)
+        new_kv = []
         for i in range(m.num_layers):
-            x, _ = block(m, deterministic, name=f"blocks_{i}")(x, bool(sparse[i]), segment_ids)
-        return x
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            x, layer_kv = block(m, deterministic, name=f"blocks_{i}")(x, bool(sparse[i]), segment_ids, layer_kv,
+                                                                     slot_info)
+            new_kv.append(layer_kv)
+        return x, None if kv is None else tuple(zip(*new_kv))
+
+
+# Below this many tokens per call (generation), XLA:CPU would copy the transposed [vocab, d_model] embedding on
+# every call for `x @ embedding.T`, which costs more than the product itself.
+DECODE_ROWS = 64
 
 
 @jax.custom_vjp
@@ -171,11 +246,18 @@ def unembed(x: jax.Array, embedding: jax.Array) -> jax.Array:
     """x @ embedding^T, with a hand-written backward pass. Autodiff's embedding gradient contracts the
     [tokens, vocab] logit gradient over its leading axis, which XLA:CPU does by first transposing that whole
     array; contracting a (small) transposed x against it instead is a plain matmul (+5-10% step speed)."""
+    return _logits(x, embedding)
+
+
+def _logits(x, embedding):
+    rows = math.prod(x.shape[:-1])
+    if rows <= DECODE_ROWS:  # decoding: contract the embedding's rows in place, transpose the small result
+        return (embedding @ x.reshape(rows, -1).T).T.reshape(x.shape[:-1] + (-1,))
     return x @ embedding.T
 
 
 def _unembed_fwd(x, embedding):
-    return x @ embedding.T, (x, embedding)
+    return _logits(x, embedding), (x, embedding)
 
 
 def _unembed_bwd(residuals, d_logits):

@@ -7,10 +7,13 @@ import os
 import tempfile
 
 import grain
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from omni.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, file_name
 
 
 class CheckpointError(RuntimeError):
@@ -19,17 +22,26 @@ class CheckpointError(RuntimeError):
 
 def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
     path = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                           enable_async_checkpointing=not read_only)
-    return ocp.CheckpointManager(path, options=options, item_handlers={
-        "params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    # Read-only: options that save nothing, which Orbax would otherwise force with a warning on every open.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                           read_only=read_only, enable_async_checkpointing=not read_only,
+                                           save_interval_steps=0 if read_only else 1)
+    level = logging.get_verbosity()
+    if read_only:  # ...and it still warns that the directory is read-only, which is the point here
+        logging.set_verbosity(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(path, options=options, item_handlers={
+            "params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    finally:
+        logging.set_verbosity(level)
 
 
 def meta(config: ml_collections.ConfigDict, tokenizer_path: str) -> dict:
+    """The JSON item of every checkpoint: the resolved config and the tokenizer file (bytes and name)."""
     with open(tokenizer_path, "rb") as f:
-        spm = base64.b64encode(f.read()).decode("ascii")
-    return {"config": config.to_dict(), "tokenizer_model_b64": spm}
+        data = base64.b64encode(f.read()).decode("ascii")
+    return {"config": config.to_dict(), "tokenizer_file": file_name(tokenizer_path), "tokenizer_b64": data}
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta_json: dict) -> None:
@@ -60,7 +72,7 @@ def latest_step(workdir: str) -> int | None:
 
 
 def read_meta(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, str, int]:
-    """(config, path of the tokenizer model written beside the checkpoints, step) of a workdir's checkpoint."""
+    """(config, path of the tokenizer file written beside the checkpoints, step) of a workdir's checkpoint."""
     mngr = manager(workdir, keep=1, read_only=True)
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -69,9 +81,14 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[ml_collections.Con
         m = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read checkpoint {mngr.directory}/{step}: {type(e).__name__}: {e}") from e
-    tok_path = os.path.join(workdir, "tokenizer.model")
+    # Checkpoints written before HF tokenizers existed hold only a sentencepiece model.
+    name, data = m.get("tokenizer_file", SENTENCEPIECE_FILE), m.get("tokenizer_b64", m.get("tokenizer_model_b64"))
+    if name not in (SENTENCEPIECE_FILE, HF_FILE) or data is None:  # the name becomes a path: trust only ours
+        raise CheckpointError(f"checkpoint {mngr.directory}/{step} holds no readable tokenizer "
+                              f"(tokenizer_file={name!r})")
+    tok_path = os.path.join(workdir, name)
     if not os.path.exists(tok_path):
-        _write_atomic(tok_path, base64.b64decode(m["tokenizer_model_b64"]))
+        _write_atomic(tok_path, base64.b64decode(data))
     return ml_collections.ConfigDict(m["config"]), tok_path, step
 
 

@@ -1,0 +1,252 @@
+"""A chat loop over any workdir's model, in a terminal or from a pipe:
+
+    python -m omni.chat --workdir=runs/tiny [--temperature=0.7 --top_p=0.9 --max_new_tokens=128 --seed=0]
+    printf 'hello\\nwhat is a list?\\n' | python -m omni.chat --workdir=runs/tiny
+
+Each input line is one user message (`/reset` forgets the dialogue, `/quit` ends); each reply is printed as
+one "Assistant: ..." block. The whole dialogue is the model's context: when it would not leave room for the
+reply, the oldest turns are dropped (said on stderr), and a message that cannot fit even alone is refused
+with a notice, never a crash.
+
+The chat template (`encode_dialogue`) is the one supervised fine-tuning trains on, so a fine-tuned model
+sees at inference exactly the text layout it learned: "User: {message}\\n" then "Assistant: {reply}<EOS>".
+Replies are post-processed (cut at a stop sequence, repeated lines and looping phrases removed) and a
+safety filter checks both the message and the reply: a blocklist of phrases (--blocklist=FILE, one per line,
+or the built-in one) and an optional classifier hook (--classifier=module:function, True or a score above
+0.5 = unsafe).
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags, logging
+
+USER, ASSISTANT = "User: ", "Assistant: "
+STOP_STRINGS = ("\nUser:",)  # a model that was never taught to emit EOS would go on to write the user's turn
+REFUSAL = "Sorry, I can't help with that."
+
+# The built-in blocklist: requests for serious harm. Phrases match case-insensitively at word boundaries.
+DEFAULT_BLOCKLIST = (
+    "build a bomb", "make a bomb", "make explosives", "make a pipe bomb", "synthesize nerve agent",
+    "make nerve gas", "make ricin", "weaponize anthrax", "buy a gun illegally", "make meth",
+    "child sexual", "kill myself", "how to kill someone", "steal credit card", "write ransomware",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The template (shared with SFT)
+
+def encode_dialogue(tokenizer, turns: Sequence[tuple[str, str]], next_user: str | None = None
+                    ) -> tuple[list[int], list[int]]:
+    """Token ids of a dialogue and a mask that is 1 on the assistant's tokens (its replies and their EOS:
+    what SFT trains on). `turns` are (user message, assistant reply) pairs; with `next_user`, the ids end
+    with that message and the assistant's cue, ready for generation."""
+    ids, mask = [], []
+
+    def add(text_ids: list[int], trained: bool) -> None:
+        ids.extend(text_ids)
+        mask.extend([int(trained)] * len(text_ids))
+
+    for user, reply in turns:
+        add(tokenizer.encode(f"{USER}{user}\n{ASSISTANT}"), False)
+        add(tokenizer.encode(reply) + [tokenizer.eos_id], True)
+        add(tokenizer.encode("\n"), False)
+    if next_user is not None:
+        add(tokenizer.encode(f"{USER}{next_user}\n{ASSISTANT}"), False)
+    return ids, mask
+
+
+def fit_history(tokenizer, turns: list[tuple[str, str]], message: str, budget: int
+                ) -> tuple[list[int], int] | None:
+    """(prompt ids, number of oldest turns dropped) such that the prompt has at most `budget` tokens, or None
+    when the message alone does not fit."""
+    for dropped in range(len(turns) + 1):
+        ids, _ = encode_dialogue(tokenizer, turns[dropped:], message)
+        if len(ids) <= budget:
+            return ids, dropped
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Post-processing and safety
+
+def postprocess(text: str, stop: Sequence[str] = STOP_STRINGS, ngram: int = 4, max_repeats: int = 2) -> str:
+    """Cuts at the first stop string, drops a line identical to the one before it, and ends the text before
+    any phrase of `ngram` words comes back more than `max_repeats` times (small models loop)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    lines = []
+    for line in text[:cut].split("\n"):
+        if not lines or line.strip() == "" or line != lines[-1]:
+            lines.append(line)
+    text = "\n".join(lines)
+    seen: dict[tuple[str, ...], int] = {}
+    words = list(re.finditer(r"\S+", text))
+    for i in range(len(words) - ngram + 1):
+        key = tuple(w.group() for w in words[i:i + ngram])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > max_repeats:
+            text = text[: words[i].start()]
+            break
+    return text.strip()
+
+
+class SafetyFilter:
+    """Blocklist phrases (case-insensitive, whole words) and an optional classifier(text) -> bool or score."""
+
+    def __init__(self, blocklist: Sequence[str] = DEFAULT_BLOCKLIST,
+                 classifier: Callable[[str], object] | None = None):
+        phrases = [p.strip() for p in blocklist if p.strip()]
+        self._pattern = re.compile(r"\b(" + "|".join(re.escape(p) for p in phrases) + r")\b", re.IGNORECASE) \
+            if phrases else None
+        self._classifier = classifier
+
+    def reason(self, text: str) -> str | None:
+        """Why `text` is unsafe, or None when it is not."""
+        if self._pattern is not None and (hit := self._pattern.search(text)):
+            return f"blocklisted phrase {hit.group(0)!r}"
+        if self._classifier is not None:
+            verdict = self._classifier(text)
+            if verdict is True or (not isinstance(verdict, bool) and float(verdict) > 0.5):
+                return f"classifier {getattr(self._classifier, '__name__', 'hook')} flagged it"
+        return None
+
+    @classmethod
+    def from_flags(cls, blocklist: str, classifier: str) -> "SafetyFilter":
+        """blocklist: '' (the built-in list), 'none', or a file with one phrase per line ('#' comments);
+        classifier: '' or 'module:function'."""
+        phrases: Sequence[str] = DEFAULT_BLOCKLIST
+        if blocklist == "none":
+            phrases = ()
+        elif blocklist:
+            try:
+                with open(blocklist) as f:
+                    phrases = [line for line in f.read().splitlines() if not line.lstrip().startswith("#")]
+            except OSError as e:
+                raise ValueError(f"--blocklist={blocklist}: cannot read it ({e.strerror})") from e
+        hook = None
+        if classifier:
+            module, _, name = classifier.partition(":")
+            try:
+                hook = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError, ValueError) as e:
+                raise ValueError(f"--classifier={classifier}: cannot load it, expected module:function "
+                                 f"({type(e).__name__}: {e})") from e
+        return cls(phrases, hook)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+class Chat:
+    """A dialogue with one model: `reply(message)` returns the assistant's (filtered, post-processed) answer
+    and keeps the exchange in the history."""
+
+    def __init__(self, generator, tokenizer, sampling, max_new_tokens: int = 128,
+                 safety: SafetyFilter | None = None, seed: int = 0, notice: Callable[[str], None] = print):
+        self.generator, self.tokenizer, self.sampling = generator, tokenizer, sampling
+        context = generator.config.max_len
+        # Half the context at most for the reply, so some dialogue always fits.
+        self.max_new_tokens = max(1, min(max_new_tokens, context // 2))
+        self.budget = context - self.max_new_tokens
+        self.safety = safety or SafetyFilter()
+        self.seed, self.turns, self.notice = seed, [], notice
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def reply(self, message: str) -> str:
+        if reason := self.safety.reason(message):
+            self.notice(f"(message refused: {reason})")
+            return REFUSAL
+        fitted = fit_history(self.tokenizer, self.turns, message, self.budget)
+        if fitted is None:
+            alone = len(encode_dialogue(self.tokenizer, [], message)[0])
+            self.notice(f"(message not sent: it is {alone} tokens with the template, and the model's "
+                        f"{self.generator.config.max_len}-token context keeps {self.max_new_tokens} for the "
+                        f"reply, leaving {self.budget}; please shorten it)")
+            return ""
+        ids, dropped = fitted
+        if dropped:
+            self.notice(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the context)")
+            self.turns = self.turns[dropped:]
+        stop = [[self.tokenizer.eos_id]] + [self.tokenizer.encode(s) for s in STOP_STRINGS]
+        out = self.generator.generate([ids], self.max_new_tokens, self.sampling, stop=stop,
+                                      seed=self.seed + len(self.turns))
+        text = postprocess(self.tokenizer.decode([t for t in out.row(0) if t != self.tokenizer.eos_id]))
+        if reason := self.safety.reason(text):
+            self.notice(f"(reply withheld: {reason})")
+            text = REFUSAL
+        self.turns.append((message, text))
+        return text
+
+
+def _define_flags() -> None:
+    """Only when run as a program: importing omni.chat (tests, SFT) must not claim absl flag names such as
+    --workdir, which omni.main defines too."""
+    flags.DEFINE_string("workdir", None, "Workdir of a trained model (any stage, or an imported HF model).")
+    flags.DEFINE_integer("max_new_tokens", 128, "Longest reply, in tokens (at most half the context).")
+    flags.DEFINE_float("temperature", 0.7, "0: greedy.")
+    flags.DEFINE_integer("top_k", 0, "0: off.")
+    flags.DEFINE_float("top_p", 0.9, "1: off.")
+    flags.DEFINE_float("repetition_penalty", 1.1, "1: off.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed: the same dialogue and seed give the same replies.")
+    flags.DEFINE_string("blocklist", "", "File of blocked phrases, one per line; 'none' turns the list off.")
+    flags.DEFINE_string("classifier", "", "module:function(text) -> bool or score; True or > 0.5 refuses.")
+
+
+FLAGS = flags.FLAGS
+
+
+def _notice(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def main(argv) -> None:
+    from omni.generate import GenerationError, Sampling, from_workdir
+    from omni.train.checkpoint import CheckpointError
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir=DIR (a trained model's workdir) is required")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        safety = SafetyFilter.from_flags(FLAGS.blocklist, FLAGS.classifier)
+        sampling = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                            repetition_penalty=FLAGS.repetition_penalty)
+        _, generator, tokenizer = from_workdir(FLAGS.workdir)
+        sampling.check(generator.config.vocab_size)
+    except (ValueError, CheckpointError) as e:  # GenerationError is a ValueError
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    chat = Chat(generator, tokenizer, sampling, FLAGS.max_new_tokens, safety, FLAGS.seed, notice=_notice)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _notice(f"chatting with {FLAGS.workdir} (/reset forgets the dialogue, /quit or Ctrl-D ends)")
+    while True:
+        if interactive:
+            print("User: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            break
+        message = line.rstrip("\n")
+        if message.strip() == "/reset":
+            chat.reset()
+            _notice("(dialogue forgotten)")
+            continue
+        if not message.strip():
+            continue
+        try:
+            answer = chat.reply(message)
+        except GenerationError as e:
+            _notice(f"(message not sent: {e})")
+            continue
+        print(f"{ASSISTANT}{answer}", flush=True)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,161 @@
+"""The chat loop (template, history within the context, post-processing, safety) and the sample stage, on a
+tiny random model written as a workdir (no training needed: these test the plumbing, not the replies)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from omni import chat, data
+from omni.config import ConfigError, base_config
+from omni.generate import Generator, Sampling
+from omni.interop.hf import to_workdir
+from omni.models import GPT
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    files = sorted(glob.glob(os.path.join(os.path.dirname(json.__file__), "*.py")))
+    texts = [open(f, encoding="utf-8").read() for f in files]
+    return data.train_tokenizer(texts, 512, str(tmp_path_factory.mktemp("tok") / "t.model"))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    m = base_config().model
+    m.update(num_layers=2, num_heads=2, d_model=32, d_ff=64, vocab_size=tokenizer.vocab_size, max_len=CONTEXT)
+    params = GPT(m).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    return m, params
+
+
+@pytest.fixture(scope="module")
+def workdir(model, tokenizer, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("chat") / "model")
+    to_workdir(*model, tokenizer.model_path, path)
+    return path
+
+
+def test_template_masks_exactly_the_replies(tokenizer):
+    turns = [("hi there", "hello!"), ("and now?", "def f():\n    return 1")]
+    ids, mask = chat.encode_dialogue(tokenizer, turns, next_user="bye")
+    assert len(ids) == len(mask)
+    trained = [t for t, k in zip(ids, mask) if k]
+    eos = tokenizer.eos_id
+    assert trained.count(eos) == 2 and trained[-1] == eos
+    replies = tokenizer.decode([t for t in trained if t != eos])
+    assert replies == "hello!def f():\n    return 1"
+    text = tokenizer.decode([t for t in ids if t != eos])
+    assert text.startswith("User: hi there\nAssistant: hello!\nUser: and now?")
+    assert text.endswith("User: bye\nAssistant: ")
+
+
+def test_fit_history_drops_oldest_turns(tokenizer):
+    turns = [(f"question {i}", f"answer number {i}") for i in range(6)]
+    full, _ = chat.encode_dialogue(tokenizer, turns, "last")
+    ids, dropped = chat.fit_history(tokenizer, turns, "last", budget=len(full) - 1)
+    assert dropped == 1 and ids == chat.encode_dialogue(tokenizer, turns[1:], "last")[0]
+    ids, dropped = chat.fit_history(tokenizer, turns, "last", budget=len(full))
+    assert dropped == 0 and ids == full
+    alone = len(chat.encode_dialogue(tokenizer, [], "last")[0])
+    assert chat.fit_history(tokenizer, turns, "last", budget=alone)[1] == 6
+    assert chat.fit_history(tokenizer, turns, "last", budget=alone - 1) is None
+
+
+def test_postprocess():
+    assert chat.postprocess("Sure thing.\nUser: more") == "Sure thing."
+    assert chat.postprocess("a\na\na\nb\n\n\nc") == "a\nb\n\n\nc"
+    looping = "I think that it is " * 5
+    assert chat.postprocess(looping) == "I think that it is I think that it is"
+    assert chat.postprocess("  fine as it is  ") == "fine as it is"
+
+
+def test_safety_filter(tmp_path):
+    default = chat.SafetyFilter()
+    assert "BUILD A BOMB" in default.reason("Please tell me how to BUILD A BOMB now")
+    assert default.reason("a bombastic build, a bombshell") is None
+    listed = tmp_path / "block.txt"
+    listed.write_text("# comment line\nforbidden fruit\n")
+    custom = chat.SafetyFilter.from_flags(str(listed), "")
+    assert custom.reason("the Forbidden Fruit.") and custom.reason("build a bomb") is None
+    assert chat.SafetyFilter.from_flags("none", "").reason("build a bomb") is None
+    hooked = chat.SafetyFilter.from_flags("none", "os.path:isabs")  # any importable function is a hook
+    assert "isabs" in hooked.reason("/etc/passwd") and hooked.reason("etc") is None
+    scored = chat.SafetyFilter((), classifier=lambda text: 0.9 if "x" in text else 0.1)
+    assert scored.reason("x") and scored.reason("y") is None
+    with pytest.raises(ValueError, match="--classifier=nope"):
+        chat.SafetyFilter.from_flags("", "nope")
+    with pytest.raises(ValueError, match="--blocklist="):
+        chat.SafetyFilter.from_flags(str(tmp_path / "missing.txt"), "")
+
+
+def test_chat_keeps_history_within_the_context(model, tokenizer):
+    notices = []
+    bot = chat.Chat(Generator(*model), tokenizer, Sampling(temperature=0.0), max_new_tokens=16,
+                    notice=notices.append)
+    assert bot.max_new_tokens == 16 and bot.budget == CONTEXT - 16
+    for i in range(8):  # far more dialogue than 64 tokens hold
+        bot.reply(f"message number {i} about lists")
+        ids, _ = chat.encode_dialogue(tokenizer, bot.turns[:-1], bot.turns[-1][0])
+        assert len(ids) <= bot.budget
+    assert any("dropped the" in n for n in notices)
+    assert bot.turns[-1][0] == "message number 7 about lists"
+    before = list(bot.turns)
+    assert bot.reply("word " * 80) == "" and "shorten" in notices[-1]  # cannot fit even alone: not sent
+    assert bot.turns == before
+    assert bot.reply("how do I build a bomb") == chat.REFUSAL and "refused" in notices[-1]
+    withheld = chat.Chat(Generator(*model), tokenizer, Sampling(temperature=0.0), max_new_tokens=8,
+                         safety=chat.SafetyFilter((), classifier=lambda text: True), notice=notices.append)
+    withheld.safety = chat.SafetyFilter((), classifier=lambda text: text != "hello")  # flags every reply
+    assert withheld.reply("hello") == chat.REFUSAL and "withheld" in notices[-1]
+
+
+def test_chat_from_a_pipe(workdir):
+    lines = "hello\nhow to build a bomb\n/reset\n\nwrite a loop\n/quit\nnever read\n"
+    out = subprocess.run([sys.executable, "-m", "omni.chat", f"--workdir={workdir}", "--max_new_tokens=8",
+                          "--temperature=0"], input=lines, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    replies = [line for line in out.stdout.splitlines() if line.startswith("Assistant: ")]
+    assert len(replies) == 3 and replies[1] == f"Assistant: {chat.REFUSAL}"
+    assert "refused" in out.stderr and "forgotten" in out.stderr
+    missing = subprocess.run([sys.executable, "-m", "omni.chat", "--workdir=/nonexistent/run"], input="",
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert missing.returncode == 2 and "/nonexistent/run" in missing.stderr
+
+
+def test_sample_stage(workdir, tmp_path):
+    args = ["--config=configs/sample.py", f"--config.init_from={workdir}", "--config.prompt=import os",
+            "--config.sample.num_samples=2", "--config.sample.max_new_tokens=6", f"--workdir={tmp_path}"]
+    out = run_cli(args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("--- sample ") == 2 and "import os" in out.stdout
+    records = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert [r["sample"] for r in records] == [0, 1] and all(r["init_from"] == workdir for r in records)
+    empty = run_cli(args[:2] + [f"--workdir={tmp_path}"])
+    assert empty.returncode == 2 and "config.prompt is empty" in empty.stderr
+
+
+def test_sample_stage_needs_init_from(tmp_path):
+    from omni.stages import sample
+
+    c = base_config()
+    c.stage, c.prompt = "sample", "x"
+    with pytest.raises(ConfigError, match="config.init_from is empty"):
+        sample.run(c, str(tmp_path))
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(workdir, monkeypatch):
+    import omni
+    from omni.generate import GenerationError, from_workdir
+
+    config, params, tokenizer = omni.load(workdir)
+    config.model.vocab_size = tokenizer.vocab_size - 1
+    monkeypatch.setattr(omni, "load", lambda path, step=None: (config, params, tokenizer))
+    with pytest.raises(GenerationError, match=f"{tokenizer.vocab_size} pieces but the model's vocabulary is"):
+        from_workdir(workdir)
