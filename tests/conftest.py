@@ -24,6 +24,19 @@ def run_cli(args, cwd=ROOT, env=None, timeout=600, **kw):
                           capture_output=True, text=True, **kw)
 
 
+def run_on_8_devices(script: str, timeout: int) -> dict:
+    """Runs a Python script on 8 simulated CPU devices (XLA_FLAGS must be set before jax is imported, hence a
+    subprocess); the script prints one line "RESULT <json>", which is returned."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes; not run in CI (pytest -m slow)")
     config.addinivalue_line("markers", "gpu: needs a GPU; skipped elsewhere")

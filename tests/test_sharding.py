@@ -2,12 +2,7 @@
 alone and combined) gives the loss and updated parameters of the same step on one device. The batch packs
 several documents per row (segment ids and restarting positions), so context-parallel attention must keep
 documents apart across sequence shards too."""
-import json
-import os
-import subprocess
-import sys
-
-from conftest import ROOT
+from conftest import run_on_8_devices
 
 SCRIPT = r"""
 import json, sys
@@ -60,11 +55,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_sharded_train_step_matches_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    result = run_on_8_devices(SCRIPT, timeout=600)
     single = result.pop("single")
     full_qkv = 2 * 64 * 3 * 4 * 16  # (layers, embed, qkv, heads, kv)
     for mesh, r in result.items():
