@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 
 from absl import app, flags, logging
 
+from omni.generate import GenerationError, Sampling, from_workdir, stop_sequences, trim_at_stop
+
 USER, ASSISTANT = "User: ", "Assistant: "
 STOP_STRINGS = ("\nUser:",)  # a model that was never taught to emit EOS would go on to write the user's turn
 REFUSAL = "Sorry, I can't help with that."
@@ -76,9 +78,8 @@ def fit_history(tokenizer, turns: list[tuple[str, str]], message: str, budget: i
 def postprocess(text: str, stop: Sequence[str] = STOP_STRINGS, ngram: int = 4, max_repeats: int = 2) -> str:
     """Cuts at the first stop string, drops a line identical to the one before it, and ends the text before
     any phrase of `ngram` words comes back more than `max_repeats` times (small models loop)."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     lines = []
-    for line in text[:cut].split("\n"):
+    for line in trim_at_stop(text, stop).split("\n"):
         if not lines or line.strip() == "" or line != lines[-1]:
             lines.append(line)
     text = "\n".join(lines)
@@ -172,8 +173,8 @@ class Chat:
         if dropped:
             self.notice(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the context)")
             self.turns = self.turns[dropped:]
-        stop = [[self.tokenizer.eos_id]] + [self.tokenizer.encode(s) for s in STOP_STRINGS]
-        out = self.generator.generate([ids], self.max_new_tokens, self.sampling, stop=stop,
+        out = self.generator.generate([ids], self.max_new_tokens, self.sampling,
+                                      stop=stop_sequences(self.tokenizer, STOP_STRINGS),
                                       seed=self.seed + len(self.turns))
         text = postprocess(self.tokenizer.decode([t for t in out.row(0) if t != self.tokenizer.eos_id]))
         if reason := self.safety.reason(text):
@@ -205,7 +206,6 @@ def _notice(text: str) -> None:
 
 
 def main(argv) -> None:
-    from omni.generate import GenerationError, Sampling, from_workdir
     from omni.train.checkpoint import CheckpointError
 
     if len(argv) > 1:

@@ -119,10 +119,10 @@ class Generator:
         A row stops after emitting any of the `stop` token sequences (e.g. [[eos_id]])."""
         m = self.config
         sampling.check(m.vocab_size)
-        tokens, start, longest = self._left_pad(prompts)
-        max_new = min(max_new_tokens, m.max_len - longest)  # positions stop at the context's end
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        tokens, start, longest = self._left_pad(prompts)
+        max_new = min(max_new_tokens, m.max_len - longest)  # positions stop at the context's end
         stops = _stop_table(stop)
         with _mesh_context(self.mesh):
             out = self._run(self.params, tokens, start, stops, jax.random.key(seed), max_new=max_new,
@@ -272,14 +272,19 @@ def complete(generator: Generator, tokenizer, prompts: Sequence[str], max_new_to
              sampling: Sampling = Sampling(), stop: Sequence[str] = (), seed: int = 0) -> list[str]:
     """Text in, text out: each completion ends before the first stop string or the EOS token."""
     ids = [tokenizer.encode(p) for p in prompts]
-    stop_ids = [[tokenizer.eos_id]] + [tokenizer.encode(s) for s in stop if s]
-    stop_ids = [s for s in stop_ids if 0 < len(s) <= MAX_STOP_TOKENS]
-    out = generator.generate(ids, max_new_tokens, sampling, stop=stop_ids, seed=seed)
+    out = generator.generate(ids, max_new_tokens, sampling, stop=stop_sequences(tokenizer, stop), seed=seed)
     texts = []
     for i in range(len(prompts)):
         row = [t for t in out.row(i) if t != tokenizer.eos_id]
         texts.append(trim_at_stop(tokenizer.decode(row), stop))
     return texts
+
+
+def stop_sequences(tokenizer, stop: Sequence[str]) -> list[list[int]]:
+    """Token sequences that end a row inside the decode loop: EOS, and each stop string as it encodes alone
+    (a string the model spells with other tokens is still cut afterwards by trim_at_stop)."""
+    ids = [[tokenizer.eos_id]] + [tokenizer.encode(s) for s in stop if s]
+    return [s for s in ids if 0 < len(s) <= MAX_STOP_TOKENS]
 
 
 def trim_at_stop(text: str, stop: Sequence[str]) -> str:
