@@ -8,8 +8,7 @@ one "Assistant: ..." block. The whole dialogue is the model's context: when it w
 reply, the oldest turns are dropped (said on stderr), and a message that cannot fit even alone is refused
 with a notice, never a crash.
 
-The chat template (`encode_dialogue`) is the one supervised fine-tuning trains on, so a fine-tuned model
-sees at inference exactly the text layout it learned: "User: {message}\\n" then "Assistant: {reply}<EOS>".
+The chat template is omni/data/template.py, the one supervised fine-tuning, the reward model and PPO use.
 Replies are post-processed (cut at a stop sequence, repeated lines and looping phrases removed) and a
 safety filter checks both the message and the reply: a blocklist of phrases (--blocklist=FILE, one per line,
 or the built-in one) and an optional classifier hook (--classifier=module:function, True or a score above
@@ -24,9 +23,9 @@ from typing import Callable, Sequence
 
 from absl import app, flags, logging
 
+from omni.data.template import ASSISTANT, encode_dialogue
 from omni.generate import GenerationError, Sampling, from_workdir, stop_sequences, trim_at_stop
 
-USER, ASSISTANT = "User: ", "Assistant: "
 STOP_STRINGS = ("\nUser:",)  # a model that was never taught to emit EOS would go on to write the user's turn
 REFUSAL = "Sorry, I can't help with that."
 
@@ -39,27 +38,7 @@ DEFAULT_BLOCKLIST = (
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The template (shared with SFT)
-
-def encode_dialogue(tokenizer, turns: Sequence[tuple[str, str]], next_user: str | None = None
-                    ) -> tuple[list[int], list[int]]:
-    """Token ids of a dialogue and a mask that is 1 on the assistant's tokens (its replies and their EOS:
-    what SFT trains on). `turns` are (user message, assistant reply) pairs; with `next_user`, the ids end
-    with that message and the assistant's cue, ready for generation."""
-    ids, mask = [], []
-
-    def add(text_ids: list[int], trained: bool) -> None:
-        ids.extend(text_ids)
-        mask.extend([int(trained)] * len(text_ids))
-
-    for user, reply in turns:
-        add(tokenizer.encode(f"{USER}{user}\n{ASSISTANT}"), False)
-        add(tokenizer.encode(reply) + [tokenizer.eos_id], True)
-        add(tokenizer.encode("\n"), False)
-    if next_user is not None:
-        add(tokenizer.encode(f"{USER}{next_user}\n{ASSISTANT}"), False)
-    return ids, mask
-
+# History
 
 def fit_history(tokenizer, turns: list[tuple[str, str]], message: str, budget: int
                 ) -> tuple[list[int], int] | None:
