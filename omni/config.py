@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.d_ff = 512
     m.vocab_size = 1024
     m.max_len = 256
+    m.head = "lm"  # lm (logits over the vocabulary) | scalar (a score per position: reward model, value)
     m.sparse_window = 256  # gpt3: tokens each banded-attention layer looks back over (self included)
     m.dropout = 0.0  # residual, embedding and attention dropout
     m.dtype = "float32"  # compute dtype; bfloat16 on accelerators
@@ -93,6 +94,17 @@ def base_config() -> ml_collections.ConfigDict:
     # Packed documents attend only within themselves (segment ids). GPT-2/3 did not do this: False keeps
     # their plain EOS-separated packing.
     d.separate_documents = False
+    # Fine-tuning data (stages sft, rm): name 'instructions' (the offline suite, omni/data/instructions.py),
+    # 'jsonl' (files at path, held-out set at eval_path or hashed out of path) or a prepared TFDS name.
+    d.eval_path = ""
+    d.on_malformed = "stop"  # a bad JSONL line: stop (error naming file:line) | skip (one warning with the count)
+    d.suite_seed = 0  # which instance of the offline suite
+
+    c.sft = ml_collections.ConfigDict(dict(
+        eval_prompts=128,  # held-out prompts answered greedily at each evaluation
+        eval_max_new_tokens=32))
+    c.rm = ml_collections.ConfigDict(dict(
+        bias_demonstrations=512))  # SFT demonstrations whose mean reward is set to 0 after training
     return c
 
 
@@ -129,8 +141,13 @@ def gpt3_config(num_layers: int, d_model: int, num_heads: int, batch_tokens: int
 
 VARIANTS = ("gpt1", "gpt2", "gpt3")
 REMAT = ("none", "full", "dots")
+HEADS = ("lm", "scalar")
 DTYPES = ("float32", "bfloat16", "float16")
-STAGES = ("pretrain", "sample")
+STAGES = ("pretrain", "sft", "rm", "sample")
+# A model's shape and parameter layout. With init_from these come from the earlier stage's workdir; the rest
+# of config.model (head, dropout, dtype, remat, attention kernel) is this stage's own.
+ARCHITECTURE = ("variant", "num_layers", "num_heads", "d_model", "d_ff", "vocab_size", "max_len", "sparse_window",
+                "scan_layers")
 
 
 def _require(ok: bool, key: str, value, why: str) -> None:
@@ -169,6 +186,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
     _require(c.stage in STAGES, "stage", c.stage, f"expected one of {STAGES}")
     _require(m.variant in VARIANTS, "model.variant", m.variant, f"expected one of {VARIANTS}")
     _require(m.remat in REMAT, "model.remat", m.remat, f"expected one of {REMAT}")
+    _require(m.head in HEADS, "model.head", m.head, f"expected one of {HEADS}")
     for key in ("dtype", "param_dtype"):
         _require(m[key] in DTYPES, f"model.{key}", m[key], f"expected one of {DTYPES}")
     for key in ("num_layers", "num_heads", "d_model", "d_ff", "vocab_size", "max_len"):
@@ -209,4 +227,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
     _require(o.decay_steps > o.warmup_steps, "optim.decay_steps", o.decay_steps,
              f"must exceed optim.warmup_steps={o.warmup_steps}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    return c
+
+
+def inherit_architecture(c: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` with the ARCHITECTURE keys of `source` (the resolved config of c.init_from), so that a stage never
+    restates the model it continues; reports keys it overrode."""
+    c = ml_collections.ConfigDict(c.to_dict())
+    changed = []
+    for key in ARCHITECTURE:
+        if key in source.model and c.model[key] != source.model[key]:
+            changed.append(f"{key}={source.model[key]!r}")
+            c.model[key] = source.model[key]
+    if changed:
+        print(f"model architecture from config.init_from={c.init_from}: {', '.join(changed)}", flush=True)
     return c

@@ -107,11 +107,16 @@ class Generator:
                  pad_id: int = 0):
         # Decoding runs the layers unrolled: under nn.scan XLA copies every layer's slice of the parameters
         # and of the cache on every token (measured: 2x slower at batch 1).
+        self._source_config = model_config
         self.config, self.params = unrolled(model_config, nn.unbox(params))
         self.mesh = mesh
         self.pad_id = pad_id
         self._run = jax.jit(functools.partial(_generate, GPT(self.config)),
                             static_argnames=("max_new", "slots", "sampling"))
+
+    def set_params(self, params) -> None:
+        """New values for the same model (e.g. after training steps): the compiled programs are kept."""
+        self.params = unrolled(self._source_config, nn.unbox(params))[1]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop: Sequence[Sequence[int]] = (), seed: int = 0) -> Generation:
@@ -261,6 +266,9 @@ def from_workdir(workdir: str, step: int | None = None) -> tuple[ml_collections.
     import omni  # the package's load(); imported here to keep `omni.generate` importable on its own
 
     config, params, tokenizer = omni.load(workdir, step)
+    if config.model.get("head", "lm") != "lm":
+        raise GenerationError(f"{workdir} holds a {config.stage} model with a scalar head (model.head="
+                              f"{config.model.head!r}): it scores text but cannot generate it")
     if tokenizer.vocab_size > config.model.vocab_size:
         raise GenerationError(f"{workdir}: its tokenizer has {tokenizer.vocab_size} pieces but the model's "
                               f"vocabulary is {config.model.vocab_size} (model.vocab_size)")

@@ -25,10 +25,10 @@ from omni import config as config_lib
 from omni import estimate
 from omni.data import DataError
 from omni.generate import GenerationError
-from omni.stages import pretrain, sample
+from omni.stages import pretrain, reward, sample, sft
 from omni.train import checkpoint, metrics, trainer
 
-STAGES = {"pretrain": pretrain.task}
+STAGES = {"pretrain": pretrain.task, "sft": sft.task, "rm": reward.task}
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory; default runs/NAME.")
@@ -129,6 +129,9 @@ def run(config, workdir: str) -> int:
     if config.dry_run:
         dry_run(config)
         return 0
+    if config.init_from and config.stage in STAGES:  # a stage continues the model it starts from
+        source, _, _ = checkpoint.read_meta(config.init_from)
+        config = config_lib.inherit_architecture(config, source)
     config = config_lib.validate(config, jax.device_count())
     if config.stage == "sample":  # reads a trained workdir, trains nothing
         sample.run(config, workdir)

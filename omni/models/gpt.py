@@ -175,7 +175,9 @@ def sparse_layers(m: ml_collections.ConfigDict) -> np.ndarray:
 
 
 class GPT(nn.Module):
-    """`GPT(config.model).apply({'params': p}, tokens)` -> logits [batch, length, vocab] (float32).
+    """`GPT(config.model).apply({'params': p}, tokens)` -> logits [batch, length, vocab] (float32); with
+    model.head='scalar' (reward model, value function) a score per position [batch, length] instead, from a
+    linear head on the final hidden state in place of the unembedding.
 
     For packed rows, `segment_ids` [batch, length] keeps documents from attending to each other and
     `positions` [batch, length] restarts the learned positions at each document (both optional). With a
@@ -206,6 +208,10 @@ class GPT(nn.Module):
         x, kv = self._blocks(x, deterministic, segment_ids, kv, slot_info)
         if m.variant != "gpt1":
             x = layer_norm(m, "ln_f")(x)
+        if m.get("head", "lm") == "scalar":  # reward model / value function: one number per position
+            score = nn.Dense(1, dtype=m.dtype, param_dtype=m.param_dtype, kernel_init=_init(0.02, ("embed", None)),
+                             bias_init=_zeros((None,)), name="score_head")(x)
+            return _constrain(score[..., 0].astype(jnp.float32), ("batch", "length"))
         logits = unembed(x, wte.embedding.astype(m.dtype)).astype(jnp.float32)  # tied input/output embeddings
         logits = _constrain(logits, ("batch", "length", "vocab"))
         if cache is None:
@@ -279,5 +285,6 @@ def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:
     """Training FLOPs per token, counted honestly (PaLM appendix B): 6 x every matmul weight, the tied
     unembedding included, plus 12 x layers x seq_len x d_model for attention scores and weighted sums
     (the full square, as the XLA kernel computes it; remat's recomputation is not counted)."""
-    matmul_params = m.num_layers * (4 * m.d_model ** 2 + 2 * m.d_model * m.d_ff) + m.vocab_size * m.d_model
+    head = m.vocab_size if m.get("head", "lm") == "lm" else 1
+    matmul_params = m.num_layers * (4 * m.d_model ** 2 + 2 * m.d_model * m.d_ff) + head * m.d_model
     return 6.0 * matmul_params + 12.0 * m.num_layers * seq_len * m.d_model

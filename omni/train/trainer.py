@@ -22,13 +22,15 @@ import optax
 from jax.experimental import multihost_utils
 
 from omni import parallel
+from omni.estimate import abstract_params
 from omni.models import count_params
 from omni.train import checkpoint, metrics
 from omni.train.optim import lr_schedule, optimizer
 
 # loss_fn(params, batch, dropout_rng or None) -> (loss_sum, sums). `sums` holds per-batch sums, among them
 # 'loss' and 'weight' (the loss's denominator, e.g. the number of target tokens); the trainer divides every
-# sum by the total weight, so gradient accumulation gives exactly the full-batch gradient.
+# sum by the total weight, so gradient accumulation gives exactly the full-batch gradient. A sum 'x' that has
+# a companion 'x_weight' is divided by that instead (e.g. correct pairs over pairs, where the loss counts prompts).
 LossFn = Callable[[Any, dict, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -41,8 +43,13 @@ class Task:
     eval_batches: list[dict]
     tokenizer_path: str
     flops_per_token: float
-    example_batch: dict  # one host-local batch: gives shapes for init
+    example_batch: dict  # one host-local batch: gives shapes for init ('inputs' [batch, ..., length])
     summary_extras: dict = dataclasses.field(default_factory=dict)
+    # eval_extra(params, evals) -> more metrics at each evaluation (e.g. scores of generated samples).
+    eval_extra: Callable[[Any, dict], dict] | None = None
+    # finalize(params) -> (params, metrics), applied once after the last step, before the final checkpoint.
+    finalize: Callable[[Any], tuple[Any, dict]] | None = None
+    language_model: bool = True  # eval_loss is a per-token NLL: report perplexity
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -102,15 +109,23 @@ def make_train_step(config: ml_collections.ConfigDict, loss_fn: LossFn) -> Calla
             zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_and_sums, first, 0))
             (grads, sums), _ = jax.lax.scan(lambda acc, xs: (jax.tree.map(jnp.add, acc, grads_and_sums(*xs)), None),
                                             zeros, (micro_batches, jnp.arange(accum)))
-        weight = jnp.maximum(sums.pop("weight"), 1.0)
-        grads = jax.tree.map(lambda g: g / weight, grads)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        out = {k: v / weight for k, v in sums.items()}
+        out = normalise(sums)
         out.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
     return train_step
+
+
+def normalise(sums: dict) -> dict:
+    """Every sum over its denominator: its own 'x_weight' if it has one, else 'weight'."""
+    out = {}
+    for k, v in sums.items():
+        if k != "weight" and not k.endswith("_weight"):
+            out[k] = v / jnp.maximum(sums.get(f"{k}_weight", sums["weight"]), 1.0)
+    return out
 
 
 class Preemption:
@@ -140,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     """Runs (or resumes) a stage to config.train.steps. Returns the summary; {'preempted': step} if stopped."""
     t = config.train
     mesh = parallel.make_mesh(config.mesh)
-    tokens_shape = (t.batch_size // t.grad_accum, task.example_batch["inputs"].shape[1])
+    tokens_shape = (t.batch_size // t.grad_accum, task.example_batch["inputs"].shape[-1])
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
         abstract, shardings, init_fn = abstract_state(config, task.model, tokens_shape, mesh)
         mngr = checkpoint.manager(workdir, t.keep_checkpoints)
@@ -192,19 +207,34 @@ def _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task) ->
         return checkpoint.restore(mngr, step, target, task.train_iter)
     state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.train.seed))
     if config.init_from:
-        _, _, src_step = checkpoint.read_meta(config.init_from)
-        print(f"initialising parameters from {config.init_from} step {src_step}", flush=True)
-        params = checkpoint.restore_params(config.init_from, src_step, target.params)
+        params = _params_from(config, target.params, state.params)
         state = jax.jit(lambda s, p: s.replace(params=p, opt_state=optimizer(config.optim).init(p)),
                         out_shardings=shardings, donate_argnums=0)(state, params)
     return state
+
+
+def _params_from(config, target_params, fresh_params):
+    """The parameters of config.init_from's latest checkpoint, onto this run's shardings. Parameters this model
+    has and the source does not (a new reward/value head) keep their fresh initialisation."""
+    source, _, step = checkpoint.read_meta(config.init_from)
+    source_keys = set(abstract_params(source.model))
+    extra = sorted(source_keys - set(target_params))
+    if extra:
+        raise checkpoint.CheckpointError(
+            f"config.init_from={config.init_from} holds a model with model.head="
+            f"{source.model.get('head', 'lm')!r} (parameters {extra}), which a model with model.head="
+            f"{config.model.head!r} cannot start from")
+    print(f"initialising parameters from {config.init_from} step {step}"
+          + "".join(f"; {k} initialised fresh" for k in sorted(set(target_params) - source_keys)), flush=True)
+    restored = checkpoint.restore_params(config.init_from, step, {k: target_params[k] for k in source_keys})
+    return {**fresh_params, **restored}
 
 
 def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> dict:
     t = config.train
     start = int(jax.device_get(state.step))
     num_params = count_params(state.params)
-    tokens_per_step = t.batch_size * task.example_batch["inputs"].shape[1]
+    tokens_per_step = t.batch_size * math.prod(task.example_batch["inputs"].shape[1:])
     peak, peak_source = metrics.peak_flops_per_device()
     peak_total = peak * jax.device_count()
     writer = metrics.MetricsWriter(workdir, t.steps, start)
@@ -214,7 +244,7 @@ def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> d
     window_start, window_tokens, timed_tokens, timed_s, last_done = None, 0, 0, 0.0, start
     last, evals = {}, {}
     if start >= t.steps:  # already finished: report the final evaluation again
-        evals = evaluate(eval_fn, state.params, task.eval_batches, mesh)
+        evals = _evaluate(task, eval_fn, state.params, mesh)
     try:
         for step in range(start, t.steps):
             batch = parallel.global_batch(next(task.train_iter), mesh)
@@ -244,11 +274,15 @@ def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> d
                 writer.write(done, last)
                 writer.progress(done, {"loss": last["loss"], "tok/s": tps, "mfu": last["mfu"]})
                 window_start, window_tokens = now, 0
+            if done == t.steps and task.finalize is not None:
+                params, final = task.finalize(state.params)
+                state = state.replace(params=jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params)))
+                writer.message(" ".join(f"{k} {v:.4g}" for k, v in final.items()))
+                last.update(final)
             if done % t.eval_every == 0 or done == t.steps:
-                evals = evaluate(eval_fn, state.params, task.eval_batches, mesh)
+                evals = _evaluate(task, eval_fn, state.params, mesh)
                 writer.write(done, evals)
-                writer.message(f"step {done}: eval_loss {evals['eval_loss']:.4f} "
-                               f"eval_perplexity {evals['eval_perplexity']:.2f}")
+                writer.message(f"step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in evals.items()))
             if done % t.checkpoint_every == 0 or done == t.steps or stop:
                 checkpoint.save(mngr, done, state, task.train_iter, meta)
             if stop:
@@ -260,18 +294,24 @@ def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> d
         preemption.restore()
         writer.close()
     tps = timed_tokens / timed_s if timed_s else float("nan")
-    return {"step": t.steps, "loss": last.get("loss"), **evals, "params": num_params, "tokens_per_s": tps,
+    return {"step": t.steps, **last, **evals, "params": num_params, "tokens_per_s": tps,
             "mfu": tps * task.flops_per_token / peak_total, "peak_flops_per_device": peak,
             "peak_flops_source": peak_source, **task.summary_extras}
 
 
-def evaluate(eval_fn, params, batches: list[dict], mesh) -> dict[str, float]:
+def _evaluate(task: Task, eval_fn, params, mesh) -> dict[str, float]:
+    evals = evaluate(eval_fn, params, task.eval_batches, mesh, task.language_model)
+    if task.eval_extra is not None:
+        evals.update(task.eval_extra(params, evals))
+    return evals
+
+
+def evaluate(eval_fn, params, batches: list[dict], mesh, perplexity: bool = True) -> dict[str, float]:
     totals = None
     for b in batches:
         sums = eval_fn(params, parallel.global_batch(b, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = metrics.to_host(totals)
-    weight = max(totals.pop("weight"), 1.0)
-    out = {f"eval_{k}": v / weight for k, v in totals.items()}
-    out["eval_perplexity"] = math.exp(min(out["eval_loss"], 700.0))
+    out = {f"eval_{k}": v for k, v in metrics.to_host(normalise(totals)).items()}
+    if perplexity:
+        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 700.0))
     return out

@@ -1,0 +1,164 @@
+"""Batches of the fine-tuning stages: packed demonstrations (SFT) and groups of ranked responses (reward model).
+
+Fine-tuning sets are small, so they are tokenised in memory once, laid out as fixed-shape arrays, and served by
+grain in a seeded order that changes every epoch. The iterator's state is one index: a run resumes exactly.
+As in pretraining, the global batch does not depend on how many processes load it; each process builds only
+its own rows of it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from omni.data.builders import DataError
+from omni.data.template import encode_dialogue, prompt_ids, response_ids
+
+_SYNCHRONOUS = grain.ReadOptions(num_threads=0)
+
+
+def suite_data(data: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+    """data.name 'instructions' (the offline instruction suite, written under data.data_dir on first use) as the
+    JSONL files of `kind` ('sft' or 'prefs'); any other data config is returned as it is."""
+    if data.name != "instructions":
+        return data
+    from omni.data import instructions
+    from omni.data.builders import file_lock
+
+    directory = os.path.join(os.path.expanduser(data.data_dir), "instructions", f"seed{data.suite_seed}")
+    with file_lock(directory + ".lock"):
+        paths = instructions.write_suite(directory, seed=data.suite_seed)
+    out = ml_collections.ConfigDict(data.to_dict())
+    out.update(name="jsonl", path=paths[f"{kind}_train.jsonl"], eval_path=paths[f"{kind}_eval.jsonl"])
+    return out
+
+
+def _warn(what: str, count: int, total: int, why: str) -> None:
+    if count:
+        print(f"warning: {count} of {total} {what} {why}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SFT: demonstrations packed into rows, never attending across each other.
+
+def pack_demonstrations(tokenizer, dialogues: Sequence[list[tuple[str, str]]], seq_len: int
+                        ) -> dict[str, np.ndarray]:
+    """Rows of seq_len positions ('inputs', 'targets', 'weights', 'segment_ids', 'positions') holding whole
+    demonstrations one after another (first fit, in the given order). A demonstration of n tokens fills n - 1
+    positions (input t predicts t + 1) and is its own segment; weights are 1 where the target is the assistant's
+    (its replies and their EOS). Demonstrations longer than seq_len + 1 tokens are cut to that, with a warning."""
+    rows, row, cut = [], [], 0
+    fields = ("inputs", "targets", "weights", "segment_ids", "positions")
+    for turns in dialogues:
+        ids, mask = encode_dialogue(tokenizer, turns)
+        if len(ids) > seq_len + 1:
+            ids, mask, cut = ids[:seq_len + 1], mask[:seq_len + 1], cut + 1
+        n = len(ids) - 1
+        if sum(len(p[0]) for p in row) + n > seq_len:
+            rows.append(row)
+            row = []
+        segment = len(row) + 1
+        row.append((ids[:-1], ids[1:], mask[1:], [segment] * n, list(range(n))))
+    if row:
+        rows.append(row)
+    _warn("demonstrations", cut, len(dialogues), f"are longer than train.seq_len + 1 = {seq_len + 1} tokens and "
+          "were cut")
+    out = {f: np.zeros((len(rows), seq_len), np.float32 if f == "weights" else np.int32) for f in fields}
+    out["inputs"][:] = out["targets"][:] = tokenizer.pad_id
+    for r, pieces in enumerate(rows):
+        for i, f in enumerate(fields):
+            flat = [x for piece in pieces for x in piece[i]]
+            out[f][r, :len(flat)] = flat
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reward model: each prompt's K responses side by side, one batch element per prompt.
+
+def preference_groups(tokenizer, records: Sequence[tuple[str, list[str], list[int]]], seq_len: int,
+                      num_responses: int) -> dict[str, np.ndarray]:
+    """Per prompt: 'inputs' [K, seq_len] (prompt + response + EOS, right-padded), 'last' [K] (index of the
+    response's last token, where its score is read), 'ranks' [K] and 'exists' [K] (0 for the padding responses
+    up to `num_responses`). A response cut at seq_len is read at its last kept token (warned); a prompt that
+    alone fills seq_len is dropped (warned)."""
+    n = len(records)
+    out = {"inputs": np.full((n, num_responses, seq_len), tokenizer.pad_id, np.int32),
+           "last": np.zeros((n, num_responses), np.int32), "ranks": np.zeros((n, num_responses), np.int32),
+           "exists": np.zeros((n, num_responses), np.float32)}
+    keep, cut = [], 0
+    for i, (prompt, responses, ranks) in enumerate(records):
+        head = prompt_ids(tokenizer, prompt)
+        if len(head) >= seq_len:
+            continue
+        keep.append(i)
+        for k, response in enumerate(responses):
+            ids = (head + response_ids(tokenizer, response))[:seq_len]
+            cut += len(head) + len(response_ids(tokenizer, response)) > seq_len
+            out["inputs"][i, k, :len(ids)] = ids
+            out["last"][i, k] = len(ids) - 1
+            out["ranks"][i, k] = ranks[k]
+            out["exists"][i, k] = 1.0
+    _warn("prompts", n - len(keep), n, f"fill train.seq_len={seq_len} tokens alone and were dropped")
+    _warn("responses", cut, int(out["exists"].sum()), f"were cut at train.seq_len={seq_len} tokens")
+    if not keep:
+        raise DataError(f"no preference example fits train.seq_len={seq_len}")
+    return {k: v[keep] for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serving
+
+class _Rows(grain.transforms.Map):
+    """Global batch b -> this process's rows of it: elements b * batch_size + r of the epoch-shuffled set."""
+
+    def __init__(self, elements: grain.MapDataset, batch_size: int, rows: Sequence[int]):
+        self._elements, self._batch_size, self._rows = elements, batch_size, list(rows)
+
+    def map(self, b: int) -> dict[str, np.ndarray]:
+        picked = [self._elements[b * self._batch_size + r] for r in self._rows]
+        return {k: np.stack([p[k] for p in picked]) for k in picked[0]}
+
+
+class _ArraySource:
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self._arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self._arrays.values())))
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[i] for k, v in self._arrays.items()}
+
+
+def train_iterator(arrays: dict[str, np.ndarray], config: ml_collections.ConfigDict,
+                   rows: Sequence[int] | None = None) -> grain.DatasetIterator:
+    """Endless global batches of train.batch_size elements (this process's `rows` of each), the elements in a
+    new order every epoch drawn from train.seed; checkpointable (its state is the next batch's index)."""
+    batch = config.train.batch_size
+    rows = list(range(batch)) if rows is None else list(rows)
+    elements = grain.MapDataset.source(_ArraySource(arrays)).shuffle(seed=config.train.seed).repeat()
+    batches = grain.MapDataset.range(len(elements) // batch).map(_Rows(elements, batch, rows))
+    return iter(batches.to_iter_dataset(_SYNCHRONOUS))
+
+
+def fixed_batches(arrays: dict[str, np.ndarray], batch_size: int, max_batches: int,
+                  rows: Sequence[int] | None = None, weight_keys: Sequence[str] = ("weights",)
+                  ) -> list[dict[str, np.ndarray]]:
+    """The held-out set in stored order as at most `max_batches` global batches (this process's `rows`); the
+    last is filled with copies of element 0 whose `weight_keys` are zeroed, so they count for nothing."""
+    rows = list(range(batch_size)) if rows is None else list(rows)
+    count = min(len(next(iter(arrays.values()))), batch_size * max_batches)
+    num_batches = -(-count // batch_size)
+    out = []
+    for b in range(num_batches):
+        index = np.arange(b * batch_size, (b + 1) * batch_size)[rows]
+        real = index < count
+        batch = {k: v[np.where(real, index, 0)] for k, v in arrays.items()}
+        for k in weight_keys:
+            batch[k] = batch[k] * real.reshape((-1,) + (1,) * (batch[k].ndim - 1))
+        out.append(batch)
+    return out

@@ -1,0 +1,147 @@
+"""The reward model (InstructGPT's second stage): the SFT model with its unembedding replaced by a scalar head
+(model.head='scalar'), read at the last token of a response, trained on K-way human rankings.
+
+Batch: one element per prompt, its K responses side by side (omni/data/finetune.py): inputs int32
+[prompts, K, length], last int32 [prompts, K] (where each response's score is read), ranks int32 [prompts, K]
+(0 = best, equal = tie), exists float32 [prompts, K]. Every response runs through the model once, and all
+C(K, 2) comparisons of a prompt form one batch element, as InstructGPT found necessary: shuffling comparisons
+into separate elements lets the model see each response K - 1 times per epoch, and it overfits.
+Loss: per prompt, -1/(untied pairs) * sum over untied pairs of log sigmoid(r_better - r_worse); mean over prompts.
+After training the score head's bias is shifted so that SFT demonstrations score 0 on average (InstructGPT did),
+so the checkpoint's scores are already normalised; the shift is reported as `reward_bias`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from omni import parallel
+from omni.config import ConfigError
+from omni.data import feedback, finetune
+from omni.models import GPT, flops_per_token
+from omni.stages.pretrain import stage_tokenizer
+from omni.train.trainer import Task
+
+
+def _pairs(ranks: jax.Array, mask: jax.Array) -> jax.Array:
+    """[prompts, K, K]: 1 where response i is ranked strictly better than response j and both exist."""
+    exists = mask.astype(bool)
+    return (ranks[:, :, None] < ranks[:, None, :]) & exists[:, :, None] & exists[:, None, :]
+
+
+def ranking_terms(scores: jax.Array, ranks: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Per prompt: 'loss' (-1/pairs * sum of log sigmoid(r_better - r_worse), 0 without pairs), 'pairs' (untied
+    comparisons) and 'correct' (comparisons the scores order as the ranking does)."""
+    pairs = _pairs(ranks, mask).astype(jnp.float32)
+    margin = scores[:, :, None] - scores[:, None, :]
+    count = pairs.sum((1, 2))
+    loss = -(jax.nn.log_sigmoid(margin) * pairs).sum((1, 2)) / jnp.maximum(count, 1.0)
+    return {"loss": loss, "pairs": count, "correct": ((margin > 0) * pairs).sum((1, 2))}
+
+
+def ranking_loss(scores: jax.Array, ranks: jax.Array, mask: jax.Array) -> jax.Array:
+    """InstructGPT's loss for `scores` [prompts, K] of K responses ranked `ranks` [prompts, K] (0 = best, equal =
+    tie: no pair), `mask` [prompts, K] marking the responses that exist: the mean over prompts (those with at
+    least one untied pair) of -1/pairs * sum over untied pairs of log sigmoid(r_better - r_worse)."""
+    terms = ranking_terms(scores, ranks, mask)
+    has_pairs = terms["pairs"] > 0
+    return (terms["loss"] * has_pairs).sum() / jnp.maximum(has_pairs.sum(), 1)
+
+
+def response_scores(model: GPT, params, inputs: jax.Array, last: jax.Array, rng: jax.Array | None = None
+                    ) -> jax.Array:
+    """The score of each response [..., K] of `inputs` [..., K, length], read at its `last` token."""
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    train = rng is not None
+    per_token = model.apply({"params": params}, flat, deterministic=not train,
+                            rngs={"dropout": rng} if train else None)
+    per_token = per_token.reshape(inputs.shape)
+    return jnp.take_along_axis(per_token, last[..., None], axis=-1)[..., 0]
+
+
+def rm_loss(model: GPT):
+    def loss_fn(params, batch: dict, rng: jax.Array | None):
+        scores = response_scores(model, params, batch["inputs"], batch["last"], rng)
+        terms = ranking_terms(scores, batch["ranks"], batch["exists"])
+        has_pairs = (terms["pairs"] > 0).astype(jnp.float32)
+        loss = (terms["loss"] * has_pairs).sum()
+        exists = batch["exists"]
+        sums = {"loss": loss, "weight": has_pairs.sum(),
+                "pairwise_accuracy": terms["correct"].sum(), "pairwise_accuracy_weight": terms["pairs"].sum(),
+                "reward": (scores * exists).sum(), "reward_weight": exists.sum(),
+                "reward_sq": (scores ** 2 * exists).sum(), "reward_sq_weight": exists.sum()}
+        return loss, sums
+
+    return loss_fn
+
+
+def _reward_stats(params, evals: dict) -> dict:
+    """Held-out headline metrics from the evaluation sums."""
+    mean = evals["eval_reward"]
+    return {"heldout_pairwise_accuracy": evals["eval_pairwise_accuracy"], "reward_mean": mean,
+            "reward_std": math.sqrt(max(evals["eval_reward_sq"] - mean ** 2, 0.0))}
+
+
+def demonstration_bias(model: GPT, tokenizer, demonstrations: list[tuple[str, str]], seq_len: int, mesh):
+    """finalize for the trainer: shift the score head's bias so that `demonstrations` (prompt, response) score
+    0 on average."""
+    groups = finetune.preference_groups(tokenizer, [(p, [r], [0]) for p, r in demonstrations], seq_len, 1)
+    score = jax.jit(lambda params, inputs, last: response_scores(model, params, inputs, last))
+
+    def finalize(params):
+        total, count = 0.0, 0
+        for b in finetune.fixed_batches(groups, 64, math.ceil(len(groups["inputs"]) / 64), weight_keys=("exists",)):
+            s = np.asarray(score(params, jnp.asarray(b["inputs"]), jnp.asarray(b["last"])))
+            total += float((s * b["exists"]).sum())
+            count += int(b["exists"].sum())
+        bias = total / max(count, 1)
+        head = dict(params["score_head"])
+        head["bias"] = head["bias"] - bias
+        return {**params, "score_head": head}, {"reward_bias": bias}
+
+    return finalize
+
+
+def _bias_demonstrations(config: ml_collections.ConfigDict, prefs: list) -> list[tuple[str, str]]:
+    """What the reward is normalised on: the SFT demonstrations of the offline suite, or elsewhere the best-ranked
+    response of each training prompt."""
+    n = config.rm.bias_demonstrations
+    if config.data.name == "instructions":
+        dialogues = feedback.demonstrations(finetune.suite_data(config.data, "sft"), "train")
+        return [dialogues[i][-1] for i in range(min(n, len(dialogues)))]
+    return [(prompt, responses[int(np.argmin(ranks))]) for prompt, responses, ranks in prefs[:n]]
+
+
+def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
+    if not config.init_from:
+        raise ConfigError("config.init_from is empty: the reward model starts from an SFT workdir "
+                          "(e.g. --config.init_from=runs/sft_tiny)")
+    if config.model.head != "scalar":
+        raise ConfigError(f"config.model.head={config.model.head!r}: the reward model needs 'scalar'")
+    if config.mesh.sequence != 1:
+        raise ConfigError(f"config.mesh.sequence={config.mesh.sequence}: the reward model does not split length")
+    tokenizer = stage_tokenizer(config, workdir)
+    source = finetune.suite_data(config.data, "prefs")
+    train = list(feedback.preferences(source, "train"))
+    held_out = list(feedback.preferences(source, "validation"))
+    num_responses = max(len(r) for _, r, _ in train + held_out)
+    seq_len = config.train.seq_len
+    mesh = parallel.make_mesh(config.mesh)
+    rows = parallel.process_rows(mesh, config.train.batch_size)
+    train_groups = finetune.preference_groups(tokenizer, train, seq_len, num_responses)
+    eval_batches = finetune.fixed_batches(finetune.preference_groups(tokenizer, held_out, seq_len, num_responses),
+                                          config.train.batch_size, config.train.eval_batches, rows, ("exists",))
+    pairs = int(np.asarray(_pairs(train_groups["ranks"], train_groups["exists"])).sum())
+    print(f"reward model: {len(train_groups['inputs']):,} ranked prompts ({pairs:,} comparisons, up to "
+          f"{num_responses} responses each); {len(held_out):,} held out", flush=True)
+    model = GPT(config.model)
+    return Task(model=model, loss_fn=rm_loss(model), train_iter=finetune.train_iterator(train_groups, config, rows),
+                eval_batches=eval_batches, tokenizer_path=tokenizer.model_path, example_batch=eval_batches[0],
+                flops_per_token=flops_per_token(config.model, seq_len), language_model=False,
+                eval_extra=_reward_stats,
+                finalize=demonstration_bias(model, tokenizer, _bias_demonstrations(config, train), seq_len, mesh),
+                summary_extras={"ranked_prompts": len(train), "comparisons": pairs})

@@ -1,0 +1,99 @@
+"""pretrain -> SFT -> reward model through init_from workdirs, on the offline instruction suite, with a small
+model: each stage's summary, the reward model's normalisation, and one clear error per bad handoff."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from omni.config import base_config
+from omni.data import feedback, finetune, instructions, train_tokenizer
+from omni.interop.hf import to_workdir
+from omni.models import GPT
+
+SMALL = {"model.dropout": 0.0, "train.batch_size": 8, "train.log_every": 2, "train.eval_every": 4,
+         "train.eval_batches": 2, "train.checkpoint_every": 4, "optim.warmup_steps": 1, "optim.decay_steps": 50}
+
+
+def _flags(config, workdir, init_from, data_dir, steps, **extra):
+    flags = {**SMALL, "init_from": init_from, "data.data_dir": data_dir, "train.steps": steps, **extra}
+    return [f"--config=configs/{config}.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def _summary(workdir):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A randomly initialised small model with a tokenizer trained on the suite's text stands in for pretraining;
+    then SFT and the reward model run through the CLI."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data_dir, base = str(root / "data"), str(root / "base")
+    paths = instructions.write_suite(os.path.join(data_dir, "instructions", "seed0"))
+    with open(paths["sft_train.jsonl"]) as f:
+        text = [json.loads(line)["prompt"] + "\n" + json.loads(line)["response"] for line in f]
+    train_tokenizer(text + ["User: Assistant: "] * 10, 320, str(root / "tok.model"))
+    m = base_config().model
+    m.update(num_layers=2, num_heads=2, d_model=64, d_ff=128, vocab_size=320, max_len=64, scan_layers=False)
+    params = nn.unbox(GPT(m).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    to_workdir(m, params, str(root / "tok.model"), base)
+    sft, rm = str(root / "sft"), str(root / "rm")
+    out = run_cli(_flags("sft_tiny", sft, base, data_dir, 6, **{"train.seq_len": 64, "sft.eval_prompts": 16,
+                                                                  "sft.eval_max_new_tokens": 8}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_cli(_flags("rm_tiny", rm, sft, data_dir, 6, **{"train.seq_len": 64, "rm.bias_demonstrations": 64}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"data_dir": data_dir, "base": base, "sft": sft, "rm": rm, "root": root}
+
+
+def test_sft_summary_has_its_headline_metrics(pipeline):
+    s = _summary(pipeline["sft"])
+    assert s["step"] == 6 and np.isfinite(s["eval_loss"])
+    assert 0.0 <= s["labeler_score"] <= 1.0 and 0.0 <= s["exact_match"] <= 1.0
+
+
+def test_reward_model_summary_and_zero_mean_on_demonstrations(pipeline):
+    import omni
+    from omni.stages.reward import response_scores
+
+    s = _summary(pipeline["rm"])
+    assert 0.0 <= s["heldout_pairwise_accuracy"] <= 1.0 and np.isfinite(s["reward_bias"])
+    config, params, tokenizer = omni.load(pipeline["rm"])
+    assert config.model.head == "scalar" and "score_head" in params
+    # independent of the stage's own bookkeeping: score the same demonstrations again
+    data = base_config().data
+    data.update(name="instructions", data_dir=pipeline["data_dir"])
+    demos = feedback.demonstrations(finetune.suite_data(data, "sft"), "train")
+    groups = finetune.preference_groups(tokenizer, [(demos[i][-1][0], [demos[i][-1][1]], [0]) for i in range(64)],
+                                        64, 1)
+    scores = response_scores(GPT(config.model), params, jnp.asarray(groups["inputs"]), jnp.asarray(groups["last"]))
+    assert abs(float(scores.mean())) < 1e-3 * max(1.0, float(jnp.abs(scores).max()))
+
+
+def test_reward_model_is_refused_by_generation(pipeline):
+    from omni.generate import GenerationError, from_workdir
+
+    with pytest.raises(GenerationError, match="scalar head"):
+        from_workdir(pipeline["rm"])
+
+
+def test_language_model_cannot_start_from_a_reward_model(pipeline):
+    out = run_cli(_flags("sft_tiny", str(pipeline["root"] / "bad"), pipeline["rm"], pipeline["data_dir"], 2))
+    assert out.returncode == 2 and "model.head='scalar'" in out.stderr, out.stderr[-2000:]
+
+
+def test_stage_without_init_from_names_the_key(pipeline):
+    out = run_cli(_flags("rm_tiny", str(pipeline["root"] / "bad2"), "", pipeline["data_dir"], 2))
+    assert out.returncode == 2 and "config.init_from is empty" in out.stderr, out.stderr[-2000:]
+
+
+def test_stage_inherits_the_architecture_of_init_from(pipeline):
+    with open(os.path.join(pipeline["sft"], "config.json")) as f:
+        model = json.load(f)["model"]
+    assert (model["d_model"], model["num_layers"], model["vocab_size"], model["scan_layers"]) == (64, 2, 320, False)
