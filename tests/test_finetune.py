@@ -38,9 +38,9 @@ def pipeline(tmp_path_factory):
     paths = instructions.write_suite(os.path.join(data_dir, "instructions", "seed0"))
     with open(paths["sft_train.jsonl"]) as f:
         text = [json.loads(line)["prompt"] + "\n" + json.loads(line)["response"] for line in f]
-    train_tokenizer(text + ["User: Assistant: "] * 10, 320, str(root / "tok.model"))
+    train_tokenizer(text + ["User: Assistant: "] * 10, 512, str(root / "tok.model"))
     m = base_config().model
-    m.update(num_layers=2, num_heads=2, d_model=64, d_ff=128, vocab_size=320, max_len=64, scan_layers=False)
+    m.update(num_layers=2, num_heads=2, d_model=64, d_ff=128, vocab_size=512, max_len=64, scan_layers=False)
     params = nn.unbox(GPT(m).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     to_workdir(m, params, str(root / "tok.model"), base)
     sft, rm = str(root / "sft"), str(root / "rm")
@@ -84,7 +84,8 @@ def test_reward_model_is_refused_by_generation(pipeline):
 
 
 def test_language_model_cannot_start_from_a_reward_model(pipeline):
-    out = run_cli(_flags("sft_tiny", str(pipeline["root"] / "bad"), pipeline["rm"], pipeline["data_dir"], 2))
+    out = run_cli(_flags("sft_tiny", str(pipeline["root"] / "bad"), pipeline["rm"], pipeline["data_dir"], 2,
+                         **{"train.seq_len": 64}))
     assert out.returncode == 2 and "model.head='scalar'" in out.stderr, out.stderr[-2000:]
 
 
@@ -96,4 +97,4 @@ def test_stage_without_init_from_names_the_key(pipeline):
 def test_stage_inherits_the_architecture_of_init_from(pipeline):
     with open(os.path.join(pipeline["sft"], "config.json")) as f:
         model = json.load(f)["model"]
-    assert (model["d_model"], model["num_layers"], model["vocab_size"], model["scan_layers"]) == (64, 2, 320, False)
+    assert (model["d_model"], model["num_layers"], model["vocab_size"], model["scan_layers"]) == (64, 2, 512, False)

@@ -77,13 +77,13 @@ def test_scalar_head_reads_the_last_response_token():
     model = GPT(m)
     tokens = jax.random.randint(jax.random.key(0), (2, 3, 16), 2, 64)
     params = model.init(jax.random.key(1), tokens[0])["params"]
-    assert "score_head" in params and model.apply({"params": params}, tokens[0]).shape == (3, 16)
+    assert "score_head" in params and jax.eval_shape(model.apply, {"params": params}, tokens[0]).shape == (3, 16)
     last = jnp.array([[4, 15, 0], [7, 7, 2]])
-    scores = reward.response_scores(model, params, tokens, last)
+    score = jax.jit(lambda t: reward.response_scores(model, params, t, last))
+    scores = score(tokens)
     # causal: the score at `last` ignores what comes after it
-    altered = tokens.at[0, 0, 5:].set(3)
-    np.testing.assert_allclose(reward.response_scores(model, params, altered, last)[0, 0], scores[0, 0], rtol=1e-5)
-    full = model.apply({"params": params}, tokens[1, 1][None])[0]
+    np.testing.assert_allclose(score(tokens.at[0, 0, 5:].set(3))[0, 0], scores[0, 0], rtol=1e-5)
+    full = jax.jit(model.apply)({"params": params}, tokens[1, 1][None])[0]
     np.testing.assert_allclose(scores[1, 1], full[7], rtol=1e-5)
 
 

@@ -42,16 +42,18 @@ def test_packed_loss_equals_each_demonstration_alone():
     m.update(num_layers=2, d_model=32, num_heads=2, d_ff=64, vocab_size=64, max_len=64)
     model = GPT(m)
     params = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
+    apply = jax.jit(model.apply)
     packed = finetune.pack_demonstrations(tok, DIALOGUES, seq_len=64)
     assert len(packed["inputs"]) < len(DIALOGUES)  # several demonstrations share a row
-    logits = model.apply({"params": params}, packed["inputs"], segment_ids=packed["segment_ids"],
+    logits = apply({"params": params}, packed["inputs"], segment_ids=packed["segment_ids"],
                          positions=packed["positions"])
     packed_loss = float((token_nll(logits, packed["targets"]) * packed["weights"]).sum())
     alone = 0.0
     for d in DIALOGUES:
         ids, mask = encode_dialogue(tok, d)
-        ids, mask = np.asarray(ids)[None], np.asarray(mask)[None]
-        nll = token_nll(model.apply({"params": params}, ids[:, :-1]), ids[:, 1:])
+        # right-padded to one shape (one compilation): causal attention keeps padding out of earlier positions
+        ids, mask = np.pad(ids, (0, 65 - len(ids)))[None], np.pad(mask, (0, 65 - len(mask)))[None]
+        nll = token_nll(apply({"params": params}, ids[:, :-1]), ids[:, 1:])
         alone += float((nll * mask[:, 1:]).sum())
     np.testing.assert_allclose(packed_loss, alone, rtol=1e-4)
 
