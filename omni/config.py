@@ -232,13 +232,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
 
 def inherit_architecture(c: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`c` with the ARCHITECTURE keys of `source` (the resolved config of c.init_from), so that a stage never
-    restates the model it continues; reports keys it overrode."""
+    restates the model it continues. A key left at base_config()'s default is taken from the source; one set
+    (by the config file or a flag) to a value that contradicts the source is an error naming it."""
     c = ml_collections.ConfigDict(c.to_dict())
+    defaults = base_config().model
     changed = []
     for key in ARCHITECTURE:
-        if key in source.model and c.model[key] != source.model[key]:
-            changed.append(f"{key}={source.model[key]!r}")
-            c.model[key] = source.model[key]
+        if key not in source.model or c.model[key] == source.model[key]:
+            continue
+        if c.model[key] != defaults[key] and key != "scan_layers":  # the layout alone always follows the params
+            raise ConfigError(f"config.model.{key}={c.model[key]!r} but config.init_from={c.init_from} holds a "
+                              f"model with {key}={source.model[key]!r} (a stage continues the model it starts "
+                              f"from: leave model.{key} unset)")
+        changed.append(f"{key}={source.model[key]!r}")
+        c.model[key] = source.model[key]
     if changed:
         print(f"model architecture from config.init_from={c.init_from}: {', '.join(changed)}", flush=True)
     return c

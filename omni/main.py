@@ -126,12 +126,12 @@ def check_resumable(config, workdir: str) -> None:
 
 
 def run(config, workdir: str) -> int:
-    if config.dry_run:
-        dry_run(config)
-        return 0
     if config.init_from and config.stage in STAGES:  # a stage continues the model it starts from
         source, _, _ = checkpoint.read_meta(config.init_from)
         config = config_lib.inherit_architecture(config, source)
+    if config.dry_run:
+        dry_run(config)
+        return 0
     config = config_lib.validate(config, jax.device_count())
     if config.stage == "sample":  # reads a trained workdir, trains nothing
         sample.run(config, workdir)

@@ -44,17 +44,17 @@ def pipeline(tmp_path_factory):
     params = nn.unbox(GPT(m).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     to_workdir(m, params, str(root / "tok.model"), base)
     sft, rm = str(root / "sft"), str(root / "rm")
-    out = run_cli(_flags("sft_tiny", sft, base, data_dir, 6, **{"train.seq_len": 64, "sft.eval_prompts": 16,
+    out = run_cli(_flags("sft_tiny", sft, base, data_dir, 4, **{"train.seq_len": 64, "sft.eval_prompts": 16,
                                                                   "sft.eval_max_new_tokens": 8}))
     assert out.returncode == 0, out.stderr[-3000:]
-    out = run_cli(_flags("rm_tiny", rm, sft, data_dir, 6, **{"train.seq_len": 64, "rm.bias_demonstrations": 64}))
+    out = run_cli(_flags("rm_tiny", rm, sft, data_dir, 4, **{"train.seq_len": 64, "rm.bias_demonstrations": 64}))
     assert out.returncode == 0, out.stderr[-3000:]
     return {"data_dir": data_dir, "base": base, "sft": sft, "rm": rm, "root": root}
 
 
 def test_sft_summary_has_its_headline_metrics(pipeline):
     s = _summary(pipeline["sft"])
-    assert s["step"] == 6 and np.isfinite(s["eval_loss"])
+    assert s["step"] == 4 and np.isfinite(s["eval_loss"])
     assert 0.0 <= s["labeler_score"] <= 1.0 and 0.0 <= s["exact_match"] <= 1.0
 
 
@@ -76,11 +76,16 @@ def test_reward_model_summary_and_zero_mean_on_demonstrations(pipeline):
     assert abs(float(scores.mean())) < 1e-3 * max(1.0, float(jnp.abs(scores).max()))
 
 
-def test_reward_model_is_refused_by_generation(pipeline):
+def test_reward_model_is_refused_by_generation_and_export(pipeline, tmp_path):
+    import omni
     from omni.generate import GenerationError, from_workdir
+    from omni.interop.hf import HFError, to_hf
 
     with pytest.raises(GenerationError, match="scalar head"):
         from_workdir(pipeline["rm"])
+    config, params, _ = omni.load(pipeline["rm"])
+    with pytest.raises(HFError, match="model.head='scalar'"):
+        to_hf(config.model, params, str(tmp_path / "hf"))
 
 
 def test_language_model_cannot_start_from_a_reward_model(pipeline):

@@ -2,6 +2,7 @@
 non-finite losses, and one clear error per kind of bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,15 @@ def small_overrides(data_dir, workdir, steps=12, **extra):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A finished 4-step run that tests read (never write: copy it first)."""
+    workdir = str(tmp_path_factory.mktemp("trained") / "w")
+    out = run_cli(small_overrides(data_dir, workdir, steps=4))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
 
 
 def _summary(workdir):
@@ -181,11 +191,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_load_returns_config_params_tokenizer(data_dir, tmp_path):
-    workdir = str(tmp_path / "load")
-    assert run_cli(small_overrides(data_dir, workdir, steps=4)).returncode == 0
+def test_load_returns_config_params_tokenizer(trained):
     import omni
-    config, params, tokenizer = omni.load(workdir)
+    config, params, tokenizer = omni.load(trained)
     assert config.model.d_model == 64 and tokenizer.vocab_size == 512
     text = "def f(x):\n    return x\n"
     assert tokenizer.decode(tokenizer.encode(text)) == text
@@ -209,20 +217,18 @@ def test_bad_config_names_the_key(flag, needle, data_dir, tmp_path):
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
-def test_missing_data_path_and_vocab_mismatch(data_dir, tmp_path):
+def test_missing_data_path_and_vocab_mismatch(data_dir, trained, tmp_path):
     out = run_cli(small_overrides(data_dir, str(tmp_path / "w"), **{"data.name": "text",
                                                                     "data.path": "/no/such/corpus"}))
     assert out.returncode == 2 and "/no/such/corpus" in out.stderr
-    first = str(tmp_path / "first")
-    assert run_cli(small_overrides(data_dir, first, steps=2)).returncode == 0
-    out = run_cli(small_overrides(data_dir, str(tmp_path / "next"), **{"init_from": first,
+    out = run_cli(small_overrides(data_dir, str(tmp_path / "next"), **{"init_from": trained,
                                                                       "model.vocab_size": 640}))
-    assert out.returncode == 2 and "vocab_size" in out.stderr and first in out.stderr
+    assert out.returncode == 2 and "config.model.vocab_size=640" in out.stderr and trained in out.stderr
 
 
-def test_unreadable_checkpoint_is_named_and_not_deleted(data_dir, tmp_path):
+def test_unreadable_checkpoint_is_named_and_not_deleted(data_dir, trained, tmp_path):
     workdir = str(tmp_path / "w")
-    assert run_cli(small_overrides(data_dir, workdir, steps=4)).returncode == 0
+    shutil.copytree(trained, workdir)
     step_dir = os.path.join(workdir, "checkpoints", "4")
     for root, _, files in os.walk(os.path.join(step_dir, "params")):
         for f in files:
@@ -233,10 +239,8 @@ def test_unreadable_checkpoint_is_named_and_not_deleted(data_dir, tmp_path):
     assert os.path.isdir(step_dir)
 
 
-def test_resuming_with_another_model_is_refused(data_dir, tmp_path):
-    workdir = str(tmp_path / "w")
-    assert run_cli(small_overrides(data_dir, workdir, steps=2)).returncode == 0
-    out = run_cli(small_overrides(data_dir, workdir, steps=4, **{"model.d_model": 32}))
+def test_resuming_with_another_model_is_refused(data_dir, trained):
+    out = run_cli(small_overrides(data_dir, trained, steps=8, **{"model.d_model": 32}))
     assert out.returncode == 2 and "config.model.d_model=32" in out.stderr
 
 

@@ -292,6 +292,9 @@ def to_hf(model_config: ml_collections.ConfigDict, params, hf_dir: str, tokenize
     if m.variant != "gpt2":
         raise HFError(f"model.variant={m.variant!r} cannot be exported: only 'gpt2' has a Hugging Face GPT-2 "
                       "equivalent (gpt1 is post-LN, gpt3 has banded sparse attention)")
+    if m.get("head", "lm") != "lm":
+        raise HFError(f"model.head={m.head!r} cannot be exported as GPT2LMHeadModel: only language models "
+                      "(model.head='lm') can")
     _check_tree(params, _target(m), "the params to export")
     flat = {path: np.asarray(leaf, np.float32) for path, leaf in _flat(params).items()}
     shapes = _hf_shapes(m)
