@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.eval_path = ""
     d.on_malformed = "stop"  # a bad JSONL line: stop (error naming file:line) | skip (one warning with the count)
     d.suite_seed = 0  # which instance of the offline suite
+    d.labeler_noise = -1.0  # the suite labeler's noise (std of its score); -1: calibrated to 73% agreement
 
     c.sft = ml_collections.ConfigDict(dict(
         eval_prompts=128,  # held-out prompts answered greedily at each evaluation
@@ -220,6 +221,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
     _require(d.num_processes >= 1, "distributed.num_processes", d.num_processes, "must be >= 1")
     _require(0 <= d.process_id < d.num_processes, "distributed.process_id", d.process_id,
              f"must be in [0, distributed.num_processes={d.num_processes})")
+    _require(c.data.labeler_noise == -1 or c.data.labeler_noise >= 0, "data.labeler_noise", c.data.labeler_noise,
+             "must be >= 0, or -1 (calibrated to 73% agreement)")
     _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     if o.decay_steps == -1:

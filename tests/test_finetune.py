@@ -35,7 +35,9 @@ def pipeline(tmp_path_factory):
     then SFT and the reward model run through the CLI."""
     root = tmp_path_factory.mktemp("pipeline")
     data_dir, base = str(root / "data"), str(root / "base")
-    paths = instructions.write_suite(os.path.join(data_dir, "instructions", "seed0"))
+    data = base_config().data
+    data.update(name="instructions", data_dir=data_dir)
+    paths = instructions.write_suite(finetune.suite_directory(data))  # what the stages find and reuse
     with open(paths["sft_train.jsonl"]) as f:
         text = [json.loads(line)["prompt"] + "\n" + json.loads(line)["response"] for line in f]
     train_tokenizer(text + ["User: Assistant: "] * 10, 512, str(root / "tok.model"))

@@ -21,6 +21,18 @@ from omni.data.template import encode_dialogue, prompt_ids, response_ids
 _SYNCHRONOUS = grain.ReadOptions(num_threads=0)
 
 
+def _labeler_noise(data: ml_collections.ConfigDict) -> float:
+    from omni.data import instructions
+
+    return instructions.NOISE if data.labeler_noise < 0 else float(data.labeler_noise)
+
+
+def suite_directory(data: ml_collections.ConfigDict) -> str:
+    """Where the offline suite of data.suite_seed and data.labeler_noise lives, under data.data_dir."""
+    name = f"seed{data.suite_seed}_noise{_labeler_noise(data):g}"
+    return os.path.join(os.path.expanduser(data.data_dir), "instructions", name)
+
+
 def suite_data(data: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
     """data.name 'instructions' (the offline instruction suite, written under data.data_dir on first use) as the
     JSONL files of `kind` ('sft' or 'prefs'); any other data config is returned as it is."""
@@ -29,9 +41,9 @@ def suite_data(data: ml_collections.ConfigDict, kind: str) -> ml_collections.Con
     from omni.data import instructions
     from omni.data.builders import file_lock
 
-    directory = os.path.join(os.path.expanduser(data.data_dir), "instructions", f"seed{data.suite_seed}")
+    directory = suite_directory(data)
     with file_lock(directory + ".lock"):
-        paths = instructions.write_suite(directory, seed=data.suite_seed)
+        paths = instructions.write_suite(directory, seed=data.suite_seed, noise=_labeler_noise(data))
     out = ml_collections.ConfigDict(data.to_dict())
     out.update(name="jsonl", path=paths[f"{kind}_train.jsonl"], eval_path=paths[f"{kind}_eval.jsonl"])
     return out
