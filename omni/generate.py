@@ -48,6 +48,24 @@ def unrolled(model_config: ml_collections.ConfigDict, params) -> tuple[ml_collec
     return config, params
 
 
+def transposed(model_config: ml_collections.ConfigDict, params: dict) -> tuple[ml_collections.ConfigDict, dict]:
+    """Unrolled layers' kernels stored with their input axis last (model.transposed_kernels: decoding's fast
+    layout, see omni.models.gpt.TransposedDense). A copy of the weights, made once per Generator or set_params."""
+    config = ml_collections.ConfigDict(model_config.to_dict())
+    config.transposed_kernels = True
+    return config, jax.jit(lambda p: {k: _transpose_layer(v) if k.startswith("blocks_") else v
+                                      for k, v in p.items()})(params)
+
+
+def _transpose_layer(layer: dict) -> dict:
+    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+    attn["qkv_kernel"] = attn["qkv_kernel"].transpose(1, 2, 3, 0)  # (embed, 3, heads, kv) -> (3, heads, kv, embed)
+    attn["out_kernel"] = attn["out_kernel"].transpose(2, 0, 1)  # (heads, kv, embed) -> (embed, heads, kv)
+    mlp["fc"] = {**mlp["fc"], "kernel": mlp["fc"]["kernel"].T}
+    mlp["proj"] = {**mlp["proj"], "kernel": mlp["proj"]["kernel"].T}
+    return {**layer, "attn": attn, "mlp": mlp}
+
+
 class GenerationError(ValueError):
     """A request that cannot be generated (empty or over-long prompt, bad sampling value)."""
 
@@ -105,10 +123,10 @@ class Generator:
 
     def __init__(self, model_config: ml_collections.ConfigDict, params, mesh: jax.sharding.Mesh | None = None,
                  pad_id: int = 0):
-        # Decoding runs the layers unrolled: under nn.scan XLA copies every layer's slice of the parameters
-        # and of the cache on every token (measured: 2x slower at batch 1).
+        # Decoding runs the layers unrolled (under nn.scan XLA copies every layer's slice of the parameters
+        # and of the cache on every token: measured 2x slower at batch 1), on kernels stored transposed.
         self._source_config = model_config
-        self.config, self.params = unrolled(model_config, nn.unbox(params))
+        self.config, self.params = transposed(*unrolled(model_config, nn.unbox(params)))
         self.mesh = mesh
         self.pad_id = pad_id
         self._run = jax.jit(functools.partial(_generate, GPT(self.config)),
@@ -116,7 +134,7 @@ class Generator:
 
     def set_params(self, params) -> None:
         """New values for the same model (e.g. after training steps): the compiled programs are kept."""
-        self.params = unrolled(self._source_config, nn.unbox(params))[1]
+        self.params = transposed(*unrolled(self._source_config, nn.unbox(params)))[1]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop: Sequence[Sequence[int]] = (), seed: int = 0) -> Generation:

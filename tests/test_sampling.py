@@ -170,7 +170,7 @@ def test_sampled_tokens_follow_the_distribution(sampling_model):
     params = jax.tree.map(np.copy, params)
     params["ln_f"]["scale"][:] = 0.0
     constant = copy.copy(generator)  # the same compiled program with other params
-    constant.params = gen_lib.unrolled(m, params)[1]
+    constant.set_params(params)
     s = Sampling(temperature=1.0, top_k=40, top_p=0.9)
     outs = [constant.generate(prompts, NEW, s, seed=seed) for seed in range(4)]
     logits = params["ln_f"]["bias"].astype(np.float64) @ params["wte"]["embedding"].astype(np.float64).T
