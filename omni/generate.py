@@ -42,10 +42,12 @@ def unrolled(model_config: ml_collections.ConfigDict, params) -> tuple[ml_collec
     config.scan_layers = False
     params = dict(params)
     stacked = params.pop("blocks")
-    take = jax.jit(lambda tree, i: jax.tree.map(lambda a: a[i], tree), static_argnums=1)
     for i in range(model_config.num_layers):
-        params[f"blocks_{i}"] = take(stacked, i)
+        params[f"blocks_{i}"] = _take_layer(stacked, i)
     return config, params
+
+
+_take_layer = jax.jit(lambda tree, i: jax.tree.map(lambda a: a[i], tree), static_argnums=1)
 
 
 def transposed(model_config: ml_collections.ConfigDict, params: dict) -> tuple[ml_collections.ConfigDict, dict]:
@@ -53,8 +55,12 @@ def transposed(model_config: ml_collections.ConfigDict, params: dict) -> tuple[m
     layout, see omni.models.gpt.TransposedDense). A copy of the weights, made once per Generator or set_params."""
     config = ml_collections.ConfigDict(model_config.to_dict())
     config.transposed_kernels = True
-    return config, jax.jit(lambda p: {k: _transpose_layer(v) if k.startswith("blocks_") else v
-                                      for k, v in p.items()})(params)
+    return config, _transpose_layers(params)
+
+
+@jax.jit
+def _transpose_layers(params: dict) -> dict:
+    return {k: _transpose_layer(v) if k.startswith("blocks_") else v for k, v in params.items()}
 
 
 def _transpose_layer(layer: dict) -> dict:

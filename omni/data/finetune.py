@@ -63,16 +63,17 @@ def pack_demonstrations(tokenizer, dialogues: Sequence[list[tuple[str, str]]], s
     demonstrations one after another (first fit, in the given order). A demonstration of n tokens fills n - 1
     positions (input t predicts t + 1) and is its own segment; weights are 1 where the target is the assistant's
     (its replies and their EOS). Demonstrations longer than seq_len + 1 tokens are cut to that, with a warning."""
-    rows, row, cut = [], [], 0
+    rows, row, used, cut = [], [], 0, 0
     fields = ("inputs", "targets", "weights", "segment_ids", "positions")
     for turns in dialogues:
         ids, mask = encode_dialogue(tokenizer, turns)
         if len(ids) > seq_len + 1:
             ids, mask, cut = ids[:seq_len + 1], mask[:seq_len + 1], cut + 1
         n = len(ids) - 1
-        if sum(len(p[0]) for p in row) + n > seq_len:
+        if used + n > seq_len:
             rows.append(row)
-            row = []
+            row, used = [], 0
+        used += n
         segment = len(row) + 1
         row.append((ids[:-1], ids[1:], mask[1:], [segment] * n, list(range(n))))
     if row:
