@@ -106,6 +106,41 @@ def base_config() -> ml_collections.ConfigDict:
         eval_max_new_tokens=32))
     c.rm = ml_collections.ConfigDict(dict(
         bias_demonstrations=512))  # SFT demonstrations whose mean reward is set to 0 after training
+
+    # stage=label (configs/label_tiny.py): rankings of init_from's samples by the offline suite's labeler.
+    c.label = ml_collections.ConfigDict(dict(
+        responses=4, prompts=1500, eval_prompts=200, temperature=1.0, max_new_tokens=24, batch=64,
+        include_suite=True))  # also copy the suite's own rankings beside the samples'
+
+    # stage=ppo: the policy starts from init_from (SFT); train.batch_size is the minibatch in episodes and
+    # train.steps is derived: iterations * epochs * rollout_batch / batch_size.
+    c.ppo = ml_collections.ConfigDict(dict(
+        reward_from="",  # the reward model's workdir (frozen); the value function starts from it
+        reference_from="",  # the frozen policy of the KL penalty; empty: init_from (the SFT model)
+        iterations=100,
+        rollout_batch=64,  # episodes sampled per iteration
+        epochs=1,  # passes over each rollout batch
+        max_new_tokens=32,
+        temperature=1.0,  # pure sampling at this temperature; log-probs are recomputed at it
+        kl_coef=0.02,  # beta of the per-token penalty -beta * (log pi - log pi_ref)
+        target_kl=0.0,  # > 0: the adaptive controller steers beta to this KL per episode (nats)
+        kl_horizon=10000,  # ... with this horizon (episodes)
+        gamma=1.0,
+        lam=0.95,
+        clip=0.2,  # policy ratio clip
+        value_clip=0.2,  # value change clip around the rollout's values
+        value_coef=0.1,
+        entropy_coef=0.0,
+        whiten_rewards=False,  # divide scores by their batch std (no mean shift)
+        reward_clip=0.0,  # > 0: clip scores to [-reward_clip, reward_clip]
+        missing_eos_penalty=1.0,  # subtracted from the score of a response that never emits EOS
+        ptx_coef=0.0,  # PPO-ptx: gamma of the pretraining loss mixed into every update (InstructGPT 27.8)
+        ptx_data="stdlib",  # pretraining data of PPO-ptx and of the reported pretraining perplexity (data.name)
+        ptx_path="",
+        ptx_batch=16,  # pretraining rows per update
+        ptx_eval_batches=8,  # held-out pretraining batches of the reported pretrain_perplexity (0: off)
+        eval_prompts=128,  # held-out prompts of each evaluation
+        sample_every=5))  # iterations between sample responses printed to the log
     return c
 
 
@@ -144,7 +179,7 @@ VARIANTS = ("gpt1", "gpt2", "gpt3")
 REMAT = ("none", "full", "dots")
 HEADS = ("lm", "scalar")
 DTYPES = ("float32", "bfloat16", "float16")
-STAGES = ("pretrain", "sft", "rm", "sample")
+STAGES = ("pretrain", "sft", "rm", "ppo", "sample", "label")
 # A model's shape and parameter layout. With init_from these come from the earlier stage's workdir; the rest
 # of config.model (head, dropout, dtype, remat, attention kernel) is this stage's own.
 ARCHITECTURE = ("variant", "num_layers", "num_heads", "d_model", "d_ff", "vocab_size", "max_len", "sparse_window",
@@ -201,6 +236,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
              f"the {m.attention} kernel has no attention dropout but model.dropout={m.dropout} "
              "(use 'auto' or 'xla', or dropout 0)")
     _require(m.attention_chunk >= 0, "model.attention_chunk", m.attention_chunk, "must be >= 0")
+    if c.stage == "ppo":
+        _check_ppo(c)
     for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "checkpoint_every",
                 "keep_checkpoints"):
         _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive int")
@@ -231,6 +268,30 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
              f"must exceed optim.warmup_steps={o.warmup_steps}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     return c
+
+
+def _check_ppo(c: ml_collections.ConfigDict) -> None:
+    """PPO's own keys; derives train.steps from the iterations."""
+    p, t = c.ppo, c.train
+    _require(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,
+             "must be a positive int")
+    for key in ("iterations", "rollout_batch", "epochs", "max_new_tokens", "eval_prompts", "sample_every",
+                "ptx_batch"):
+        _require(isinstance(p[key], int) and p[key] > 0, f"ppo.{key}", p[key], "must be a positive int")
+    _require(p.ptx_eval_batches >= 0, "ppo.ptx_eval_batches", p.ptx_eval_batches, "must be >= 0")
+    _require(p.max_new_tokens < t.seq_len, "ppo.max_new_tokens", p.max_new_tokens,
+             f"leaves no room for a prompt in train.seq_len={t.seq_len}")
+    _require(p.rollout_batch % t.batch_size == 0, "ppo.rollout_batch", p.rollout_batch,
+             f"not divisible by train.batch_size={t.batch_size} (the minibatch, in episodes)")
+    _require(p.temperature > 0, "ppo.temperature", p.temperature, "must be > 0 (rollouts sample)")
+    _require(0 < p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma/lam", (p.gamma, p.lam), "need 0 < gamma <= 1, 0 <= lam <= 1")
+    for key in ("kl_coef", "target_kl", "clip", "value_clip", "value_coef", "entropy_coef", "reward_clip",
+                "missing_eos_penalty", "ptx_coef"):
+        _require(p[key] >= 0, f"ppo.{key}", p[key], "must be >= 0")
+    _require(p.kl_horizon > 0, "ppo.kl_horizon", p.kl_horizon, "must be positive")
+    _require(c.model.dropout == 0.0, "model.dropout", c.model.dropout,
+             "PPO runs every model without dropout (its log-probabilities must match the rollout's)")
+    t.steps = p.iterations * p.epochs * (p.rollout_batch // t.batch_size)
 
 
 def inherit_architecture(c: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -25,10 +25,10 @@ from omni import config as config_lib
 from omni import estimate
 from omni.data import DataError
 from omni.generate import GenerationError
-from omni.stages import pretrain, reward, sample, sft
+from omni.stages import label, ppo, pretrain, reward, sample, sft
 from omni.train import checkpoint, metrics, trainer
 
-STAGES = {"pretrain": pretrain.task, "sft": sft.task, "rm": reward.task}
+STAGES = {"pretrain": pretrain.task, "sft": sft.task, "rm": reward.task, "ppo": ppo.task}
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory; default runs/NAME.")
@@ -136,6 +136,9 @@ def run(config, workdir: str) -> int:
     if config.stage == "sample":  # reads a trained workdir, trains nothing
         sample.run(config, workdir)
         return 0
+    if config.stage == "label":
+        label.run(config, workdir)
+        return 0
     os.makedirs(workdir, exist_ok=True)
     check_resumable(config, workdir)
     task = STAGES[config.stage](config, workdir)
@@ -166,6 +169,10 @@ def main(argv) -> None:
     config.name = config_name(config_flags.get_config_filename(FLAGS["config"]))
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     try:
+        if config.stage == "pipeline":  # stages in subprocesses; this process never touches the devices
+            from omni import pipeline
+
+            sys.exit(pipeline.run(config, workdir))
         if not config.dry_run:  # a dry run allocates nothing and needs no other host
             init_distributed(config)
         sys.exit(run(config, workdir))

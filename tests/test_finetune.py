@@ -105,3 +105,66 @@ def test_stage_inherits_the_architecture_of_init_from(pipeline):
     with open(os.path.join(pipeline["sft"], "config.json")) as f:
         model = json.load(f)["model"]
     assert (model["d_model"], model["num_layers"], model["vocab_size"], model["scan_layers"]) == (64, 2, 512, False)
+
+
+def _ppo_flags(pipeline, workdir, **extra):
+    text = pipeline["root"] / "ptx"
+    if not text.exists():  # PPO-ptx's pretraining text: a few small local documents
+        text.mkdir()
+        for i in range(4):
+            (text / f"doc{i}.txt").write_text("def add(a, b):\n    return a + b\n" * (20 + i))
+    flags = {"init_from": pipeline["sft"], "ppo.reward_from": pipeline["rm"], "data.data_dir": pipeline["data_dir"],
+             "ppo.iterations": 2, "ppo.rollout_batch": 8, "ppo.max_new_tokens": 8, "ppo.eval_prompts": 8,
+             "ppo.sample_every": 1, "ppo.ptx_coef": 1.0, "ppo.ptx_data": "text", "ppo.ptx_path": str(text),
+             "ppo.ptx_batch": 4, "ppo.ptx_eval_batches": 1, "train.batch_size": 4, "train.seq_len": 48,
+             "train.log_every": 2, "train.eval_every": 4, "train.checkpoint_every": 2, "optim.warmup_steps": 1, **extra}
+    return ["--config=configs/ppo_tiny.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def test_ppo_ptx_trains_reports_and_resumes(pipeline):
+    import omni
+    from omni.generate import from_workdir
+
+    workdir = str(pipeline["root"] / "ppo")
+    out = run_cli(_ppo_flags(pipeline, workdir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = _summary(workdir)
+    assert s["step"] == 4  # 2 iterations x 8 episodes / minibatches of 4
+    for key in ("labeler_score", "sft_labeler_score", "win_rate_vs_sft", "sampled_labeler_score"):
+        assert 0.0 <= s[key] <= 1.0, key
+    assert np.isfinite(s["kl_to_sft"]) and np.isfinite(s["pretrain_perplexity"]) and s["ptx_loss"] > 0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        iterations = [r for r in map(json.loads, f) if "iteration" in r]
+    assert [r["iteration"] for r in iterations] == [1, 2]
+    for key in ("reward", "kl", "rollout_labeler_score", "response_length", "rollout_tokens_per_s",
+                "explained_variance", "entropy", "clip_fraction", "approx_kl", "value_loss"):
+        assert np.isfinite(iterations[-1][key]), key
+    assert "sample (iteration 1)" in out.stdout
+    # a PPO workdir serves its policy like any other stage's model
+    config, params, _ = omni.load(workdir)
+    assert config.stage == "ppo" and "wte" in params and "score_head" not in params
+    _, generator, tokenizer = from_workdir(workdir)
+    assert generator.generate([tokenizer.encode("User: hi")], 3).tokens.shape == (1, 3)
+
+
+@pytest.mark.slow
+def test_ppo_resumes_exactly_where_it_stopped(pipeline):
+    """One iteration, then a second run to two iterations (rollout state, KL coefficient and the pretraining
+    iterator restored from the checkpoint) ends with the parameters of an uninterrupted two-iteration run."""
+    import omni
+
+    whole, split = str(pipeline["root"] / "ppo_whole"), str(pipeline["root"] / "ppo_split")
+    extra = {"ppo.target_kl": 0.5, "train.eval_every": 100}  # the adaptive KL coefficient must be restored too
+    assert run_cli(_ppo_flags(pipeline, whole, **extra)).returncode == 0
+    assert run_cli(_ppo_flags(pipeline, split, **extra, **{"ppo.iterations": 1})).returncode == 0
+    out = run_cli(_ppo_flags(pipeline, split, **extra))
+    assert out.returncode == 0 and "resuming from" in out.stdout, out.stderr[-2000:]
+    a, b = omni.load(whole)[1], omni.load(split)[1]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_ppo_refuses_a_policy_as_reward_model(pipeline):
+    out = run_cli(_ppo_flags(pipeline, str(pipeline["root"] / "bad_ppo"), **{"ppo.reward_from": pipeline["sft"]}))
+    assert out.returncode == 2 and "config.ppo.reward_from=" in out.stderr and "model.head='lm'" in out.stderr, \
+        out.stderr[-2000:]

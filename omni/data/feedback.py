@@ -71,6 +71,11 @@ def parse_demonstration(obj: Any) -> Turns:
     return [(_str(obj, "prompt"), _str(obj, "response"))]
 
 
+def parse_prompt(obj: Any) -> str:
+    """Any object with a "prompt" string (a PPO prompt line, a demonstration, a preference) -> the prompt."""
+    return _str(obj, "prompt")
+
+
 def parse_preference(obj: Any) -> Ranked:
     """{"prompt", "responses", "ranking"} or {"prompt", "chosen", "rejected"} -> (prompt, responses, ranks);
     ValueError says why not."""

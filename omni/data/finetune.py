@@ -15,13 +15,15 @@ import grain
 import ml_collections
 import numpy as np
 
-from omni.data.builders import DataError
+from omni.data.builders import DataError, validation_keys
+from omni.data.feedback import parse_prompt, read_jsonl
 from omni.data.template import encode_dialogue, prompt_ids, response_ids
 
 _SYNCHRONOUS = grain.ReadOptions(num_threads=0)
 
 
-def _labeler_noise(data: ml_collections.ConfigDict) -> float:
+def labeler_noise(data: ml_collections.ConfigDict) -> float:
+    """The suite labeler's noise: data.labeler_noise, or the calibrated NOISE for -1."""
     from omni.data import instructions
 
     return instructions.NOISE if data.labeler_noise < 0 else float(data.labeler_noise)
@@ -29,7 +31,7 @@ def _labeler_noise(data: ml_collections.ConfigDict) -> float:
 
 def suite_directory(data: ml_collections.ConfigDict) -> str:
     """Where the offline suite of data.suite_seed and data.labeler_noise lives, under data.data_dir."""
-    name = f"seed{data.suite_seed}_noise{_labeler_noise(data):g}"
+    name = f"seed{data.suite_seed}_noise{labeler_noise(data):g}"
     return os.path.join(os.path.expanduser(data.data_dir), "instructions", name)
 
 
@@ -43,10 +45,27 @@ def suite_data(data: ml_collections.ConfigDict, kind: str) -> ml_collections.Con
 
     directory = suite_directory(data)
     with file_lock(directory + ".lock"):
-        paths = instructions.write_suite(directory, seed=data.suite_seed, noise=_labeler_noise(data))
+        paths = instructions.write_suite(directory, seed=data.suite_seed, noise=labeler_noise(data))
     out = ml_collections.ConfigDict(data.to_dict())
     out.update(name="jsonl", path=paths[f"{kind}_train.jsonl"], eval_path=paths[f"{kind}_eval.jsonl"])
     return out
+
+
+def prompts(data: ml_collections.ConfigDict, split: str) -> list[str]:
+    """PPO's prompts of one split ('train' or 'validation'): the offline suite's prompt files (data.name
+    'instructions'), or the "prompt" field of every line of data.path's JSONL files ('jsonl'; demonstration and
+    preference files serve too), validation being data.eval_path's or a stable hash of ~3% of data.path's."""
+    if data.name == "instructions":
+        data = suite_data(data, "prompts")
+    elif data.name != "jsonl":
+        raise DataError(f"config.data.name={data.name!r}: PPO reads prompts from 'instructions' or 'jsonl'")
+    if split == "validation" and data.eval_path:
+        return [r for _, r in read_jsonl(data.eval_path, parse_prompt, data.on_malformed, "config.data.eval_path")]
+    records = read_jsonl(data.path, parse_prompt, data.on_malformed)
+    if data.eval_path:
+        return [r for _, r in records]
+    held = validation_keys(key for key, _ in records)
+    return [r for key, r in records if (key in held) == (split == "validation")]
 
 
 def _warn(what: str, count: int, total: int, why: str) -> None:

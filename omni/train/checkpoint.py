@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+from typing import Any, Callable
 
 import grain
 from absl import logging
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -99,6 +101,27 @@ def restore_params(workdir: str, step: int, abstract_params):
         return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot restore params from {mngr.directory}/{step}: {type(e).__name__}: {e}") from e
+
+
+def model_params(workdir: str, place: Callable[[Any], Any], step: int | None = None
+                 ) -> tuple[ml_collections.ConfigDict, Any, str, int]:
+    """(config, params, tokenizer path, step) of the model a workdir holds, its params restored onto
+    `place(boxed abstract params)` (a tree of shardings). A PPO workdir holds the policy and its value function
+    ({'policy', 'value'}): its model is the policy."""
+    from omni.estimate import abstract_params  # estimate imports the model; checkpoint stays light otherwise
+
+    config, tokenizer_path, step = read_meta(workdir, step)
+    boxed = abstract_params(config.model)
+    if config.stage == "ppo":
+        value = ml_collections.ConfigDict(config.model.to_dict())
+        value.head = "scalar"
+        boxed = {"policy": boxed, "value": abstract_params(value)}
+    # Unboxed by hand: nn.unbox under a mesh would add sharding constraints to these abstract values.
+    shapes = jax.tree.map(lambda a: a.value if isinstance(a, nn.Partitioned) else a, boxed,
+                          is_leaf=lambda a: isinstance(a, nn.Partitioned))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, place(boxed))
+    params = restore_params(workdir, step, target)
+    return config, params["policy"] if config.stage == "ppo" else params, tokenizer_path, step
 
 
 def _write_atomic(path: str, data: bytes) -> None:

@@ -50,6 +50,11 @@ class Task:
     # finalize(params) -> (params, metrics), applied once after the last step, before the final checkpoint.
     finalize: Callable[[Any], tuple[Any, dict]] | None = None
     language_model: bool = True  # eval_loss is a per-token NLL: report perplexity
+    # On-policy stages (PPO): before_step(params, step) -> metrics runs before each step's batch is drawn, with
+    # the parameters that step trains (e.g. to sample new rollouts); its metrics are logged with the next line.
+    before_step: Callable[[Any, int], dict] | None = None
+    # initial_params(target, fresh) -> params of a new run, in place of restoring config.init_from's params.
+    initial_params: Callable[[Any, Any], Any] | None = None
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -206,8 +211,9 @@ def _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task) ->
         print(f"resuming from {mngr.directory}/{step}", flush=True)
         return checkpoint.restore(mngr, step, target, task.train_iter)
     state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.train.seed))
-    if config.init_from:
-        params = _params_from(config, target.params, state.params)
+    if task.initial_params is not None or config.init_from:
+        params = (task.initial_params(target.params, state.params) if task.initial_params is not None
+                  else _params_from(config, target.params, state.params))
         state = jax.jit(lambda s, p: s.replace(params=p, opt_state=optimizer(config.optim).init(p)),
                         out_shardings=shardings, donate_argnums=0)(state, params)
     return state
@@ -242,11 +248,13 @@ def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> d
                    f"GFLOP/s per device ({peak_source}); steps {start}..{t.steps}")
     preemption = Preemption()
     window_start, window_tokens, timed_tokens, timed_s, last_done = None, 0, 0, 0.0, start
-    last, evals = {}, {}
+    last, evals, pending = {}, {}, {}
     if start >= t.steps:  # already finished: report the final evaluation again
         evals = _evaluate(task, eval_fn, state.params, mesh)
     try:
         for step in range(start, t.steps):
+            if task.before_step is not None:
+                pending.update(task.before_step(state.params, step))
             batch = parallel.global_batch(next(task.train_iter), mesh)
             state, step_metrics = step_fn(state, batch)
             done = step + 1
@@ -270,7 +278,8 @@ def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> d
                 tps = window_tokens / elapsed if elapsed > 0 and window_tokens else float("nan")
                 if window_tokens:
                     timed_tokens, timed_s = timed_tokens + window_tokens, timed_s + elapsed
-                last.update(tokens_per_s=tps, mfu=tps * task.flops_per_token / peak_total)
+                last.update(tokens_per_s=tps, mfu=tps * task.flops_per_token / peak_total, **pending)
+                pending = {}
                 writer.write(done, last)
                 writer.progress(done, {"loss": last["loss"], "tok/s": tps, "mfu": last["mfu"]})
                 window_start, window_tokens = now, 0
@@ -307,6 +316,8 @@ def _evaluate(task: Task, eval_fn, params, mesh) -> dict[str, float]:
 
 
 def evaluate(eval_fn, params, batches: list[dict], mesh, perplexity: bool = True) -> dict[str, float]:
+    if not batches:  # a stage evaluated by eval_extra alone
+        return {}
     totals = None
     for b in batches:
         sums = eval_fn(params, parallel.global_batch(b, mesh))

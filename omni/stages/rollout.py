@@ -1,0 +1,317 @@
+"""PPO's experience: rollouts sampled from the policy, scored, turned into advantages and served as minibatches;
+and the held-out evaluation of a policy against the reference (SFT) policy.
+
+Generation reuses one `Generator` (omni/generate.py) whose compiled prefill/decode programs are kept across
+iterations: each rollout only hands it the new parameters. Rollouts sample purely (temperature only: top-k,
+top-p or a minimum length would make the KL estimate biased and exploitable) and stop at EOS.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from omni.data.template import prompt_ids
+from omni.generate import Generator, Sampling
+from omni.models import GPT
+from omni.stages import ppo
+from omni.stages.reward import response_scores
+
+BUFFER_KEYS = ("inputs", "targets", "mask", "old_logprobs", "old_values", "advantages", "returns")
+
+
+def episodes(prompts: Sequence[list[int]], responses: Sequence[list[int]], length: int, pad_id: int
+             ) -> dict[str, np.ndarray]:
+    """Prompt + response token rows laid out for scoring and training: 'inputs', 'targets' [n, length] (the
+    sequence and its next tokens, right-padded), 'mask' 1 where the target is a response token, 'last' [n]
+    (the final token's index in inputs: where the reward model reads)."""
+    n = len(prompts)
+    tokens = np.full((n, length + 1), pad_id, np.int32)
+    mask = np.zeros((n, length), np.float32)
+    last = np.zeros(n, np.int32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, :len(p) + len(r)] = list(p) + list(r)
+        mask[i, len(p) - 1:len(p) - 1 + len(r)] = 1.0
+        last[i] = len(p) + len(r) - 1
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "last": last}
+
+
+def sample(generator: Generator, tokenizer, config: ml_collections.ConfigDict, policy_params,
+           prompts: Sequence[list[int]], seed: int, temperature: float) -> tuple[dict[str, np.ndarray], Any]:
+    """The policy's responses to `prompts` (token ids), stopping at EOS, laid out as `episodes`; and the
+    Generation (lengths, stopped)."""
+    generator.set_params(policy_params)
+    out = generator.generate(prompts, config.ppo.max_new_tokens, Sampling(temperature=temperature),
+                             stop=[[tokenizer.eos_id]], seed=seed)
+    rows = episodes(prompts, [out.row(i) for i in range(len(prompts))], config.train.seq_len, tokenizer.pad_id)
+    return rows, out
+
+
+def response_text(tokenizer, out, i: int) -> str:
+    return tokenizer.decode([t for t in out.row(i) if t != tokenizer.eos_id]).strip()
+
+
+def scorer(config: ml_collections.ConfigDict) -> Callable:
+    """jit'd score(params, ref_params, rm_params, inputs, targets, mask, last) -> (log-probs of the policy and
+    of the reference at temperature T, values, reward-model scores), each per token (0 off mask) or per row."""
+    m = config.model
+    model, reference, reward = ppo.ActorCritic(m), GPT(m), GPT(ppo.value_config(m))
+    temperature = config.ppo.temperature
+
+    @jax.jit
+    def score(params, ref_params, rm_params, inputs, targets, mask, last):
+        logits, values = model.apply({"params": params}, inputs)
+        logp = ppo.token_logprobs(logits / temperature, targets)
+        ref_logp = ppo.token_logprobs(reference.apply({"params": ref_params}, inputs) / temperature, targets)
+        scores = response_scores(reward, rm_params, inputs[:, None], last[:, None])[:, 0]
+        return logp * mask, ref_logp * mask, values * mask, scores
+
+    return score
+
+
+def score_rows(score: Callable, params, ref_params, rm_params, rows: dict[str, np.ndarray], bucket: int = 16
+               ) -> tuple[np.ndarray, ...]:
+    """`score` on the rows cut to the longest episode (rounded up to `bucket` positions, so few shapes are
+    compiled), the per-token results padded back to the rows' length: responses are short next to seq_len."""
+    length = rows["inputs"].shape[1]
+    width = min(length, -(-(int(rows["last"].max()) + 1) // bucket) * bucket)
+    cut = {k: rows[k][:, :width] for k in ("inputs", "targets", "mask")}
+    logp, ref_logp, values, scores = jax.device_get(score(params, ref_params, rm_params, cut["inputs"],
+                                                          cut["targets"], cut["mask"], rows["last"]))
+    pad = lambda x: np.pad(x, ((0, 0), (0, length - width)))  # noqa: E731
+    return pad(logp), pad(ref_logp), pad(values), scores
+
+
+def _advantages(p: ml_collections.ConfigDict) -> Callable:
+    @jax.jit
+    def advantages(logp, ref_logp, values, scores, mask, last, kl_coef):
+        """Per-token rewards (-beta x log-ratio everywhere, the score at the last response token), GAE and
+        whitened advantages."""
+        rewards = -kl_coef * (logp - ref_logp) * mask
+        rewards = rewards + jax.nn.one_hot(last - 1, mask.shape[1]) * scores[:, None]
+        adv, returns = ppo.gae(rewards, values, mask, p.gamma, p.lam)
+        return ppo.whiten(adv, mask, shift_mean=True), returns
+
+    return advantages
+
+
+def explained_variance(values: np.ndarray, returns: np.ndarray, mask: np.ndarray) -> float:
+    """1 - Var(returns - values) / Var(returns) over response tokens: 1 is a perfect value function."""
+    sel = mask > 0
+    var = np.var(returns[sel])
+    return float(1.0 - np.var(returns[sel] - values[sel]) / var) if var > 0 else float("nan")
+
+
+def _pack(arrays: dict[str, np.ndarray]) -> str:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _unpack(text: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(base64.b64decode(text))) as f:
+        return {k: f[k] for k in f.files}
+
+
+class Rollouts:
+    """The PPO stage's data iterator. `before_step(params, step)` (the trainer calls it) samples and scores a
+    new rollout batch when the last one is used up; `next()` serves this process's rows of the next minibatch
+    (plus pretraining rows for PPO-ptx). Its state (iteration, position, KL coefficient, the unfinished rollout
+    batch, the pretraining iterator's) is checkpointed, so a preempted run resumes at the same minibatch."""
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer, prompts: list[str], generator: Generator,
+                 frozen: tuple, rows: Sequence[int], ptx: tuple | None = None, labeler: Callable | None = None):
+        self.config, self.p = config, config.ppo
+        self.tokenizer, self.prompts, self.generator = tokenizer, prompts, generator
+        self.prompt_ids = [prompt_ids(tokenizer, text) for text in prompts]
+        self.ref_params, self.rm_params = frozen
+        self.rows, self.labeler = list(rows), labeler
+        self.ptx_iter, self.ptx_rows = ptx if ptx is not None else (None, [])  # pretraining (iterator, rows)
+        self.per_epoch = self.p.rollout_batch // config.train.batch_size
+        self.score = scorer(config)
+        self.advantages = _advantages(self.p)
+        self.iteration, self.position, self.kl_coef = 0, 0, float(self.p.kl_coef)
+        self.buffer: dict[str, np.ndarray] | None = None
+        self.trained_since: float | None = None
+
+    # ----- serving
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        epoch, j = divmod(self.position, self.per_epoch)
+        order = np.random.default_rng([self.config.train.seed, self.iteration, epoch]).permutation(self.p.rollout_batch)
+        b = self.config.train.batch_size
+        picked = order[j * b:(j + 1) * b][self.rows]
+        batch = {k: self.buffer[k][picked] for k in BUFFER_KEYS}
+        self.position += 1
+        if self.ptx_iter is not None:
+            batch.update({f"ptx_{k}": v for k, v in next(self.ptx_iter).items() if k in ("inputs", "targets", "weights")})
+        return batch
+
+    def example(self) -> dict[str, np.ndarray]:
+        """A batch of the right shapes (zeros) for compiling the train step before any rollout."""
+        n, length = len(self.rows), self.config.train.seq_len
+        batch = {k: np.zeros((n, length), np.int32 if k in ("inputs", "targets") else np.float32)
+                 for k in BUFFER_KEYS}
+        if self.ptx_iter is not None:
+            rows = len(self.ptx_rows)
+            batch.update(ptx_inputs=np.zeros((rows, length), np.int32), ptx_targets=np.zeros((rows, length), np.int32),
+                         ptx_weights=np.zeros((rows, length), np.float32))
+        return batch
+
+    # ----- sampling
+    def before_step(self, params, step: int) -> dict[str, float]:
+        del step
+        if self.buffer is not None and self.position < self.per_epoch * self.p.epochs:
+            return {}
+        metrics = {}
+        if self.trained_since is not None:
+            metrics["train_s"] = time.perf_counter() - self.trained_since
+        if self.buffer is not None:
+            self.iteration += 1
+        metrics.update(self._rollout(params))
+        self.position, self.trained_since = 0, time.perf_counter()
+        return metrics
+
+    def _batch_prompts(self) -> list[int]:
+        """Indices of this iteration's prompts: the prompt set in a new seeded order every epoch."""
+        n, size = len(self.prompts), self.p.rollout_batch
+        out = []
+        for k in range(self.iteration * size, (self.iteration + 1) * size):
+            epoch, i = divmod(k, n)
+            out.append(int(np.random.default_rng([self.config.train.seed, 1_000_003, epoch]).permutation(n)[i]))
+        return out
+
+    def _rollout(self, params) -> dict[str, float]:
+        p = self.p
+        indices = self._batch_prompts()
+        start = time.perf_counter()
+        rows, out = sample(self.generator, self.tokenizer, self.config, params["policy"],
+                           [self.prompt_ids[i] for i in indices], self.config.train.seed * 1_000_003 + self.iteration,
+                           p.temperature)
+        generate_s = time.perf_counter() - start
+        start = time.perf_counter()
+        logp, ref_logp, values, raw = score_rows(self.score, params, self.ref_params, self.rm_params, rows)
+        scores = raw - p.missing_eos_penalty * (~out.stopped)
+        if p.reward_clip > 0:
+            scores = np.clip(scores, -p.reward_clip, p.reward_clip)
+        if p.whiten_rewards:
+            scores = scores / (scores.std() + 1e-8)
+        adv, returns = jax.device_get(self.advantages(logp, ref_logp, values, scores, rows["mask"], rows["last"],
+                                                      np.float32(self.kl_coef)))
+        score_s = time.perf_counter() - start
+        kl = float(((logp - ref_logp) * rows["mask"]).sum(1).mean())
+        metrics = {"reward": float(raw.mean()), "kl": kl, "kl_coef": self.kl_coef,
+                   "response_length": float(out.lengths.mean()), "no_eos": float(1 - out.stopped.mean()),
+                   "explained_variance": explained_variance(values, returns, rows["mask"]),
+                   "rollout_tokens_per_s": float(out.lengths.sum()) / generate_s, "generate_s": generate_s,
+                   "score_s": score_s, "iteration": self.iteration + 1}
+        texts = [response_text(self.tokenizer, out, i) for i in range(len(indices))]
+        if self.labeler is not None:
+            metrics["rollout_labeler_score"] = float(np.mean([self.labeler(self.prompts[i], t)
+                                                              for i, t in zip(indices, texts)]))
+        if self.iteration % p.sample_every == 0 and jax.process_index() == 0:
+            for i in range(2):
+                print(f"  sample (iteration {self.iteration + 1}): {self.prompts[indices[i]]!r} -> {texts[i]!r} "
+                      f"(reward {raw[i]:.3f})", flush=True)
+        if p.target_kl > 0:
+            self.kl_coef = ppo.update_kl_coef(self.kl_coef, kl, p.rollout_batch, p.target_kl, p.kl_horizon)
+        self.buffer = {"inputs": rows["inputs"], "targets": rows["targets"], "mask": rows["mask"],
+                       "old_logprobs": logp, "old_values": values, "advantages": adv, "returns": returns}
+        return metrics
+
+    # ----- checkpointing (grain's Orbax handler: bytes for an iterator that is not grain's own)
+    def get_state(self) -> bytes:
+        state = {"iteration": self.iteration, "position": self.position, "kl_coef": self.kl_coef,
+                 "buffer": _pack(self.buffer) if self.buffer is not None else "",
+                 "ptx": self.ptx_iter.get_state() if self.ptx_iter is not None else None}
+        return json.dumps(state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        s = json.loads(state.decode())
+        self.iteration, self.position, self.kl_coef = s["iteration"], s["position"], s["kl_coef"]
+        self.buffer = _unpack(s["buffer"]) if s["buffer"] else None
+        if self.ptx_iter is not None and s["ptx"] is not None:
+            self.ptx_iter.set_state(s["ptx"])
+
+    def start_prefetch(self) -> None:
+        """Called by grain's handler after a restore; rollouts are made on demand."""
+
+
+class HeldOut:
+    """eval_extra for the trainer: the policy against the reference policy on held-out prompts. Greedy answers
+    give `labeler_score` (the suite's ground truth) and `win_rate_vs_sft` (ties count half); samples at the
+    rollout temperature give `kl_to_sft` (mean over prompts of the summed log-ratio: the KL of the policy's
+    responses from the reference's) and `eval_reward` (reward-model score). The reference policy's own numbers
+    (`sft_*`) are computed once."""
+
+    def __init__(self, rollouts: Rollouts, prompts: list[str], lm_eval: Callable | None = None):
+        self.r, self.prompts, self.lm_eval = rollouts, prompts, lm_eval  # lm_eval: policy params -> perplexity
+        self.ids = [prompt_ids(rollouts.tokenizer, t) for t in prompts]
+        self.sft: dict | None = None
+
+    def _chunks(self) -> list[list[int]]:
+        size = self.r.p.rollout_batch  # every chunk padded to the rollout batch: the compiled programs serve
+        return [list(range(i, min(i + size, len(self.ids)))) for i in range(0, len(self.ids), size)]
+
+    def _sample(self, policy_params, chunk: list[int], temperature: float):
+        ids = [self.ids[i] for i in chunk]
+        ids += [ids[0]] * (self.r.p.rollout_batch - len(ids))
+        return sample(self.r.generator, self.r.tokenizer, self.r.config, policy_params, ids, 12345, temperature)
+
+    def _greedy(self, policy_params) -> list[str]:
+        answers = []
+        for chunk in self._chunks():
+            _, out = self._sample(policy_params, chunk, 0.0)
+            answers += [response_text(self.r.tokenizer, out, i) for i in range(len(chunk))]
+        return answers
+
+    def _sampled(self, params, ref_params=None) -> dict[str, float]:
+        """Samples at the rollout temperature: KL from the reference, reward-model score, labeler score."""
+        kls, rewards, answers = [], [], []
+        for chunk in self._chunks():
+            rows, out = self._sample(params["policy"] if ref_params is None else ref_params, chunk,
+                                     self.r.p.temperature)
+            logp, ref_logp, _, scores = score_rows(self.r.score, params, self.r.ref_params, self.r.rm_params, rows)
+            kls += ((logp - ref_logp) * rows["mask"]).sum(1)[:len(chunk)].tolist()
+            rewards += scores[:len(chunk)].tolist()
+            answers += [response_text(self.r.tokenizer, out, i) for i in range(len(chunk))]
+        out = {"kl_to_sft": float(np.mean(kls)), "eval_reward": float(np.mean(rewards))}
+        scores = self._scores(answers)
+        if scores is not None:
+            out["sampled_labeler_score"] = float(scores.mean())
+        return out
+
+    def _scores(self, answers: list[str]) -> np.ndarray | None:
+        if self.r.labeler is None:
+            return None
+        return np.array([self.r.labeler(p, a) for p, a in zip(self.prompts, answers)])
+
+    def __call__(self, params, evals: dict) -> dict[str, float]:
+        del evals
+        if self.sft is None:  # the reference policy's own numbers, once
+            answers = self._greedy(self.r.ref_params)
+            sampled = self._sampled(params, self.r.ref_params)
+            self.sft = {"answers": answers, "scores": self._scores(answers), "sampled": sampled}
+            if self.lm_eval is not None:
+                self.sft["pretrain_perplexity"] = self.lm_eval(self.r.ref_params)
+        answers = self._greedy(params["policy"])
+        out = self._sampled(params)
+        out["changed_vs_sft"] = float(np.mean([a != b for a, b in zip(answers, self.sft["answers"])]))
+        scores = self._scores(answers)
+        if scores is not None:
+            sft = self.sft["scores"]
+            out.update(labeler_score=float(scores.mean()), sft_labeler_score=float(sft.mean()),
+                       win_rate_vs_sft=float(np.mean((scores > sft) + 0.5 * (scores == sft))),
+                       sft_sampled_labeler_score=self.sft["sampled"]["sampled_labeler_score"])
+        if self.lm_eval is not None:
+            out.update(pretrain_perplexity=self.lm_eval(params["policy"]),
+                       sft_pretrain_perplexity=self.sft["pretrain_perplexity"])
+        return out

@@ -1,0 +1,160 @@
+"""PPO's pieces against independent truth: GAE against a plain NumPy loop, the KL estimate of a policy against
+itself, the first update's ratio, the clipped loss's gradient on a two-action toy, the KL controller."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from omni.config import base_config
+from omni.stages import ppo, rollout
+
+
+def numpy_gae(rewards, values, mask, gamma, lam):
+    """The textbook recursion, one row and one step at a time, over each row's response positions only."""
+    adv = np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        steps = np.flatnonzero(mask[b])
+        following = 0.0
+        for k in reversed(range(len(steps))):
+            t = steps[k]
+            last = k == len(steps) - 1
+            next_value = 0.0 if last else values[b, steps[k + 1]]
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            following = delta + (0.0 if last else gamma * lam * following)
+            adv[b, t] = following
+    return adv, (adv + values) * mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)])
+def test_gae_matches_numpy_loop(gamma, lam):
+    rng = np.random.default_rng(0)
+    batch, length = 5, 12
+    rewards = rng.normal(size=(batch, length)).astype(np.float32)
+    values = rng.normal(size=(batch, length)).astype(np.float32)
+    mask = np.zeros((batch, length), np.float32)
+    for b, (start, end) in enumerate([(0, 12), (3, 7), (5, 6), (2, 12), (11, 12)]):  # one-token and full rows
+        mask[b, start:end] = 1
+    rewards *= mask  # rewards only where actions are
+    adv, ret = jax.device_get(ppo.gae(jnp.asarray(rewards), jnp.asarray(values * mask), jnp.asarray(mask),
+                                      gamma, lam))
+    want_adv, want_ret = numpy_gae(rewards, values * mask, mask, gamma, lam)
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
+    assert np.all(adv[mask == 0] == 0)
+
+
+def test_whiten_shifts_advantages_but_keeps_reward_mean():
+    x = jnp.asarray([[1.0, 2.0, 3.0, 100.0]])
+    mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])
+    centred = ppo.whiten(x, mask)
+    np.testing.assert_allclose(float(centred[0, :3].mean()), 0.0, atol=1e-6)
+    np.testing.assert_allclose(float(centred[0, :3].std()), 1.0, atol=1e-4)
+    assert float(centred[0, 3]) == 0.0
+    kept = ppo.whiten(x, mask, shift_mean=False)
+    np.testing.assert_allclose(float(kept[0, :3].mean()), 2.0, atol=1e-5)
+
+
+def test_episodes_mark_response_targets_and_the_last_token():
+    rows = rollout.episodes([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], length=6, pad_id=0)
+    np.testing.assert_array_equal(rows["inputs"], [[5, 6, 7, 1, 2, 0], [8, 3, 4, 9, 0, 0]])
+    np.testing.assert_array_equal(rows["targets"], [[6, 7, 1, 2, 0, 0], [3, 4, 9, 0, 0, 0]])
+    # target 1 (first response token) sits at index len(prompt) - 1
+    np.testing.assert_array_equal(rows["mask"], [[0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["last"], [4, 3])
+
+
+def test_adaptive_kl_moves_beta_towards_the_target():
+    assert ppo.update_kl_coef(0.1, kl=12.0, episodes=64, target=6.0, horizon=10_000) > 0.1
+    assert ppo.update_kl_coef(0.1, kl=1.0, episodes=64, target=6.0, horizon=10_000) < 0.1
+    # the error is clipped at 20%
+    np.testing.assert_allclose(ppo.update_kl_coef(0.1, 600.0, 10_000, 6.0, 10_000), 0.12)
+
+
+def _tiny_config() -> ml_collections.ConfigDict:
+    c = base_config()
+    c.stage = "ppo"
+    c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64, vocab_size=64, max_len=32, scan_layers=False)
+    c.train.update(batch_size=4, seq_len=16)
+    c.ppo.update(rollout_batch=8, max_new_tokens=6)
+    return c
+
+
+def _params(c, seed):
+    model = ppo.ActorCritic(c.model)
+    return nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+def _rollout_rows(c):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 64, size=n).tolist() for n in rng.integers(2, 9, size=8)]
+    responses = [rng.integers(3, 64, size=n).tolist() for n in rng.integers(1, 7, size=8)]
+    return rollout.episodes(prompts, responses, c.train.seq_len, pad_id=0)
+
+
+def test_kl_to_an_identical_reference_is_zero():
+    c = _tiny_config()
+    params = _params(c, 0)
+    rows = _rollout_rows(c)
+    score = rollout.scorer(c)
+    logp, ref_logp, _, _ = jax.device_get(score(params, params["policy"], params["value"], rows["inputs"],
+                                                rows["targets"], rows["mask"], rows["last"]))
+    assert np.all(logp - ref_logp == 0.0)
+    assert np.any(logp != 0)  # the log-probs were computed, on the response tokens
+    assert np.all(logp[rows["mask"] == 0] == 0)
+
+
+def test_first_minibatch_has_ratio_one():
+    """The loss recomputes the rollout's log-probs with the same parameters: ratio 1, nothing clipped."""
+    c = _tiny_config()
+    params = _params(c, 0)
+    rows = _rollout_rows(c)
+    score = rollout.scorer(c)
+    logp, _, values, _ = jax.device_get(score(params, params["policy"], params["value"], rows["inputs"],
+                                              rows["targets"], rows["mask"], rows["last"]))
+    mb = slice(0, c.train.batch_size)  # a minibatch of the rollout batch, as the trainer sees it
+    batch = {"inputs": rows["inputs"][mb], "targets": rows["targets"][mb], "mask": rows["mask"][mb],
+             "old_logprobs": logp[mb], "old_values": values[mb],
+             "advantages": np.ones_like(logp[mb]), "returns": values[mb]}
+    _, sums = jax.jit(ppo.ppo_loss(ppo.ActorCritic(c.model), c.ppo))(params, batch, None)
+    assert float(sums["approx_kl"]) < 1e-7
+    assert float(sums["clip_fraction"]) == 0.0
+    # ratio 1 with advantage 1 on every action: the policy loss is -1 per action token
+    np.testing.assert_allclose(float(sums["policy_loss"]) / float(sums["weight"]), -1.0, rtol=1e-6)
+    assert float(sums["value_loss"]) < 1e-10  # values equal the returns
+
+
+class TwoActions(nn.Module):
+    """A policy over two actions with a logit each, and a constant value: the smallest thing PPO can train."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        logits = self.param("logits", nn.initializers.zeros_init(), (2,))
+        value = self.param("value", nn.initializers.zeros_init(), ())
+        shape = tokens.shape
+        return jnp.broadcast_to(logits, shape + (2,)), jnp.broadcast_to(value, shape)
+
+
+def _toy_grad(logits, old_logprob, advantage, clip=0.2):
+    p = ml_collections.ConfigDict(dict(temperature=1.0, clip=clip, value_clip=0.2, value_coef=0.0,
+                                       entropy_coef=0.0, ptx_coef=0.0))
+    loss_fn = ppo.ppo_loss(TwoActions(), p)
+    batch = {"inputs": np.zeros((1, 1), np.int32), "targets": np.zeros((1, 1), np.int32),  # action 0 taken
+             "mask": np.ones((1, 1), np.float32), "old_logprobs": np.full((1, 1), old_logprob, np.float32),
+             "old_values": np.zeros((1, 1), np.float32), "advantages": np.full((1, 1), advantage, np.float32),
+             "returns": np.zeros((1, 1), np.float32)}
+    params = {"logits": jnp.asarray(logits, jnp.float32), "value": jnp.zeros(())}
+    return jax.grad(lambda q: loss_fn(q, batch, None)[0])(params)["logits"]
+
+
+def test_loss_gradient_follows_the_advantage_and_stops_past_the_clip():
+    old = float(np.log(0.5))  # both actions at 1/2 when the rollout was sampled
+    better = _toy_grad([0.0, 0.0], old, advantage=1.0)
+    assert better[0] < 0 < better[1]  # descending the loss raises action 0's logit, lowers action 1's
+    worse = _toy_grad([0.0, 0.0], old, advantage=-1.0)
+    assert worse[0] > 0 > worse[1]
+    # Action 0 already at p = 0.9 (ratio 1.8 > 1 + clip) with a positive advantage: the clipped loss is flat.
+    np.testing.assert_array_equal(_toy_grad([np.log(9.0), 0.0], old, advantage=1.0), [0.0, 0.0])
+    # ... but with a negative advantage the unclipped term still pulls it back down.
+    assert _toy_grad([np.log(9.0), 0.0], old, advantage=-1.0)[0] > 0
