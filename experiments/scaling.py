@@ -44,7 +44,7 @@ def report(workdir: str, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     points = sorted((non_embedding_params(os.path.join(workdir, r["name"]), r["params"]), r) for r in rows)
-    lines = [f"| run | non-embedding params | params | lr | tokens | held-out loss | held-out perplexity | "
+    lines = ["| run | non-embedding params | params | lr | tokens | held-out loss | held-out perplexity | "
              "tokens/s | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {n:,} | {r['params']:,} | {r['optim.lr']} | {TOKENS:,} | {r['eval_loss']:.4f} | "
               f"{r['eval_perplexity']:.2f} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.0f} |" for n, r in points]

@@ -299,6 +299,10 @@ def inherit_architecture(c: ml_collections.ConfigDict, source: ml_collections.Co
     restates the model it continues. A key left at base_config()'s default is taken from the source; one set
     (by the config file or a flag) to a value that contradicts the source is an error naming it."""
     c = ml_collections.ConfigDict(c.to_dict())
+    source_head = source.model.get("head", "lm")
+    if source_head == "scalar" and c.model.head == "lm":  # checked before anything is built or compiled
+        raise ConfigError(f"config.init_from={c.init_from} holds a model with model.head='scalar' (a reward "
+                          "model), which a model with model.head='lm' cannot start from")
     defaults = base_config().model
     changed = []
     for key in ARCHITECTURE:

@@ -222,10 +222,10 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
           f"{len(eval_prompts[:p.eval_prompts]):,} held-out prompts", flush=True)
 
     def initial_params(target, fresh):
-        del fresh
-        place = lambda sub: lambda boxed: jax.tree.map(lambda a: a.sharding, target[sub])  # noqa: E731
-        _, policy, _, step = checkpoint.model_params(config.init_from, place("policy"))
-        _, value, _, rm_step = checkpoint.model_params(p.reward_from, place("value"))
+        del target, fresh
+        place = lambda boxed: parallel.logical_shardings(boxed, mesh)  # noqa: E731 (as the trainer places them)
+        _, policy, _, step = checkpoint.model_params(config.init_from, place)  # SFT, or an earlier round's PPO
+        _, value, _, rm_step = checkpoint.model_params(p.reward_from, place)
         print(f"policy from {config.init_from} step {step}; value function from {p.reward_from} step {rm_step}",
               flush=True)
         return {"policy": policy, "value": value}

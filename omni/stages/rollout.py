@@ -183,10 +183,13 @@ class Rollouts:
     def _batch_prompts(self) -> list[int]:
         """Indices of this iteration's prompts: the prompt set in a new seeded order every epoch."""
         n, size = len(self.prompts), self.p.rollout_batch
+        orders = {}
         out = []
         for k in range(self.iteration * size, (self.iteration + 1) * size):
             epoch, i = divmod(k, n)
-            out.append(int(np.random.default_rng([self.config.train.seed, 1_000_003, epoch]).permutation(n)[i]))
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([self.config.train.seed, 1_000_003, epoch]).permutation(n)
+            out.append(int(orders[epoch][i]))
         return out
 
     def _rollout(self, params) -> dict[str, float]:
