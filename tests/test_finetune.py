@@ -121,7 +121,8 @@ def _ppo_flags(pipeline, workdir, **extra):
     return ["--config=configs/ppo_tiny.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
 
 
-def test_ppo_ptx_trains_reports_and_resumes(pipeline):
+@pytest.mark.slow  # ~50 s on 2 cores: over the CI suite's budget; tests/test_ppo.py checks PPO's parts in CI
+def test_ppo_ptx_trains_and_reports(pipeline):
     import omni
     from omni.generate import from_workdir
 
