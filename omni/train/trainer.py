@@ -166,7 +166,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         mngr = checkpoint.manager(workdir, t.keep_checkpoints)
         meta = checkpoint.meta(config, task.tokenizer_path)
         batch_sharding = parallel.batch_sharding(mesh)
-        batch_shapes = {k: ((t.batch_size,) + v.shape[1:], v.dtype) for k, v in task.example_batch.items()}
+        # Global shapes: every key's local rows scaled as 'inputs' are (PPO-ptx's pretraining rows differ in number).
+        scale = t.batch_size // task.example_batch["inputs"].shape[0]
+        batch_shapes = {k: ((v.shape[0] * scale,) + v.shape[1:], v.dtype) for k, v in task.example_batch.items()}
         # Compiled before anything is allocated, so an OOM shows here, with the compiler's own numbers.
         step_fn = compile_train_step(config, task.loss_fn, abstract, shardings, batch_shapes, mesh)
         memory = compiled_memory(step_fn)
