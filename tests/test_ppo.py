@@ -93,13 +93,18 @@ def _rollout_rows(c):
     return rollout.episodes(prompts, responses, c.train.seq_len, pad_id=0)
 
 
-def test_kl_to_an_identical_reference_is_zero():
-    c = _tiny_config()
+def _scored_against_itself(c):
+    """A random policy's rows scored with that same policy as the reference (and its value as the RM)."""
     params = _params(c, 0)
     rows = _rollout_rows(c)
-    score = rollout.scorer(c)
-    logp, ref_logp, _, _ = jax.device_get(score(params, params["policy"], params["value"], rows["inputs"],
-                                                rows["targets"], rows["mask"], rows["last"]))
+    out = jax.device_get(rollout.scorer(c)(params, params["policy"], params["value"], rows["inputs"],
+                                           rows["targets"], rows["mask"], rows["last"]))
+    return params, rows, out
+
+
+def test_kl_to_an_identical_reference_is_zero():
+    c = _tiny_config()
+    _, rows, (logp, ref_logp, _, _) = _scored_against_itself(c)
     assert np.all(logp - ref_logp == 0.0)
     assert np.any(logp != 0)  # the log-probs were computed, on the response tokens
     assert np.all(logp[rows["mask"] == 0] == 0)
@@ -108,11 +113,7 @@ def test_kl_to_an_identical_reference_is_zero():
 def test_first_minibatch_has_ratio_one():
     """The loss recomputes the rollout's log-probs with the same parameters: ratio 1, nothing clipped."""
     c = _tiny_config()
-    params = _params(c, 0)
-    rows = _rollout_rows(c)
-    score = rollout.scorer(c)
-    logp, _, values, _ = jax.device_get(score(params, params["policy"], params["value"], rows["inputs"],
-                                              rows["targets"], rows["mask"], rows["last"]))
+    params, rows, (logp, _, values, _) = _scored_against_itself(c)
     mb = slice(0, c.train.batch_size)  # a minibatch of the rollout batch, as the trainer sees it
     batch = {"inputs": rows["inputs"][mb], "targets": rows["targets"][mb], "mask": rows["mask"][mb],
              "old_logprobs": logp[mb], "old_values": values[mb],
