@@ -6,7 +6,8 @@ same shapes, measured side by side in one run. Prints one JSON line.
 Shapes (the issue's): 6 layers, 6 heads, d_model 384, vocab 8192, seq_len 256, batch 8, fp32, dropout 0.
 Both take real optimizer steps (AdamW) on random tokens; each side is timed over the same number of steps
 after warm-up, alternating rounds (each after a short idle gap) so that machine noise hits both alike;
-the best round counts.
+the best round counts. omni runs as it is meant to on a CPU host: one data-parallel XLA device per core
+(config.cpu_devices); the process (both frameworks) runs with glibc's large allocations on huge pages.
 """
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
 
 LAYERS, HEADS, D_MODEL, VOCAB, SEQ, BATCH = 6, 6, 384, 8192, 256, 8
+# Large buffers on transparent huge pages: without it glibc maps every step's big temporaries (> 32 MB) afresh,
+# and the kernel zeroes them page by page (~178k page faults per omni step here).
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
 def omni_stepper(scan_layers: bool):
@@ -92,10 +97,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-hf", action="store_true", help="omni only (no torch installed)")
     parser.add_argument("--scan", action="store_true", help="nn.scan over layers (default: unrolled)")
+    parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
+                        help="XLA devices on this CPU host, data parallel (config.cpu_devices; 0: one device)")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help=f"do not rerun this process with GLIBC_TUNABLES={HUGE_PAGES}")
     args = parser.parse_args()
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if not args.no_huge_pages and HUGE_PAGES not in tunables:
+        # glibc reads its tunables at process start; both frameworks then run under the same allocator.
+        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES])))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+    from omni import parallel
+
+    parallel.split_cpu_host(args.cpu_devices)
+
+    import jax
 
     from omni.train.metrics import peak_flops_per_device
 
+    peak, source = peak_flops_per_device()  # before torch's threads exist
     omni_run, fpt = omni_stepper(args.scan)
     runners = {"omni": omni_run}
     if not args.no_hf:
@@ -106,9 +127,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, run in runners.items():
             best[name] = max(best[name], timed(run, args.steps))
-    peak, source = peak_flops_per_device()
-    out = {"benchmark": "train_throughput", "tokens_per_s": best["omni"], "mfu": best["omni"] * fpt / peak,
+    out = {"benchmark": "train_throughput", "tokens_per_s": best["omni"],
+           "mfu": best["omni"] * fpt / (peak * jax.device_count()),
            "flops_per_token": fpt, "peak_flops": peak, "peak_source": source, "scan_layers": args.scan,
+           "cpu_devices": args.cpu_devices, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
            "shape": {"layers": LAYERS, "heads": HEADS, "d_model": D_MODEL, "vocab": VOCAB, "seq": SEQ,
                      "batch": BATCH, "dtype": "float32"},
            "machine": f"{platform.machine()} {os.cpu_count()} cores"}

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 import jax
 
 from omni import config as config_lib
-from omni import estimate
+from omni import estimate, parallel
 from omni.data import DataError
 from omni.generate import GenerationError
 from omni.stages import label, ppo, pretrain, reward, sample, sft
@@ -173,6 +173,9 @@ def main(argv) -> None:
             from omni import pipeline
 
             sys.exit(pipeline.run(config, workdir))
+        if not isinstance(config.cpu_devices, int) or config.cpu_devices < 0:
+            raise config_lib.ConfigError(f"config.cpu_devices={config.cpu_devices!r}: must be an int >= 0")
+        parallel.split_cpu_host(config.cpu_devices)
         if not config.dry_run:  # a dry run allocates nothing and needs no other host
             init_distributed(config)
         sys.exit(run(config, workdir))

@@ -5,6 +5,7 @@ Nothing else in omni names a mesh axis: models name logical axes, this table dec
 from __future__ import annotations
 
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -28,6 +29,25 @@ LOGICAL_RULES = (
     ("vocab", "tensor"),
     ("layers", None),
 )
+
+
+def split_cpu_host(devices: int) -> None:
+    """Runs this host's CPU backend as `devices` XLA devices (0: JAX's default of one), each executing its
+    kernels without XLA's intra-op thread pool. On a many-core CPU host a small model trains faster data-parallel
+    over one device per core than on one device whose operations are split across threads: the attention's small
+    batched matmuls and the elementwise fusions do not parallelise well, while separate devices overlap them
+    (benchmarks/RESULTS.md). No effect on GPU or TPU devices. Must run before JAX initialises its backends."""
+    if devices == 0:
+        return
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        if jax.local_device_count("cpu") == devices:
+            return
+        raise RuntimeError(f"cpu_devices={devices}: JAX's backends are already initialised "
+                           f"with {jax.local_device_count('cpu')} CPU devices")
+    jax.config.update("jax_num_cpu_devices", devices)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:

@@ -175,6 +175,24 @@ def test_preempted_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(interrupted, "tb")))
 
 
+def test_cpu_devices_train_the_same_model_and_resume_on_one(data_dir, trained, tmp_path):
+    """config.cpu_devices=2 splits this host into two data-parallel devices: the same losses as one device, and
+    its checkpoints resume on one."""
+    workdir = str(tmp_path / "split")
+    out = run_cli(small_overrides(data_dir, workdir, steps=4, cpu_devices=2))
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["mesh"]["data"] == 2
+    one, two = _metrics(trained), _metrics(workdir)
+    assert [m["loss"] for m in two if "loss" in m] == pytest.approx([m["loss"] for m in one if "loss" in m],
+                                                                    rel=1e-5)
+    out = run_cli(small_overrides(data_dir, workdir, steps=6))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in out.stdout and _summary(workdir)["step"] == 6
+    out = run_cli(small_overrides(data_dir, str(tmp_path / "bad"), cpu_devices=-1))
+    assert out.returncode == 2 and "config.cpu_devices=-1" in out.stderr
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     workdir = str(tmp_path / "nan")
     out = run_cli(small_overrides(data_dir, workdir, **{"optim.lr": 1e30, "optim.warmup_steps": 0,
