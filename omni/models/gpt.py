@@ -158,8 +158,18 @@ def _matmul(x: jax.Array, w: jax.Array, transposed: bool, dtype) -> jax.Array:
         return x @ w
     rows = math.prod(x.shape[:-1])
     if rows <= DECODE_ROWS:
-        return (w @ x.reshape(rows, -1).T).T.reshape(x.shape[:-1] + (w.shape[0],))
+        return _few_rows_matmul(x.reshape(rows, -1), w).reshape(x.shape[:-1] + (w.shape[0],))
     return x @ w.T
+
+
+def _few_rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [rows, in] times w stored [out, in], for the few rows of a decoding step: (w x^T)^T, which contracts w's
+    rows in place. On CPU, 2-64 rows go faster as one fused multiply-and-sum that streams w once than as a GEMM,
+    whose kernels pack w for so few rows (measured through the 55 MB of the generation benchmark's weights:
+    7.3 vs 10.7 ms at 8 rows, 11.7 vs 13.9 at 32, even at 64); one row stays a matrix-vector product."""
+    if 1 < x.shape[0] and jax.default_backend() == "cpu":
+        return (w[None] * x[:, None, :]).sum(-1, dtype=jnp.float32).astype(x.dtype)
+    return (w @ x.T).T
 
 
 def _residual_std(m: ml_collections.ConfigDict) -> float:
@@ -295,8 +305,8 @@ def unembed(x: jax.Array, embedding: jax.Array) -> jax.Array:
 
 def _logits(x, embedding):
     rows = math.prod(x.shape[:-1])
-    if rows <= DECODE_ROWS:  # decoding: contract the embedding's rows in place, transpose the small result
-        return (embedding @ x.reshape(rows, -1).T).T.reshape(x.shape[:-1] + (-1,))
+    if rows <= DECODE_ROWS:  # decoding: contract the embedding's rows in place
+        return _few_rows_matmul(x.reshape(rows, -1), embedding).reshape(x.shape[:-1] + (-1,))
     return x @ embedding.T
 
 
