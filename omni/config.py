@@ -194,6 +194,13 @@ def _require(ok: bool, key: str, value, why: str) -> None:
         raise ConfigError(f"config.{key}={value!r}: {why}")
 
 
+def cpu_devices(c: ml_collections.ConfigDict) -> int:
+    """config.cpu_devices, checked: needed before JAX starts (and so before validate, which sees the devices)."""
+    _require(isinstance(c.cpu_devices, int) and c.cpu_devices >= 0, "cpu_devices", c.cpu_devices,
+             "must be an int >= 0")
+    return c.cpu_devices
+
+
 ICI_AXES = ("data", "fsdp", "tensor", "sequence")
 DCN_AXES = ("dcn_data", "dcn_fsdp")
 ATTENTION = ("auto", "xla", "cudnn", "splash")

@@ -173,9 +173,7 @@ def main(argv) -> None:
             from omni import pipeline
 
             sys.exit(pipeline.run(config, workdir))
-        if not isinstance(config.cpu_devices, int) or config.cpu_devices < 0:
-            raise config_lib.ConfigError(f"config.cpu_devices={config.cpu_devices!r}: must be an int >= 0")
-        parallel.split_cpu_host(config.cpu_devices)
+        parallel.split_cpu_host(config_lib.cpu_devices(config))
         if not config.dry_run:  # a dry run allocates nothing and needs no other host
             init_distributed(config)
         sys.exit(run(config, workdir))
