@@ -32,11 +32,11 @@ LOGICAL_RULES = (
 
 
 def split_cpu_host(devices: int) -> None:
-    """Runs this host's CPU backend as `devices` XLA devices (0: JAX's default of one), each executing its
-    kernels without XLA's intra-op thread pool. On a many-core CPU host a small model trains faster data-parallel
-    over one device per core than on one device whose operations are split across threads: the attention's small
-    batched matmuls and the elementwise fusions do not parallelise well, while separate devices overlap them
-    (benchmarks/RESULTS.md). No effect on GPU or TPU devices. Must run before JAX initialises its backends."""
+    """Runs this host's CPU backend as `devices` XLA devices (0: JAX's default of one) with Eigen's intra-op
+    threading off. On a 2-core host a small model trains faster data-parallel over one device per core than on
+    one device whose operations are each split across the cores, which not all of them use well (the
+    attention's batched matmuls); separate devices overlap them (benchmarks/RESULTS.md). No effect on GPU or TPU
+    devices. Must run before JAX initialises its backends."""
     if devices == 0:
         return
     from jax._src import xla_bridge
