@@ -95,6 +95,24 @@ def test_cache_prefill_then_steps_gives_full_forward_logits():
     assert len(cache.k) == len(cache.v) == m.num_layers and cache.k[0].shape == (2, 4, 28, 16)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_loop_updates_the_cache_in_place(batch):
+    """The compiled generation program copies no layer's KV cache: each token's keys and values are written
+    in place (a copy per layer and token cost 17% of batch-1 decoding on CPU)."""
+    import re
+
+    from omni.generate import _stop_table
+    m, params, _, generator, _, _, _ = shared_run("gpt2-unrolled")
+    tokens, start, _ = generator._left_pad(prompts_of([5] * batch, m.vocab_size, seed=0))
+    slots = tokens.shape[1] + NEW
+    program = generator._run.lower(generator.params, tokens, start, _stop_table(()), jax.random.key(0),
+                                   max_new=NEW, slots=slots, sampling=GREEDY).compile().as_text()
+    head_dim = m.d_model // m.num_heads
+    cache = rf"f32\[{batch},{m.num_heads},{slots},{head_dim}\]\S* copy\("
+    assert re.search(r"dynamic-update-slice", program)  # the writes are there...
+    assert not re.findall(cache, program)  # ...and no copy of a cache
+
+
 # --- stop sequences and the context's end ---------------------------------------------------------------
 
 def _stop_length(row, stops):

@@ -195,14 +195,33 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window=None, 
     return out.transpose(0, 2, 1, 3)
 
 
-def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *, q_offset, window,
-                     q_segment_ids: jax.Array, k_segment_ids: jax.Array, chunk: int = 64) -> jax.Array:
-    """Generation: q [batch, new, heads, d] at slots q_offset.. against a heads-major KV cache [batch, heads,
-    slots, d] (already holding the new tokens), masked causally, by `window` and by segment (0: padding)."""
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *,
+                     q_offset, window, q_segment_ids: jax.Array, k_segment_ids: jax.Array,
+                     chunk: int = 64) -> jax.Array:
+    """Generation: new tokens' q, k, v [batch, new, heads, d] at slots q_offset.. attend to the earlier slots
+    of a heads-major KV cache [batch, heads, slots, d] (not yet holding the new tokens) and to each other,
+    masked causally, by `window` and by segment (`k_segment_ids` per cache slot; 0: padding).
+
+    The two parts are softmaxed separately and merged by their log-sum-exps, so the caller writes the new keys
+    into the cache after attention: the update then has one consumer (the next step's cache) and XLA updates it
+    in place, where attending to the updated cache made it copy every layer's cache on every token."""
     q = (q * q.shape[-1] ** -0.5).transpose(0, 2, 1, 3)
-    out = _chunked(q, cache_k, cache_v, jnp.asarray(q_offset, jnp.int32), window, q_segment_ids, k_segment_ids,
-                   None, chunk, 0.0, False)
-    return out.transpose(0, 2, 1, 3)
+    k, v = (x.transpose(0, 2, 1, 3).astype(cache_k.dtype) for x in (k, v))
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    earlier = jnp.where(jnp.arange(cache_k.shape[2]) < q_offset, k_segment_ids, -1)  # -1 matches no query
+    old, old_lse = _attend(q, cache_k, cache_v, q_offset, window, q_segment_ids, earlier, chunk)
+    new, new_lse = _attend(q, k, v, 0, window, q_segment_ids, q_segment_ids, chunk)
+    lse = jnp.logaddexp(old_lse, new_lse)[..., None]
+    out = old * jnp.exp(old_lse[..., None] - lse) + new * jnp.exp(new_lse[..., None] - lse)
+    return out.astype(v.dtype).transpose(0, 2, 1, 3)
+
+
+def _attend(q, k, v, q_offset, window, q_seg, k_seg, chunk):
+    """(output, log-sum-exp) of heads-major, pre-scaled q at positions q_offset.. against keys at 0..len-1."""
+    causal_skip = isinstance(q_offset, int) and q_offset == 0 and q.shape[2] == k.shape[2]
+    out, residuals = _chunked_fwd(q, k, v, jnp.asarray(q_offset, jnp.int32), window, q_seg, k_seg, None, chunk,
+                                  0.0, causal_skip)
+    return out.astype(jnp.float32), residuals[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------

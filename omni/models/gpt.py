@@ -103,15 +103,22 @@ class Attention(nn.Module):
 
 
 def _cached_attention(m, q, k, v, kv, slot_info, sparse, q_valid):
-    """Writes this call's keys and values at slots index.. of one layer's cache, then attends from the new
-    queries to every written, non-padding slot (any number of new tokens, at any index)."""
+    """Attends from the new tokens to every earlier, non-padding slot of one layer's cache and to each other,
+    then writes their keys and values at slots index.. (any number of new tokens, at any index)."""
     index, k_valid = slot_info
+    cache_k, cache_v = kv
+    band = jnp.where(sparse, m.sparse_window, cache_k.shape[2] + 1)
+    y = cached_attention(q, k, v, cache_k, cache_v, q_offset=index, window=band, q_segment_ids=q_valid,
+                         k_segment_ids=k_valid, chunk=m.attention_chunk)
+    # Make the writes depend on the attention output (adding an exact zero): XLA then orders every read of the
+    # old cache before its in-place update; otherwise it copies each layer's cache twice per token (measured:
+    # 24 copies, 0.9 ms of a 5.3 ms batch-1 token). A barrier does not do it: XLA:CPU drops barriers first.
+    # Elementwise (y has k's shape and sharding), so no device waits on another.
+    after = 0 * jnp.isfinite(y).astype(k.dtype)  # 0 even where y is not finite
+    k, v = k + after, v + after
     cache_k, cache_v = (_constrain(jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype),
                                                                 (0, 0, index, 0)), ("batch", "heads", None, "kv"))
                         for c, x in zip(kv, (k, v)))
-    band = jnp.where(sparse, m.sparse_window, cache_k.shape[2] + 1)
-    y = cached_attention(q, cache_k, cache_v, q_offset=index, window=band, q_segment_ids=q_valid,
-                         k_segment_ids=k_valid, chunk=m.attention_chunk)
     return y, (cache_k, cache_v)
 
 
