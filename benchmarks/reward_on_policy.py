@@ -1,0 +1,74 @@
+"""How well a reward model ranks a policy's own samples, which is what PPO optimises against (the suite's
+rankings of widely spread candidates are easier). For each held-out suite prompt the policy samples K responses
+at temperature 1; the reward model scores them and the suite's noise-free labeler says which is better. Prints
+one JSON line: the reward model's agreement with the labeler on every pair the labeler separates, the labeler
+score of the reward model's best of K next to a random sample and the labeler's own best, and their correlation.
+
+    python benchmarks/reward_on_policy.py [--policy=runs/sft_tiny] [--reward=runs/rm_tiny] [--prompts=200]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import jax
+import numpy as np
+
+import omni
+from omni.config import base_config
+from omni.data import finetune
+from omni.data.instructions import labeler_score
+from omni.data.template import prompt_ids
+from omni.generate import Generator, Sampling
+from omni.models import GPT
+from omni.stages.reward import response_scores
+from omni.stages.rollout import episodes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--policy", default="runs/sft_tiny")
+    p.add_argument("--reward", default="runs/rm_tiny")
+    p.add_argument("--prompts", type=int, default=200)
+    p.add_argument("--samples", type=int, default=8, help="K responses per prompt")
+    p.add_argument("--max_new_tokens", type=int, default=24)
+    p.add_argument("--seq_len", type=int, default=48)
+    args = p.parse_args()
+    k = args.samples
+    policy_config, params, tokenizer = omni.load(args.policy)
+    rm_config, rm_params, _ = omni.load(args.reward)
+    data = base_config().data
+    data.name = "instructions"
+    room = args.seq_len - args.max_new_tokens  # prompts that leave room for a full response, as PPO keeps them
+    prompts = [t for t in finetune.prompts(data, "validation") if len(prompt_ids(tokenizer, t)) <= room]
+    prompts = prompts[:args.prompts]
+    generator = Generator(policy_config.model, params, pad_id=tokenizer.pad_id)
+    reward = GPT(rm_config.model)
+    score = jax.jit(lambda p, x, last: response_scores(reward, p, x[:, None], last[:, None])[:, 0])
+    true, predicted = [], []
+    for start in range(0, len(prompts), 8):
+        chunk = prompts[start:start + 8]
+        ids = [prompt_ids(tokenizer, t) for t in chunk for _ in range(k)]
+        out = generator.generate(ids, args.max_new_tokens, Sampling(temperature=1.0), stop=[[tokenizer.eos_id]],
+                                 seed=start)
+        rows = episodes(ids, [out.row(i) for i in range(len(ids))], args.seq_len, tokenizer.pad_id)
+        scores = np.asarray(score(rm_params, rows["inputs"], rows["last"]))
+        for j, prompt in enumerate(chunk):
+            texts = [tokenizer.decode([t for t in out.row(j * k + i) if t != tokenizer.eos_id]).strip()
+                     for i in range(k)]
+            true.append([labeler_score(prompt, t) for t in texts])
+            predicted.append(scores[j * k:(j + 1) * k])
+    true, predicted = np.array(true), np.array(predicted)
+    pairs = [(t[i] > t[j]) == (s[i] > s[j]) for t, s in zip(true, predicted)
+             for i, j in itertools.combinations(range(k), 2) if t[i] != t[j]]
+    print(json.dumps({
+        "benchmark": "reward_on_policy", "policy": args.policy, "reward": args.reward, "prompts": len(prompts),
+        "samples": k, "pairs": len(pairs), "agreement_with_labeler": float(np.mean(pairs)),
+        "best_of_k_by_reward": float(true[np.arange(len(true)), predicted.argmax(1)].mean()),
+        "random_sample": float(true.mean()), "best_of_k_by_labeler": float(true.max(1).mean()),
+        "correlation": float(np.corrcoef(true.ravel(), predicted.ravel())[0, 1])}))
+
+
+if __name__ == "__main__":
+    main()
