@@ -117,7 +117,7 @@ def test_forward_matches_numpy_reference(variant):
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, m.vocab_size)
     model = GPT(m)
     params = _randomised(_init(model, tokens))
-    logits = model.apply({"params": params}, tokens)
+    logits = jax.jit(model.apply)({"params": params}, tokens)
     assert logits.shape == (2, 12, m.vocab_size) and logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logits), numpy_gpt(params, tokens, m), rtol=1e-4, atol=1e-4)
 
@@ -129,8 +129,8 @@ def test_gpt3_band_changes_the_output():
     params = _randomised(_init(GPT(m), tokens))
     wide = _tiny("gpt3", )
     wide.sparse_window = 100
-    banded = GPT(m).apply({"params": params}, tokens)
-    dense = GPT(wide).apply({"params": params}, tokens)
+    banded = jax.jit(GPT(m).apply)({"params": params}, tokens)
+    dense = jax.jit(GPT(wide).apply)({"params": params}, tokens)
     np.testing.assert_allclose(banded[:, :3], dense[:, :3], rtol=1e-5, atol=1e-6)  # inside the band: same
     assert not np.allclose(banded[:, 3:], dense[:, 3:], atol=1e-4)
 
@@ -141,7 +141,8 @@ def test_causal_future_tokens_do_not_change_past_logits():
     b = a.at[0, 7].set(3)
     model = GPT(m)
     params = _init(model, a)
-    la, lb = model.apply({"params": params}, a), model.apply({"params": params}, b)
+    apply = jax.jit(model.apply)
+    la, lb = apply({"params": params}, a), apply({"params": params}, b)
     np.testing.assert_allclose(la[:, :7], lb[:, :7], rtol=1e-6, atol=1e-6)
     assert not np.allclose(la[:, 7:], lb[:, 7:])
 
@@ -158,11 +159,11 @@ def test_unrolled_and_remat_match_scan(remat):
     for i in range(m.num_layers):
         unrolled[f"blocks_{i}"] = jax.tree.map(lambda a: a[i], params["blocks"])
 
-    def loss(model, p):
-        return jnp.mean(model.apply({"params": p}, tokens) ** 2)
+    def loss_and_grad(model, p):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)))(p)
 
-    l1, g1 = jax.value_and_grad(loss, argnums=1)(GPT(m), params)
-    l2, g2 = jax.value_and_grad(loss, argnums=1)(GPT(unrolled_cfg), unrolled)
+    l1, g1 = loss_and_grad(GPT(m), params)
+    l2, g2 = loss_and_grad(GPT(unrolled_cfg), unrolled)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     np.testing.assert_allclose(g1["blocks"]["mlp"]["fc"]["kernel"][2], g2["blocks_2"]["mlp"]["fc"]["kernel"],
                                rtol=1e-5, atol=1e-7)
@@ -183,9 +184,10 @@ def test_dropout_is_random_in_training_and_off_in_eval():
     tokens = jnp.zeros((1, 8), jnp.int32)
     model = GPT(m)
     params = _init(model, tokens)
-    eval_a = model.apply({"params": params}, tokens)
-    eval_b = model.apply({"params": params}, tokens)
-    train = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    apply = jax.jit(model.apply, static_argnames="deterministic")
+    eval_a = apply({"params": params}, tokens)
+    eval_b = apply({"params": params}, tokens)
+    train = apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
     np.testing.assert_array_equal(eval_a, eval_b)
     assert not np.allclose(train, eval_a)
 
@@ -195,7 +197,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     tokens = jnp.zeros((1, 8), jnp.int32)
     variables = GPT(m).init(jax.random.key(0), tokens)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-    assert GPT(m).apply(variables, tokens).dtype == jnp.float32
+    assert jax.jit(GPT(m).apply)(variables, tokens).dtype == jnp.float32
 
 
 def test_flops_per_token_counts_attention():

@@ -43,8 +43,8 @@ def run(mesh_sizes, devices, grad_accum):
 AXES = ("data", "fsdp", "tensor", "sequence")
 loss1, params1, _, _ = run(dict(zip(AXES, (1, 1, 1, 1))), jax.devices()[:1], 1)
 out = {"single": loss1}
-for sizes, accum in [((1, 8, 1, 1), 1), ((2, 2, 2, 1), 1), ((2, 2, 2, 1), 2), ((1, 1, 2, 4), 1),
-                     ((2, 1, 1, 4), 1)]:
+# (2, 2, 2, 1) runs with gradient accumulation only; the other meshes cover the step without it.
+for sizes, accum in [((1, 8, 1, 1), 1), ((2, 2, 2, 1), 2), ((1, 1, 2, 4), 1), ((2, 1, 1, 4), 1)]:
     loss, params, spec, shard_elems = run(dict(zip(AXES, sizes)), jax.devices(), accum)
     worst = max(float(np.max(np.abs(a - b) / (np.abs(b) + 1e-6)))
                 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params1)))
@@ -63,8 +63,8 @@ def test_sharded_train_step_matches_single_device():
         # Relative 1e-5 on the updated parameters (Adam's first step moves each by ~lr, so this is strict).
         assert r["worst_param_rel"] < 1e-5, (mesh, r)
     # Parameters are really sharded: (layers, embed, qkv, heads, kv) -> embed over fsdp, heads over tensor.
-    assert len(result) == 5
-    assert result["(2, 2, 2, 1) accum=1"]["qkv_spec"] == "P(None, 'fsdp', None, 'tensor', None)"
-    assert result["(2, 2, 2, 1) accum=1"]["qkv_shard_elems"] == full_qkv // 4
+    assert len(result) == 4
+    assert result["(2, 2, 2, 1) accum=2"]["qkv_spec"] == "P(None, 'fsdp', None, 'tensor', None)"
+    assert result["(2, 2, 2, 1) accum=2"]["qkv_shard_elems"] == full_qkv // 4
     assert result["(1, 8, 1, 1) accum=1"]["qkv_shard_elems"] == full_qkv // 8
     assert result["(1, 1, 2, 4) accum=1"]["qkv_shard_elems"] == full_qkv // 2
