@@ -2,7 +2,8 @@
 rankings of widely spread candidates are easier). For each held-out suite prompt the policy samples K responses
 at temperature 1; the reward model scores them and the suite's noise-free labeler says which is better. Prints
 one JSON line: the reward model's agreement with the labeler on every pair the labeler separates, the labeler
-score of the reward model's best of K next to a random sample and the labeler's own best, and their correlation.
+score of the reward model's best of K next to a random sample and the labeler's own best, and their correlation;
+per task, how often any of the K samples is exactly the reference answer (what PPO can find by sampling).
 
     python benchmarks/reward_on_policy.py [--policy=runs/sft_tiny] [--reward=runs/rm_tiny] [--prompts=200]
 """
@@ -18,7 +19,7 @@ import numpy as np
 import omni
 from omni.config import base_config
 from omni.data import finetune
-from omni.data.instructions import labeler_score
+from omni.data.instructions import labeler_score, parse_prompt
 from omni.data.template import prompt_ids
 from omni.generate import Generator, Sampling
 from omni.models import GPT
@@ -67,7 +68,18 @@ def main() -> None:
         "samples": k, "pairs": len(pairs), "agreement_with_labeler": float(np.mean(pairs)),
         "best_of_k_by_reward": float(true[np.arange(len(true)), predicted.argmax(1)].mean()),
         "random_sample": float(true.mean()), "best_of_k_by_labeler": float(true.max(1).mean()),
-        "correlation": float(np.corrcoef(true.ravel(), predicted.ravel())[0, 1])}))
+        "correlation": float(np.corrcoef(true.ravel(), predicted.ravel())[0, 1]),
+        "by_task": by_task(prompts, true)}))
+
+
+def by_task(prompts: list[str], true: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per task: prompts, mean labeler score of a sample, of the labeler's best of K, and the share of prompts
+    where some sample is exactly the reference answer (score 1)."""
+    tasks = np.array([parse_prompt(t).task for t in prompts])
+    return {task: {"prompts": int((tasks == task).sum()), "random_sample": float(true[tasks == task].mean()),
+                   "best_of_k_by_labeler": float(true[tasks == task].max(1).mean()),
+                   "some_sample_exact": float((true[tasks == task] == 1.0).any(1).mean())}
+            for task in sorted(set(tasks))}
 
 
 if __name__ == "__main__":

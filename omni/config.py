@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
         whiten_rewards=False,  # divide scores by their batch std (no mean shift)
         reward_clip=0.0,  # > 0: clip scores to [-reward_clip, reward_clip]
         missing_eos_penalty=1.0,  # subtracted from the score of a response that never emits EOS
+        gold_reward=False,  # diagnostic, instruction suite only: the reward is 2 x the labeler's true score - 1
+        # instead of the reward model's (Gao et al. 2022's gold reward); the value function still starts from
+        # reward_from. It tells how far PPO can climb the truth itself, apart from the reward model's errors.
         ptx_coef=0.0,  # PPO-ptx: gamma of the pretraining loss mixed into every update (InstructGPT 27.8)
         ptx_data="stdlib",  # pretraining data of PPO-ptx and of the reported pretraining perplexity (data.name)
         ptx_path="",
@@ -299,6 +302,8 @@ def _check_ppo(c: ml_collections.ConfigDict) -> None:
                 "missing_eos_penalty", "ptx_coef"):
         _require(p[key] >= 0, f"ppo.{key}", p[key], "must be >= 0")
     _require(p.kl_horizon > 0, "ppo.kl_horizon", p.kl_horizon, "must be positive")
+    _require(not p.gold_reward or c.data.name == "instructions", "ppo.gold_reward", p.gold_reward,
+             "needs the instruction suite's labeler (data.name='instructions')")
     _require(c.model.dropout == 0.0, "model.dropout", c.model.dropout,
              "PPO runs every model without dropout (its log-probabilities must match the rollout's)")
     t.steps = p.iterations * p.epochs * (p.rollout_batch // t.batch_size)
@@ -327,3 +332,12 @@ def inherit_architecture(c: ml_collections.ConfigDict, source: ml_collections.Co
     if changed:
         print(f"model architecture from config.init_from={c.init_from}: {', '.join(changed)}", flush=True)
     return c
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A config read back from a workdir, with the keys added to base_config() since it was written filled in
+    with their defaults (so an older run's workdir still feeds every stage); its own values win."""
+    def merge(default: dict, own: dict) -> dict:
+        return {**default, **{k: merge(default[k], v) if isinstance(v, dict) and isinstance(default.get(k), dict)
+                              else v for k, v in own.items()}}
+    return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))

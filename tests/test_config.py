@@ -2,6 +2,7 @@
 the distributed settings and the attention choice: each bad value is named in one message."""
 import pytest
 
+from omni import config as config_lib
 from omni.config import ConfigError, base_config, validate
 
 
@@ -65,3 +66,22 @@ def test_a_kernel_without_dropout_is_refused_when_dropout_is_on():
         validate(c, 1)
     c.model.attention = "auto"  # auto falls back to the XLA path instead
     validate(c, 1)
+
+
+def test_a_workdir_config_from_an_older_run_gets_the_new_keys_defaults():
+    saved = base_config().to_dict()
+    saved["model"]["num_layers"] = 3
+    saved["extra_from_the_run"] = "kept"
+    del saved["data"]["labeler_noise"], saved["ppo"]
+    config = config_lib.with_defaults(saved)
+    assert config.data.labeler_noise == base_config().data.labeler_noise
+    assert config.ppo.to_dict() == base_config().ppo.to_dict()
+    assert config.model.num_layers == 3 and config.extra_from_the_run == "kept"
+
+
+def test_gold_reward_needs_the_instruction_suite():
+    c = base_config()
+    c.stage, c.data.name, c.ppo.gold_reward = "ppo", "text", True
+    c.model.dropout = 0.0
+    with pytest.raises(ConfigError, match="ppo.gold_reward"):
+        validate(c, 1)

@@ -169,3 +169,13 @@ def test_ppo_refuses_a_policy_as_reward_model(pipeline):
     out = run_cli(_ppo_flags(pipeline, str(pipeline["root"] / "bad_ppo"), **{"ppo.reward_from": pipeline["sft"]}))
     assert out.returncode == 2 and "config.ppo.reward_from=" in out.stderr and "model.head='lm'" in out.stderr, \
         out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_gold_reward_is_the_labelers_true_score(pipeline):
+    workdir = str(pipeline["root"] / "ppo_gold")
+    out = run_cli(_ppo_flags(pipeline, workdir, **{"ppo.gold_reward": True, "ppo.iterations": 1, "ppo.ptx_coef": 0.0}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        (first,) = [r for r in map(json.loads, f) if "iteration" in r]
+    assert first["reward"] == pytest.approx(2 * first["rollout_labeler_score"] - 1, abs=1e-5)

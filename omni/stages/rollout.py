@@ -202,6 +202,11 @@ class Rollouts:
         generate_s = time.perf_counter() - start
         start = time.perf_counter()
         logp, ref_logp, values, raw = score_rows(self.score, params, self.ref_params, self.rm_params, rows)
+        texts = [response_text(self.tokenizer, out, i) for i in range(len(indices))]
+        true = (np.array([self.labeler(self.prompts[i], t) for i, t in zip(indices, texts)], np.float32)
+                if self.labeler is not None else None)
+        if p.gold_reward:
+            raw = 2 * true - 1
         scores = raw - p.missing_eos_penalty * (~out.stopped)
         if p.reward_clip > 0:
             scores = np.clip(scores, -p.reward_clip, p.reward_clip)
@@ -216,10 +221,8 @@ class Rollouts:
                    "explained_variance": explained_variance(values, returns, rows["mask"]),
                    "rollout_tokens_per_s": float(out.lengths.sum()) / generate_s, "generate_s": generate_s,
                    "score_s": score_s, "iteration": self.iteration + 1}
-        texts = [response_text(self.tokenizer, out, i) for i in range(len(indices))]
-        if self.labeler is not None:
-            metrics["rollout_labeler_score"] = float(np.mean([self.labeler(self.prompts[i], t)
-                                                              for i, t in zip(indices, texts)]))
+        if true is not None:
+            metrics["rollout_labeler_score"] = float(true.mean())
         if self.iteration % p.sample_every == 0 and jax.process_index() == 0:
             for i in range(2):
                 print(f"  sample (iteration {self.iteration + 1}): {self.prompts[indices[i]]!r} -> {texts[i]!r} "

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from omni import config as config_lib
 from omni.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, file_name
 
 
@@ -91,7 +92,7 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[ml_collections.Con
     tok_path = os.path.join(workdir, name)
     if not os.path.exists(tok_path):
         _write_atomic(tok_path, base64.b64decode(data))
-    return ml_collections.ConfigDict(m["config"]), tok_path, step
+    return config_lib.with_defaults(m["config"]), tok_path, step
 
 
 def restore_params(workdir: str, step: int, abstract_params):
