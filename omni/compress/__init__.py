@@ -1,0 +1,1 @@
+"""Model compression: one-shot pruning (SparseGPT, magnitude) and quantization of trained kernels."""
