@@ -185,7 +185,7 @@ VARIANTS = ("gpt1", "gpt2", "gpt3")
 REMAT = ("none", "full", "dots")
 HEADS = ("lm", "scalar")
 DTYPES = ("float32", "bfloat16", "float16")
-STAGES = ("pretrain", "sft", "rm", "ppo", "sample", "label")
+STAGES = ("pretrain", "sft", "rm", "ppo", "sample", "label", "compress")
 # A model's shape and parameter layout. With init_from these come from the earlier stage's workdir; the rest
 # of config.model (head, dropout, dtype, remat, attention kernel) is this stage's own.
 ARCHITECTURE = ("variant", "num_layers", "num_heads", "d_model", "d_ff", "vocab_size", "max_len", "sparse_window",

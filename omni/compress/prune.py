@@ -32,7 +32,7 @@ def _get(tree: dict, path: Path):
     return tree
 
 
-def _blocks(params: dict) -> Iterator[tuple[str, bool]]:
+def blocks(params: dict) -> Iterator[tuple[str, bool]]:
     """(block key, scanned) for each block subtree: 'blocks' (layers stacked on axis 0) or 'blocks_0', ..."""
     for key in params:
         if key == "blocks" or key.startswith("blocks_"):
@@ -41,7 +41,7 @@ def _blocks(params: dict) -> Iterator[tuple[str, bool]]:
 
 def linear_layers(params: dict) -> Iterator[tuple[Path, int | None, np.ndarray]]:
     """(path of the kernel, layer index within a scanned stack or None, the kernel as an (in, out) matrix)."""
-    for block, scanned in _blocks(params):
+    for block, scanned in blocks(params):
         for sub, n_in in LINEAR.items():
             kernel = np.asarray(_get(params[block], sub))
             for layer in range(kernel.shape[0]) if scanned else [None]:
@@ -106,7 +106,7 @@ def heads(params: dict, fraction: float) -> dict:
     weights have the smallest joint L2 norm (at least one head stays)."""
     _check_fraction(fraction, "fraction")
     masks = jax.tree.map(lambda x: np.ones(np.shape(x), bool), params)
-    for block, scanned in _blocks(params):
+    for block, scanned in blocks(params):
         attn, mask = params[block]["attn"], masks[block]["attn"]
         qkv, out = np.asarray(attn["qkv_kernel"]), np.asarray(attn["out_kernel"])
         # head axis: qkv [..., embed, 3, heads, kv], out [..., heads, kv, embed]
@@ -126,7 +126,7 @@ def mlp_channels(params: dict, fraction: float) -> dict:
     output row have the smallest joint L2 norm."""
     _check_fraction(fraction, "fraction")
     masks = jax.tree.map(lambda x: np.ones(np.shape(x), bool), params)
-    for block, scanned in _blocks(params):
+    for block, scanned in blocks(params):
         mlp, mask = params[block]["mlp"], masks[block]["mlp"]
         fc, bias, proj = (np.asarray(x) for x in (mlp["fc"]["kernel"], mlp["fc"]["bias"], mlp["proj"]["kernel"]))
         norms = np.square(fc).sum(-2) + np.square(bias) + np.square(proj).sum(-1)  # [(layers,) mlp]

@@ -23,6 +23,7 @@ damping at a time, with a warning, up to `MAX_DAMP`; beyond that a ValueError.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any
 
@@ -30,6 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from omni.compress.prune import LINEAR  # the linear kernels and their input axes, shared with magnitude pruning
+from omni.generate import unrolled
+from omni.models import GPT
+from omni.models.gpt import Block, sparse_layers
 
 MAX_DAMP = 1e3  # relative to mean(diag H): far beyond this, SparseGPT degenerates to magnitude pruning anyway
 _HIGHEST = lax.Precision.HIGHEST  # fp32 matmuls stay fp32 on GPU (TF32) and TPU (bf16 passes)
@@ -246,3 +252,58 @@ def prune_kernel(kernel: Any, hessian: Any, sparsity: float = 0.5, n_m: tuple[in
     keeps N of every M consecutive inputs for each output (`sparsity` is then ignored). `damp` is relative to
     mean(diag H). Returns the pruned kernel, same shape and dtype."""
     return prune_kernel_with_info(kernel, hessian, sparsity, n_m, block_size, damp)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole model: blocks in order, each pruned on the inputs that the already-pruned blocks before it produce.
+
+SOWN = {("attn", "qkv_kernel"): ("attn", "qkv_in"), ("attn", "out_kernel"): ("attn", "out_in"),
+        ("mlp", "fc", "kernel"): ("mlp", "fc_in"), ("mlp", "proj", "kernel"): ("mlp", "proj_in")}
+
+
+def prune_model(model_config: Any, params: dict, calibration: np.ndarray, sparsity: float = 0.5,
+                n_m: tuple[int, int] | None = None, block_size: int = 128, damp: float = 0.01,
+                batch_size: int = 8) -> tuple[dict, list[dict]]:
+    """SparseGPT through a GPT (Frantar & Alistarh 2023, section 3): for each block in order, the Hessians of
+    its four linear layers' inputs are accumulated over the calibration token rows [n, length] as the pruned
+    model so far computes them, every kernel is pruned with `prune_kernel`, and the pruned block is re-run to give
+    the next block its inputs. Embeddings, LayerNorms, biases and the head stay dense. Returns the parameters
+    (same layout as given) and per kernel {"layer", "kernel", "damp", "dead_inputs"}."""
+    config, flat = unrolled(model_config, params)
+    flat = dict(flat)
+    rows = [jnp.asarray(calibration[i:i + batch_size]) for i in range(0, len(calibration), batch_size)]
+    first = jax.jit(lambda p, t: GPT(config).apply({"params": p}, t, mutable=["intermediates"])[1])
+    inputs = [first(flat, t)["intermediates"]["blocks_0"]["block_in"][0] for t in rows]
+    # One compiled block per attention pattern (GPT-3 alternates two), its linear layers' inputs sown.
+    run_block = jax.jit(lambda p, x, s: Block(config, True).apply({"params": p}, x, s, mutable=["intermediates"]),
+                        static_argnames="s")
+    report = []
+    for i, sparse in enumerate(sparse_layers(config)):
+        block = functools.partial(run_block, s=bool(sparse))
+        hessians = {path: 0.0 for path in LINEAR}
+        for x in inputs:
+            sown = block(flat[f"blocks_{i}"], x)[1]["intermediates"]
+            for path, name in SOWN.items():
+                seen = sown[name[0]][name[1]][0]
+                hessians[path] = hessians[path] + _hessian(seen.reshape(-1, seen.shape[-1])) / len(inputs)
+        layer = jax.tree.map(lambda a: a, flat[f"blocks_{i}"])
+        for path, n_in in LINEAR.items():
+            parent = functools.reduce(lambda d, k: d[k], path[:-1], layer)
+            kernel = parent[path[-1]]
+            pruned, info = prune_kernel_with_info(kernel.reshape(math.prod(kernel.shape[:n_in]), -1),
+                                                  hessians[path], sparsity, n_m, block_size, damp)
+            parent[path[-1]] = pruned.reshape(kernel.shape)
+            report.append({"layer": i, "kernel": "/".join(path), **info})
+        flat[f"blocks_{i}"] = layer
+        inputs = [block(layer, x)[0][0] for x in inputs]
+    if model_config.scan_layers:  # back to the stacked layout the caller gave
+        layers = [flat.pop(f"blocks_{i}") for i in range(config.num_layers)]
+        flat["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return flat, report
+
+
+@jax.jit
+def _hessian(x: jax.Array) -> jax.Array:
+    """2 X X^T over the rows of x [samples, in] (the paper's X is [in, samples]), averaged over samples."""
+    x = x.astype(jnp.float32)
+    return 2.0 * jnp.matmul(x.T, x, precision=_HIGHEST) / x.shape[0]

@@ -316,18 +316,16 @@ def to_hf(model_config: ml_collections.ConfigDict, params, hf_dir: str, tokenize
 def to_workdir(model_config: ml_collections.ConfigDict, params, tokenizer_path: str, workdir: str) -> int:
     """Writes an omni workdir that stages can init_from and omni.load reads: a step-0 checkpoint of params and
     meta, config.json (base_config() with this model) and the tokenizer. Returns the parameter count."""
-    import orbax.checkpoint as ocp
-
     from omni.config import validate
     from omni.data import Tokenizer
-    from omni.train import checkpoint, metrics
+    from omni.train import checkpoint
 
     m, params = model_config, nn.unbox(params)
     tokenizer = _tokenizer(tokenizer_path)
     if tokenizer.vocab_size != m.vocab_size:
         raise HFError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces but model vocab_size "
                       f"{m.vocab_size}")
-    if checkpoint.latest_step(workdir) is not None:
+    if checkpoint.latest_step(workdir) is not None:  # before any conversion work
         raise HFError(f"{workdir} already holds checkpoints; import into a new workdir")
     target = _target(m)
     _check_tree(params, target, "the params")
@@ -338,13 +336,7 @@ def to_workdir(model_config: ml_collections.ConfigDict, params, tokenizer_path: 
     config.train.seq_len = min(config.train.seq_len, m.max_len)
     validate(config, 1)  # a model config no run could use is refused here, not at the next stage
     os.makedirs(workdir, exist_ok=True)
-    tokenizer = Tokenizer(tokenizer.save(workdir))
-    mngr = checkpoint.manager(workdir, keep=1)
-    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                         meta=ocp.args.JsonSave(checkpoint.meta(config, tokenizer.model_path))))
-    mngr.wait_until_finished()
-    mngr.close()
-    metrics.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    checkpoint.write_model(workdir, config, params, Tokenizer(tokenizer.save(workdir)).model_path)
     return sum(int(np.prod(t.shape)) for t in target.values())
 
 

@@ -84,6 +84,7 @@ class Attention(nn.Module):
         w_out = self.param("out_kernel", _init(_residual_std(m), out_axes), out_shape, m.param_dtype)
         b_out = self.param("out_bias", _zeros(("embed",)), (m.d_model,), m.param_dtype)
         batch, length, _ = x.shape
+        self.sow("intermediates", "qkv_in", x)  # SparseGPT's calibration reads each product's inputs (no-op else)
         # Plain 2-D products of flattened kernels: the fastest lowering on CPU, identical math everywhere.
         w_qkv = w_qkv.reshape(-1, m.d_model) if t else w_qkv.reshape(m.d_model, -1)
         qkv = _matmul(x, w_qkv, t, m.dtype).reshape(batch, length, 3, m.num_heads, head_dim)
@@ -96,8 +97,9 @@ class Attention(nn.Module):
                           dropout_rng=dropout_rng, dropout_rate=m.dropout)
         else:
             y, kv = _cached_attention(m, q, k, v, kv, slot_info, sparse, segment_ids)
-        y = _constrain(y, ("batch", "length", "heads", "kv"))
-        y = _matmul(y.reshape(batch, length, m.d_model), w_out.reshape(m.d_model, m.d_model), t, m.dtype)
+        y = _constrain(y, ("batch", "length", "heads", "kv")).reshape(batch, length, m.d_model)
+        self.sow("intermediates", "out_in", y)
+        y = _matmul(y, w_out.reshape(m.d_model, m.d_model), t, m.dtype)
         y = y + b_out.astype(m.dtype)
         return y if kv is None else (y, kv)
 
@@ -128,6 +130,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         m = self.config
+        self.sow("intermediates", "fc_in", x)
         if m.get("transposed_kernels", False):
             h = TransposedDense(m, m.d_model, m.d_ff, ("mlp", "embed"), name="fc")(x)
             h = _constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
@@ -135,6 +138,7 @@ class MLP(nn.Module):
         h = nn.Dense(m.d_ff, dtype=m.dtype, param_dtype=m.param_dtype, kernel_init=_init(0.02, ("embed", "mlp")),
                      bias_init=_zeros(("mlp",)), name="fc")(x)
         h = _constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+        self.sow("intermediates", "proj_in", h)
         return nn.Dense(m.d_model, dtype=m.dtype, param_dtype=m.param_dtype,
                         kernel_init=_init(_residual_std(m), ("mlp", "embed")),
                         bias_init=_zeros(("embed",)), name="proj")(h)
@@ -195,6 +199,7 @@ class Block(nn.Module):
         """`kv`: this layer's (keys, values) cache and `slot_info` (index, valid slots) when generating;
         the updated cache is then the second output (nn.scan stacks it over layers)."""
         m = self.config
+        self.sow("intermediates", "block_in", x)
         drop = functools.partial(nn.Dropout(m.dropout), deterministic=self.deterministic)
         attention_out = Attention(m, self.deterministic, name="attn")
         mlp = MLP(m, name="mlp")

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from omni import config as config_lib
 from omni.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, file_name
+from omni.train import metrics
 
 
 class CheckpointError(RuntimeError):
@@ -45,6 +46,20 @@ def meta(config: ml_collections.ConfigDict, tokenizer_path: str) -> dict:
     with open(tokenizer_path, "rb") as f:
         data = base64.b64encode(f.read()).decode("ascii")
     return {"config": config.to_dict(), "tokenizer_file": file_name(tokenizer_path), "tokenizer_b64": data}
+
+
+def write_model(workdir: str, config: ml_collections.ConfigDict, params, tokenizer_path: str) -> None:
+    """A workdir holding one model and no training state (an imported or a compressed one): a step-0 checkpoint
+    of params and meta, and config.json. Stages can init_from it and omni.load reads it."""
+    if latest_step(workdir) is not None:
+        raise CheckpointError(f"{workdir} already holds checkpoints; write the model into a new workdir")
+    os.makedirs(workdir, exist_ok=True)
+    mngr = manager(workdir, keep=1)
+    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                         meta=ocp.args.JsonSave(meta(config, tokenizer_path))))
+    mngr.wait_until_finished()
+    mngr.close()
+    metrics.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta_json: dict) -> None:

@@ -1,0 +1,102 @@
+"""The compress stage end to end on a tiny random model over a small local corpus: the written workdir loads,
+generates and has the requested sparsity pattern; bad settings are named."""
+import glob
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+import omni
+from omni import data
+from omni.compress import prune
+from omni.config import ConfigError, base_config
+from omni.interop.hf import to_workdir
+from omni.models import GPT
+from omni.stages import compress
+
+
+def _compress_config(source: str, **settings) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compress_config", os.path.join(
+        os.path.dirname(__file__), "..", "configs", "compress.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.init_from = source
+    for key, value in settings.items():
+        if key == "method":
+            c.method = value
+        else:
+            c.compress[key] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A random GPT as a workdir whose data config is a few local text files."""
+    root = tmp_path_factory.mktemp("compress")
+    files = sorted(glob.glob(os.path.join(os.path.dirname(json.__file__), "*.py")))
+    texts = [open(f, encoding="utf-8").read() for f in files]
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(texts):
+        (corpus / f"doc{i}.txt").write_text(text)
+    tokenizer = data.train_tokenizer(texts, 512, str(root / "t.model"))
+    m = base_config().model
+    m.update(num_layers=2, num_heads=2, d_model=32, d_ff=64, vocab_size=tokenizer.vocab_size, max_len=32)
+    params = jax.jit(GPT(m).init)(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    path = str(root / "model")
+    to_workdir(m, params, tokenizer.model_path, path)
+    return path, str(corpus), str(root / "data")
+
+
+def _load_with_local_data(monkeypatch, source):
+    path, corpus, data_dir = source
+    load = omni.load
+
+    def local(workdir, step=None):
+        config, params, tokenizer = load(workdir, step)
+        config.data.update(name="text", path=corpus, data_dir=data_dir)
+        config.train.update(seq_len=32, batch_size=4, eval_batches=2)
+        return config, params, tokenizer
+
+    monkeypatch.setattr(omni, "load", local)
+
+
+def test_sparsegpt_writes_a_workdir_that_generates(source, monkeypatch, tmp_path):
+    from omni.generate import from_workdir
+
+    _load_with_local_data(monkeypatch, source)
+    out = str(tmp_path / "pruned")
+    # the shapes and settings of tests/test_sparsegpt.py's whole-model test: the suite compiles them once
+    summary = compress.run(_compress_config(source[0], method="sparsegpt", calibration_rows=8, block_size=16), out)
+    assert summary["sparsity"] == 0.5 and np.isfinite(summary["eval_perplexity"])
+    config, params, _ = omni.load(out)
+    assert config.stage == "compress" and config.method == "sparsegpt"
+    for _, _, w in prune.linear_layers(params):
+        assert (w == 0).mean() == 0.5
+    _, generator, tokenizer = from_workdir(out)
+    assert generator.generate([tokenizer.encode("import")], 4).tokens.shape == (1, 4)
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["method"] == "sparsegpt"
+
+
+@pytest.mark.parametrize("settings,named", [
+    ({"method": "random"}, "config.method="),
+    ({"n_m": "4:2"}, "config.compress.n_m="),
+    ({"n_m": "two:four"}, "config.compress.n_m="),
+    ({"sparsity": 1.0}, "config.compress.sparsity="),
+    ({"scope": "model"}, "config.compress.scope="),
+])
+def test_bad_settings_are_named(source, tmp_path, settings, named):
+    with pytest.raises(ConfigError, match=named):
+        compress.run(_compress_config(source[0], **settings), str(tmp_path / "out"))
+
+
+def test_an_existing_workdir_is_refused_before_any_work(source, tmp_path):
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        compress.run(_compress_config(source[0], method="magnitude"), source[0])
