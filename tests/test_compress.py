@@ -72,13 +72,21 @@ def test_sparsegpt_writes_a_workdir_that_generates(source, monkeypatch, tmp_path
 
     _load_with_local_data(monkeypatch, source)
     out = str(tmp_path / "pruned")
-    # the shapes and settings of tests/test_sparsegpt.py's whole-model test: the suite compiles them once
-    summary = compress.run(_compress_config(source[0], method="sparsegpt", calibration_rows=8, block_size=16), out)
+    summary = compress.run(_compress_config(source[0], method="sparsegpt", calibration_rows=16, block_size=16), out)
     assert summary["sparsity"] == 0.5 and np.isfinite(summary["eval_perplexity"])
     config, params, _ = omni.load(out)
+    dense = omni.load(source[0])[1]
     assert config.stage == "compress" and config.method == "sparsegpt"
+    assert jax.tree.structure(params) == jax.tree.structure(dense)  # scanned layers in, scanned layers out
     for _, _, w in prune.linear_layers(params):
         assert (w == 0).mean() == 0.5
+    np.testing.assert_array_equal(params["wte"]["embedding"], dense["wte"]["embedding"])  # embeddings stay dense
+    # SparseGPT reconstructs each layer's outputs: the model's logits stay closer to dense than magnitude's
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (8, 32))
+    model = GPT(config.model)
+    logits = model.apply({"params": dense}, tokens)
+    error = lambda p: float(np.mean((np.asarray(model.apply({"params": p}, tokens)) - logits) ** 2))  # noqa: E731
+    assert error(params) < 0.8 * error(prune.apply(dense, prune.magnitude(dense, 0.5)))
     _, generator, tokenizer = from_workdir(out)
     assert generator.generate([tokenizer.encode("import")], 4).tokens.shape == (1, 4)
     with open(os.path.join(out, "summary.json")) as f:
@@ -100,3 +108,17 @@ def test_bad_settings_are_named(source, tmp_path, settings, named):
 def test_an_existing_workdir_is_refused_before_any_work(source, tmp_path):
     with pytest.raises(ConfigError, match="already holds a checkpoint"):
         compress.run(_compress_config(source[0], method="magnitude"), source[0])
+
+
+def test_sparsegpt_of_an_instruction_tuned_model_is_refused_by_name(source, monkeypatch, tmp_path):
+    load = omni.load
+
+    def tuned(workdir, step=None):
+        config, params, tokenizer = load(workdir, step)
+        config.data.name = "instructions"
+        return config, params, tokenizer
+
+    monkeypatch.setattr(omni, "load", tuned)
+    with pytest.raises(ConfigError, match="config.method=sparsegpt calibrates"):
+        compress.run(_compress_config(source[0], method="sparsegpt"), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")

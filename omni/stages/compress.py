@@ -94,6 +94,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     source, params, tokenizer = omni.load(config.init_from)
     if source.model.get("head", "lm") != "lm":
         raise ConfigError(f"config.init_from={config.init_from} holds a scalar-head model; compress a language model")
+    if config.method == "sparsegpt" and source.data.name == "instructions":
+        raise ConfigError(f"config.method=sparsegpt calibrates on init_from's training text, but {config.init_from} "
+                          "was trained on the instruction suite (data.name='instructions'); use "
+                          "config.method=magnitude for it, or SparseGPT on its pretrained model")
     held_out = pipelines.eval_batches(source, tokenizer) if source.data.name != "instructions" else []
     model = GPT(source.model)
     start = time.time()
