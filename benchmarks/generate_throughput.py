@@ -7,6 +7,7 @@ Shapes (the issue's): 6 layers, 6 heads, d_model 384, vocab 8192; prompts of 32 
 tokens, greedy, no early stop (both sides generate exactly 128); batch 1 and batch 8; fp32 on CPU. Each side
 runs alternately in rounds after a warm-up (which includes omni's compilation), the best round counts.
 Tokens/s = batch x 128 / wall time of the whole call (prefill included, as a user sees it).
+--quant=int8 or w8a8 runs omni on the same weights quantized (omni/compress/quant.py); HF stays fp32.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ LAYERS, HEADS, D_MODEL, VOCAB, MAX_LEN = 6, 6, 384, 8192, 1024
 PROMPT, NEW = 32, 128
 
 
-def omni_runner(batch: int):
+def omni_runner(batch: int, quant: str = "none"):
     import jax
 
+    from omni.compress.quant import quantize_model
     from omni.config import base_config
     from omni.generate import Generator, Sampling
     from omni.models import GPT
@@ -33,6 +35,9 @@ def omni_runner(batch: int):
     m.update(num_layers=LAYERS, num_heads=HEADS, d_model=D_MODEL, d_ff=4 * D_MODEL, vocab_size=VOCAB,
              max_len=MAX_LEN)
     params = GPT(m).init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
+    if quant != "none":
+        params = quantize_model(jax.tree.map(lambda a: a, __import__("flax").linen.unbox(params)))
+        m.quant = quant
     generator = Generator(m, params)
     prompts = np.random.default_rng(0).integers(0, VOCAB, (batch, PROMPT)).tolist()
 
@@ -80,12 +85,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-hf", action="store_true", help="omni only (no torch installed)")
+    parser.add_argument("--quant", default="none", choices=("none", "int8", "w8a8"), help="omni's weights")
     args = parser.parse_args()
     out = {"benchmark": "generate_throughput", "prompt_tokens": PROMPT, "new_tokens": NEW,
            "shape": {"layers": LAYERS, "heads": HEADS, "d_model": D_MODEL, "vocab": VOCAB, "dtype": "float32"},
+           "omni_quant": args.quant,
            "machine": f"{platform.machine()} {os.cpu_count()} cores"}
     for batch in (1, 8):
-        runners = {"omni": omni_runner(batch)}
+        runners = {"omni": omni_runner(batch, args.quant)}
         if not args.no_hf:
             runners["hf"] = hf_runner(batch)
         best = best_rate(runners, batch, args.rounds)

@@ -5,8 +5,11 @@
 
 config.method: magnitude (unstructured per layer or global, or N:M), sparsegpt (unstructured or N:M, on
 calibration rows of init_from's training data), heads or mlp_channels (that fraction of whole attention heads
-or MLP channels per layer, smallest norm first). The model and tokenizer come from init_from; config.model here
-is ignored. The result is a step-0 checkpoint that generation, chat and every stage's init_from accept.
+or MLP channels per layer, smallest norm first), int8 (weights stored int8 with per-channel scales, 4x smaller,
+dequantised inside each product) or w8a8 (the same weights, activations quantised per token as well).
+The model and tokenizer come from init_from; config.model here is ignored. The result is a step-0 checkpoint
+that generation, chat and evaluation read; a pruned one is also a float model that any stage's init_from
+accepts (fine-tuning keeps its zeros at zero: optim.keep_zeros), an INT8 one is for inference only.
 """
 import ml_collections
 

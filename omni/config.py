@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
     m.attention = "auto"  # auto (cudnn on GPU, splash on TPU, else xla) | xla | cudnn | splash
     m.attention_chunk = 64  # query chunk of the XLA path (skips the masked triangle, memory linear in length)
+    # INT8 weights (written by the compress stage, inference only): none | int8 (weight-only, per-channel
+    # scales) | w8a8 (the same weights; activations quantised per token, int8 x int8 -> int32 products).
+    m.quant = "none"
 
     # Devices per slice along each axis (one may be -1: fill). `sequence` splits the length of activations
     # (context parallelism); dcn_* multiply data/fsdp across slices joined by the data-center network.
@@ -82,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8
     o.weight_decay = 0.1
     o.clip_norm = 1.0
+    o.keep_zeros = True  # kernel weights at exactly 0 (a pruned model's) get no update; dense kernels have none
 
     c.data = d = ml_collections.ConfigDict()
     d.name = "stdlib"  # stdlib (offline corpus) | text (local .txt/.jsonl files in data.path) | a TFDS name
@@ -186,6 +190,8 @@ REMAT = ("none", "full", "dots")
 HEADS = ("lm", "scalar")
 DTYPES = ("float32", "bfloat16", "float16")
 STAGES = ("pretrain", "sft", "rm", "ppo", "sample", "label", "compress")
+TRAINING_STAGES = ("pretrain", "sft", "rm", "ppo")
+QUANT = ("none", "int8", "w8a8")  # see omni/compress/quant.py
 # A model's shape and parameter layout. With init_from these come from the earlier stage's workdir; the rest
 # of config.model (head, dropout, dtype, remat, attention kernel) is this stage's own.
 ARCHITECTURE = ("variant", "num_layers", "num_heads", "d_model", "d_ff", "vocab_size", "max_len", "sparse_window",
@@ -249,6 +255,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
              f"the {m.attention} kernel has no attention dropout but model.dropout={m.dropout} "
              "(use 'auto' or 'xla', or dropout 0)")
     _require(m.attention_chunk >= 0, "model.attention_chunk", m.attention_chunk, "must be >= 0")
+    _require(m.quant in QUANT, "model.quant", m.quant, f"expected one of {QUANT}")
+    _require(m.quant == "none" or c.stage not in TRAINING_STAGES, "model.quant", m.quant,
+             f"INT8 weights are for inference (sample, chat, label, evaluation); stage {c.stage!r} trains float "
+             "weights (use model.quant='none', and init_from the float model)")
     if c.stage == "ppo":
         _check_ppo(c)
     for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "checkpoint_every",
@@ -318,6 +328,10 @@ def inherit_architecture(c: ml_collections.ConfigDict, source: ml_collections.Co
     if source_head == "scalar" and c.model.head == "lm":  # checked before anything is built or compiled
         raise ConfigError(f"config.init_from={c.init_from} holds a model with model.head='scalar' (a reward "
                           "model), which a model with model.head='lm' cannot start from")
+    if source.model.get("quant", "none") != "none":
+        raise ConfigError(f"config.init_from={c.init_from} holds an INT8 model (model.quant="
+                          f"{source.model.quant!r}), for inference only; start stage {c.stage!r} from the float "
+                          f"model it was quantized from ({source.get('init_from') or 'its init_from'})")
     defaults = base_config().model
     changed = []
     for key in ARCHITECTURE:

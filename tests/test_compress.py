@@ -1,5 +1,6 @@
 """The compress stage end to end on a tiny random model over a small local corpus: the written workdir loads,
-generates and has the requested sparsity pattern; bad settings are named."""
+generates and has the requested sparsity pattern or INT8 weights; an instruction-tuned model calibrates on its
+demonstrations; bad settings are named."""
 import glob
 import json
 import os
@@ -110,15 +111,33 @@ def test_an_existing_workdir_is_refused_before_any_work(source, tmp_path):
         compress.run(_compress_config(source[0], method="magnitude"), source[0])
 
 
-def test_sparsegpt_of_an_instruction_tuned_model_is_refused_by_name(source, monkeypatch, tmp_path):
-    load = omni.load
+def test_int8_writes_a_quarter_size_workdir_that_generates(source, monkeypatch, tmp_path):
+    from omni.generate import from_workdir
 
-    def tuned(workdir, step=None):
-        config, params, tokenizer = load(workdir, step)
-        config.data.name = "instructions"
-        return config, params, tokenizer
+    _load_with_local_data(monkeypatch, source)
+    out = str(tmp_path / "int8")
+    summary = compress.run(_compress_config(source[0], method="int8"), out)
+    assert summary["weights_mb"] < 0.35 * summary["before_weights_mb"]  # float positions, biases, scales: 32%
+    assert summary["disk_mb"] < 0.5 * summary["before_weights_mb"]  # 40% here: per-array metadata weighs on 35K params
+    assert abs(summary["eval_perplexity"] / summary["before_perplexity"] - 1) < 0.01
+    config, params, _ = omni.load(out)  # restored as int8 values and float32 scales
+    assert config.model.quant == "int8" and params["blocks"]["mlp"]["fc"]["kernel"].dtype == np.int8
+    assert params["wte"]["embedding"].dtype == np.int8 and params["wte"]["scale"].dtype == np.float32
+    _, generator, tokenizer = from_workdir(out)
+    assert generator.generate([tokenizer.encode("import")], 4).tokens.shape == (1, 4)
+    with pytest.raises(ConfigError, match="already holds INT8 weights"):
+        compress.run(_compress_config(out, method="magnitude"), str(tmp_path / "twice"))
 
-    monkeypatch.setattr(omni, "load", tuned)
-    with pytest.raises(ConfigError, match="config.method=sparsegpt calibrates"):
-        compress.run(_compress_config(source[0], method="sparsegpt"), str(tmp_path / "out"))
-    assert not os.path.exists(tmp_path / "out")
+
+def test_an_instruction_tuned_model_calibrates_on_its_demonstrations(source):
+    from omni.data import feedback, finetune
+    from omni.data.template import encode_dialogue
+
+    config, _, tokenizer = omni.load(source[0])
+    config.data.name = "instructions"
+    config.train.seq_len = 32
+    rows = compress.calibration_rows(config, tokenizer, 4)
+    assert rows.shape == (4, 32)
+    first = feedback.demonstrations(finetune.suite_data(config.data, "sft"), "train")[0]
+    encoded = encode_dialogue(tokenizer, first)[0][:-1]  # a row holds the inputs: all tokens but the last
+    np.testing.assert_array_equal(rows[0][:min(32, len(encoded))], encoded[:32])

@@ -85,3 +85,20 @@ def test_gold_reward_needs_the_instruction_suite():
     c.model.dropout = 0.0
     with pytest.raises(ConfigError, match="ppo.gold_reward"):
         validate(c, 1)
+
+
+def test_int8_models_are_for_inference_only():
+    c = base_config()
+    c.model.quant = "int4"
+    with pytest.raises(ConfigError, match="config.model.quant='int4'"):
+        validate(c, 1)
+    c.model.quant = "int8"
+    with pytest.raises(ConfigError, match="stage 'pretrain' trains float"):
+        validate(c, 1)
+    c.stage = "sample"
+    validate(c, 1)
+    source, sft = base_config(), base_config()
+    source.model.quant, source.init_from = "int8", "runs/tiny"
+    sft.stage, sft.init_from = "sft", "runs/tiny_int8"
+    with pytest.raises(ConfigError, match=r"runs/tiny_int8 holds an INT8 model.*from \(runs/tiny\)"):
+        config_lib.inherit_architecture(sft, source)

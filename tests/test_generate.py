@@ -12,6 +12,7 @@ import pytest
 from conftest import run_on_8_devices
 from decoding_reference import (
     GREEDY, NEW, PAD, PROMPT_LENGTHS, forward, full_logits, prompts_of, reference_decode, spread_params, tiny)
+from omni.compress import quant
 from omni.generate import GenerationError, Generator, Sampling
 from omni.models import GPT
 from omni.models.gpt import KVCache
@@ -25,6 +26,9 @@ VARIANTS = {
     "gpt2-unrolled": dict(variant="gpt2", scan_layers=False),
     # Window 4, far below every row's prompt + new tokens; chunks of 16, so the prefill (32 slots) runs two.
     "gpt3": dict(variant="gpt3", sparse_window=4, attention_chunk=16),
+    # INT8 weights (omni/compress/quant.py): decoding's transposed int8 kernels, scales and few-row products.
+    "gpt2-int8": dict(variant="gpt2", quant="int8"),
+    "gpt2-w8a8": dict(variant="gpt2", scan_layers=False, quant="w8a8"),
 }
 
 
@@ -33,7 +37,9 @@ def shared_run(name):
     """(config, params, prompts, generator, Generation, reference tokens, reference logprobs) of variant `name`:
     the greedy run of the shared prompts, built once."""
     m = tiny(**VARIANTS[name])
-    params = spread_params(m, seed=len(name))
+    params = spread_params(tiny(**{**VARIANTS[name], "quant": "none"}), seed=len(name))
+    if m.quant != "none":  # the float model's weights, quantized
+        params = quant.quantize_model(params)
     prompts = prompts_of(PROMPT_LENGTHS, m.vocab_size, seed=1)
     generator = Generator(m, params, pad_id=PAD)
     out = generator.generate(prompts, NEW, GREEDY)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import ROOT, run_cli
@@ -137,6 +138,30 @@ def test_weight_decay_only_on_kernels():
     assert mask["blocks"]["attn"] == {"qkv_kernel": True, "qkv_bias": False}
     assert mask["blocks"]["mlp"]["fc"] == {"kernel": True, "bias": False}
     assert not mask["wte"]["embedding"] and not mask["wpe"] and not any(mask["blocks"]["ln1"].values())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_pruned_kernel_keeps_its_zeros_through_updates(keep):
+    """optim.keep_zeros: the zeros of a pruned kernel get no update (Adam, weight decay and all); other weights,
+    biases and zero-initialised biases train as before. Off, the zeros fill in."""
+    o = base_config().optim
+    o.update(warmup_steps=0, decay_steps=10, keep_zeros=keep)
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((16, 8)).astype(np.float32) * (rng.random((16, 8)) < 0.5)
+    params = {"mlp": {"fc": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(8)}}}
+    tx = optim.optimizer(o)
+    state = tx.init(params)
+    plain = base_config().optim
+    plain.update({**o.to_dict(), "keep_zeros": False})
+    plain_state = optim.optimizer(plain).init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(plain_state)  # same checkpointed optimizer state
+    for step in range(3):
+        grads = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    new = np.asarray(params["mlp"]["fc"]["kernel"])
+    assert np.all(new[kernel != 0] != kernel[kernel != 0]) and np.all(params["mlp"]["fc"]["bias"] != 0)
+    assert np.all(new[kernel == 0] == 0) == keep
 
 
 # --- whole runs through the CLI -------------------------------------------------------------------------

@@ -3,9 +3,10 @@ threshold), N:M along each output's inputs (2:4 keeps 2 of every 4 consecutive i
 attention heads, or MLP channels, of smallest norm). Embeddings, LayerNorms, biases and heads stay dense, as in
 SparseGPT's experiments.
 
-Every method returns a mask tree shaped like the parameters (True: keep; non-prunable leaves all True), so that
-the zeros can be kept at zero by `apply(params, masks)` after each fine-tuning update. Linear layers are seen as
-2-D (in, out) matrices, per layer, whether the parameters are scanned (a leading layers axis) or unrolled:
+Every method returns a mask tree shaped like the parameters (True: keep; non-prunable leaves all True) for
+`apply(params, masks)`. Fine-tuning a pruned model keeps its zeros at zero by itself (the optimizer's
+optim.keep_zeros: a zero weight gets no update), so the masks need not be kept. Linear layers are seen as 2-D
+(in, out) matrices, per layer, whether the parameters are scanned (a leading layers axis) or unrolled:
 
     masks = prune.magnitude(params, 0.5)             # or n_m(params, 2, 4), heads(params, 0.25), ...
     params = prune.apply(params, masks)

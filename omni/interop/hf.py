@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from omni.compress import quant
 from omni.config import ConfigError, base_config
 
 # Every HF GPT-2 activation that is GELU's tanh approximation, i.e. omni's nn.gelu(approximate=True); they
@@ -295,6 +296,9 @@ def to_hf(model_config: ml_collections.ConfigDict, params, hf_dir: str, tokenize
     if m.get("head", "lm") != "lm":
         raise HFError(f"model.head={m.head!r} cannot be exported as GPT2LMHeadModel: only language models "
                       "(model.head='lm') can")
+    if m.get("quant", "none") != "none":  # HF GPT-2 is float: the INT8 weights (omni.compress.quant) dequantised
+        params = quant.dequantize_model(dict(params))
+        m = ml_collections.ConfigDict({**m.to_dict(), "quant": "none"})
     _check_tree(params, _target(m), "the params to export")
     flat = {path: np.asarray(leaf, np.float32) for path, leaf in _flat(params).items()}
     shapes = _hf_shapes(m)

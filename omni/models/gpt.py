@@ -6,7 +6,8 @@ table in omni/parallel.py maps them to mesh axes. Layers run under nn.scan so co
 with depth; config.model.scan_layers=False unrolls them.
 
 Generation passes a `KVCache`: the model then writes the new tokens' keys and values into it and returns
-`(logits, cache)`; omni/generate.py drives prefill and decoding with it.
+`(logits, cache)`; omni/generate.py drives prefill and decoding with it. With model.quant the linear kernels and
+the embedding are int8 with per-channel scales (omni/compress/quant.py writes them) and every product uses them.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from omni.compress import quant as quant_lib
 from omni.models.attention import attention, cached_attention, resolve
 
 Dtype = jnp.dtype
@@ -73,21 +75,18 @@ class Attention(nn.Module):
         m = self.config
         head_dim = m.d_model // m.num_heads
         # Kernels keep a separate heads axis so the rules table can shard attention by heads.
-        t = m.get("transposed_kernels", False)  # generation's layout (see TransposedDense)
-        qkv_axes, out_axes = ("embed", None, "heads", "kv"), ("heads", "kv", "embed")
-        qkv_shape, out_shape = (m.d_model, 3, m.num_heads, head_dim), (m.num_heads, head_dim, m.d_model)
-        if t:  # the input axis last
-            qkv_axes, qkv_shape = qkv_axes[1:] + qkv_axes[:1], qkv_shape[1:] + qkv_shape[:1]
-            out_axes, out_shape = out_axes[2:] + out_axes[:2], out_shape[2:] + out_shape[:2]
-        w_qkv = self.param("qkv_kernel", _init(0.02, qkv_axes), qkv_shape, m.param_dtype)
+        t = m.get("transposed_kernels", False)  # generation's layout (see Dense)
+        w_qkv, s_qkv = _kernel(self, "qkv_kernel", 0.02, (("embed",), (m.d_model,)),
+                               ((None, "heads", "kv"), (3, m.num_heads, head_dim)))
         b_qkv = self.param("qkv_bias", _zeros((None, "heads", "kv")), (3, m.num_heads, head_dim), m.param_dtype)
-        w_out = self.param("out_kernel", _init(_residual_std(m), out_axes), out_shape, m.param_dtype)
+        w_out, s_out = _kernel(self, "out_kernel", _residual_std(m), (("heads", "kv"), (m.num_heads, head_dim)),
+                               (("embed",), (m.d_model,)))
         b_out = self.param("out_bias", _zeros(("embed",)), (m.d_model,), m.param_dtype)
         batch, length, _ = x.shape
         self.sow("intermediates", "qkv_in", x)  # SparseGPT's calibration reads each product's inputs (no-op else)
         # Plain 2-D products of flattened kernels: the fastest lowering on CPU, identical math everywhere.
         w_qkv = w_qkv.reshape(-1, m.d_model) if t else w_qkv.reshape(m.d_model, -1)
-        qkv = _matmul(x, w_qkv, t, m.dtype).reshape(batch, length, 3, m.num_heads, head_dim)
+        qkv = _matmul(m, x, w_qkv, s_qkv).reshape(batch, length, 3, m.num_heads, head_dim)
         qkv = qkv + b_qkv.astype(m.dtype)
         q, k, v = (_constrain(qkv[:, :, i], ("batch", "length", "heads", "kv")) for i in range(3))
         if kv is None:
@@ -99,7 +98,7 @@ class Attention(nn.Module):
             y, kv = _cached_attention(m, q, k, v, kv, slot_info, sparse, segment_ids)
         y = _constrain(y, ("batch", "length", "heads", "kv")).reshape(batch, length, m.d_model)
         self.sow("intermediates", "out_in", y)
-        y = _matmul(y, w_out.reshape(m.d_model, m.d_model), t, m.dtype)
+        y = _matmul(m, y, w_out.reshape(m.d_model, m.d_model), s_out)
         y = y + b_out.astype(m.dtype)
         return y if kv is None else (y, kv)
 
@@ -131,56 +130,100 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         m = self.config
         self.sow("intermediates", "fc_in", x)
-        if m.get("transposed_kernels", False):
-            h = TransposedDense(m, m.d_model, m.d_ff, ("mlp", "embed"), name="fc")(x)
-            h = _constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
-            return TransposedDense(m, m.d_ff, m.d_model, ("embed", "mlp"), name="proj")(h)
-        h = nn.Dense(m.d_ff, dtype=m.dtype, param_dtype=m.param_dtype, kernel_init=_init(0.02, ("embed", "mlp")),
-                     bias_init=_zeros(("mlp",)), name="fc")(x)
+        h = Dense(m, m.d_ff, ("embed", "mlp"), 0.02, name="fc")(x)
         h = _constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
         self.sow("intermediates", "proj_in", h)
-        return nn.Dense(m.d_model, dtype=m.dtype, param_dtype=m.param_dtype,
-                        kernel_init=_init(_residual_std(m), ("mlp", "embed")),
-                        bias_init=_zeros(("embed",)), name="proj")(h)
+        return Dense(m, m.d_model, ("mlp", "embed"), _residual_std(m), name="proj")(h)
 
 
-class TransposedDense(nn.Module):
-    """nn.Dense with its kernel stored [out, in]: generation's layout (model.transposed_kernels, set by
-    omni.generate.Generator on a transposed copy of the weights). Decoding multiplies a few rows by every
-    kernel; XLA:CPU runs those products as (W^T x^T)^T about 30% faster when W^T is laid out in memory
-    (measured: +29% decode tokens/s at batch 8), and transposing inside the decode loop would copy each token."""
+class Dense(nn.Module):
+    """A linear layer: kernel [in, out] and bias, as nn.Dense stores them (same names, same initial values).
+    Under model.transposed_kernels (generation's layout, set by omni.generate.Generator on a transposed copy of
+    the weights) the kernel is stored [out, in]: decoding multiplies a few rows by every kernel, and XLA:CPU runs
+    those products as (W^T x^T)^T about 30% faster when W^T is laid out in memory (measured: +29% decode
+    tokens/s at batch 8); transposing inside the decode loop would copy each token."""
     config: ml_collections.ConfigDict
-    d_in: int
-    d_out: int
-    axes: tuple  # logical axes of the [out, in] kernel
+    features: int
+    axes: tuple  # logical axes of the [in, out] kernel
+    std: float
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         m = self.config
-        w = self.param("kernel", _init(0.02, self.axes), (self.d_out, self.d_in), m.param_dtype)
-        b = self.param("bias", _zeros((self.axes[0],)), (self.d_out,), m.param_dtype)
-        return _matmul(x, w, True, m.dtype) + b.astype(m.dtype)
+        w, scale = _kernel(self, "kernel", self.std, ((self.axes[0],), (x.shape[-1],)),
+                           ((self.axes[1],), (self.features,)))
+        b = self.param("bias", _zeros((self.axes[1],)), (self.features,), m.param_dtype)
+        return _matmul(m, x, w, scale) + b.astype(m.dtype)
 
 
-def _matmul(x: jax.Array, w: jax.Array, transposed: bool, dtype) -> jax.Array:
-    """x @ w for w [in, out], or for w stored transposed [out, in]."""
-    w = w.astype(dtype)
+def _kernel(module: nn.Module, name: str, std: float, inputs: tuple, outputs: tuple):
+    """A linear kernel's parameter(s): (float kernel, None), or under model.quant (int8 values, float32 scales
+    per output channel). `inputs` and `outputs` are (logical axes, shape) pairs; the kernel is inputs + outputs,
+    or outputs + inputs under model.transposed_kernels."""
+    m = module.config
+    first, second = (outputs, inputs) if m.get("transposed_kernels", False) else (inputs, outputs)
+    axes, shape = first[0] + second[0], first[1] + second[1]
+    if m.get("quant", "none") == "none":
+        return module.param(name, _init(std, axes), shape, m.param_dtype), None
+    # Quantized weights come from omni.compress.quant.quantize_model; initialising them has no use beyond shapes.
+    values = module.param(name, _zeros(axes), shape, jnp.int8)
+    return values, module.param(quant_lib.scale_name(name), _ones(outputs[0]), outputs[1], jnp.float32)
+
+
+def _matmul(m: ml_collections.ConfigDict, x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """x @ w for w [in, out], or for w stored transposed [out, in] (model.transposed_kernels); an int8 w (model.quant)
+    is converted inside the product and its output channels multiplied by `scale` after it, or, under 'w8a8',
+    multiplied by x quantised per token in int8 x int8 -> int32."""
+    transposed = m.get("transposed_kernels", False)
+    if m.get("quant", "none") == "w8a8":
+        return quant_lib.w8a8_matmul(x, w, scale, transposed).astype(m.dtype)
     if not transposed:
-        return x @ w
-    rows = math.prod(x.shape[:-1])
-    if rows <= DECODE_ROWS:
-        return _few_rows_matmul(x.reshape(rows, -1), w).reshape(x.shape[:-1] + (w.shape[0],))
-    return x @ w.T
+        y = x @ w.astype(m.dtype)
+    elif (rows := math.prod(x.shape[:-1])) <= DECODE_ROWS:
+        y = _few_rows_matmul(x.reshape(rows, -1), w).reshape(x.shape[:-1] + (w.shape[0],))
+    else:
+        y = x @ w.astype(m.dtype).T
+    return y if scale is None else y * scale.reshape(-1).astype(m.dtype)
 
 
 def _few_rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [rows, in] times w stored [out, in], for the few rows of a decoding step: (w x^T)^T, which contracts w's
     rows in place. On CPU, 2-64 rows go faster as one fused multiply-and-sum that streams w once than as a GEMM,
     whose kernels pack w for so few rows (measured through the 55 MB of the generation benchmark's weights:
-    7.3 vs 10.7 ms at 8 rows, 11.7 vs 13.9 at 32, even at 64); one row stays a matrix-vector product."""
-    if 1 < x.shape[0] and jax.default_backend() == "cpu":
-        return (w[None] * x[:, None, :]).sum(-1, dtype=jnp.float32).astype(x.dtype)
-    return (w @ x.T).T
+    7.3 vs 10.7 ms at 8 rows, 11.7 vs 13.9 at 32, even at 64); one row of float weights stays a matrix-vector
+    product. An int8 w is converted inside the fused loop, streaming a quarter of the bytes."""
+    if jax.default_backend() == "cpu":
+        if 1 < x.shape[0]:
+            return (w[None].astype(x.dtype) * x[:, None, :]).sum(-1, dtype=jnp.float32).astype(x.dtype)
+        if w.dtype == jnp.int8:
+            return (w.astype(x.dtype) * x).sum(-1, dtype=jnp.float32).astype(x.dtype)[None]
+    return (w.astype(x.dtype) @ x.T).T
+
+
+class Embed(nn.Module):
+    """The token embedding [vocab, embed], also the output layer (tied, as in GPT-1/2/3). Under model.quant its
+    rows are int8 with one scale each: a row's scale serves both the lookup and that token's logit."""
+    config: ml_collections.ConfigDict
+
+    def setup(self):
+        m = self.config
+        shape, axes = (m.vocab_size, m.d_model), ("vocab", "embed")
+        self.scale = None
+        if m.get("quant", "none") == "none":
+            self.embedding = self.param("embedding", _init(0.02, axes), shape, m.param_dtype)
+        else:
+            self.embedding = self.param("embedding", _zeros(axes), shape, jnp.int8)
+            self.scale = self.param("scale", _ones(axes[:1]), shape[:1], jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)
+        return x if self.scale is None else x * jnp.take(self.scale, tokens)[..., None].astype(x.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits x @ embedding^T."""
+        if self.scale is None:
+            return unembed(x, self.embedding.astype(self.config.dtype))
+        return _logits(x, self.embedding) * self.scale.astype(x.dtype)
 
 
 def _residual_std(m: ml_collections.ConfigDict) -> float:
@@ -248,8 +291,7 @@ class GPT(nn.Module):
     def __call__(self, tokens: jax.Array, deterministic: bool = True, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None):
         m = self.config
-        wte = nn.Embed(m.vocab_size, m.d_model, dtype=m.dtype, param_dtype=m.param_dtype,
-                       embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
+        wte = Embed(m, name="wte")
         wpe = self.param("wpe", _init(0.01 if m.variant != "gpt1" else 0.02, (None, "embed")),
                          (m.max_len, m.d_model), m.param_dtype)
         tokens = _constrain(tokens, ("batch", "length"))
@@ -272,7 +314,7 @@ class GPT(nn.Module):
             score = nn.Dense(1, dtype=m.dtype, param_dtype=m.param_dtype, kernel_init=_init(0.02, ("embed", None)),
                              bias_init=_zeros((None,)), name="score_head")(x)
             return _constrain(score[..., 0].astype(jnp.float32), ("batch", "length"))
-        logits = unembed(x, wte.embedding.astype(m.dtype)).astype(jnp.float32)  # tied input/output embeddings
+        logits = wte.attend(x).astype(jnp.float32)  # tied input/output embeddings
         logits = _constrain(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
@@ -319,7 +361,7 @@ def _logits(x, embedding):
     rows = math.prod(x.shape[:-1])
     if rows <= DECODE_ROWS:  # decoding: contract the embedding's rows in place
         return _few_rows_matmul(x.reshape(rows, -1), embedding).reshape(x.shape[:-1] + (-1,))
-    return x @ embedding.T
+    return x @ embedding.astype(x.dtype).T
 
 
 def _unembed_fwd(x, embedding):

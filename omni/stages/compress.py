@@ -1,13 +1,14 @@
 """Compression of a trained model into a new workdir that every stage, generation and chat accept: magnitude
-pruning (unstructured, N:M, whole heads or MLP channels) or SparseGPT (unstructured or N:M) on calibration rows
-of the model's own training data. Not a training stage: it writes one checkpoint (step 0) and a summary with
-the held-out perplexity before and after, the sparsity and the seconds it took.
+pruning (unstructured, N:M, whole heads or MLP channels), SparseGPT (unstructured or N:M) on calibration rows
+of the model's own training data, or INT8 weights (int8: weight-only; w8a8: activations too), which the model
+then computes with (config.model.quant). Not a training stage: it writes one checkpoint (step 0) and a summary
+with the model's held-out quality before and after (`evaluate`), its size in memory and on disk, and the
+seconds it took.
 
     python -m omni.main --config=configs/compress.py --config.init_from=runs/tiny --config.method=sparsegpt
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -16,14 +17,16 @@ import ml_collections
 import numpy as np
 
 import omni
-from omni.compress import prune, sparsegpt
+from omni import parallel
+from omni.compress import prune, quant, sparsegpt
 from omni.config import ConfigError
-from omni.data import pipelines
+from omni.data import feedback, finetune, pipelines
 from omni.models import GPT
-from omni.stages.pretrain import token_nll
-from omni.train import checkpoint, metrics
+from omni.stages.pretrain import lm_loss
+from omni.stages.sft import sample_metrics
+from omni.train import checkpoint, metrics, trainer
 
-METHODS = ("magnitude", "sparsegpt", "heads", "mlp_channels")
+METHODS = ("magnitude", "sparsegpt", "heads", "mlp_channels", "int8", "w8a8")
 
 
 def _n_m(text: str) -> tuple[int, int] | None:
@@ -56,23 +59,43 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> tuple[int, int] |
     return _n_m(c.n_m)
 
 
-def perplexity(model: GPT, params, batches: list[dict]) -> float:
-    """exp(mean next-token loss) over the held-out batches' weighted tokens."""
-    @jax.jit
-    def nll(params, batch):
-        extra = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
-        logits = model.apply({"params": params}, batch["inputs"], **extra)
-        return (token_nll(logits, batch["targets"]) * batch["weights"]).sum(), batch["weights"].sum()
-
-    total = np.sum([jax.device_get(nll(params, b)) for b in batches], axis=0)
-    return float(math.exp(total[0] / max(total[1], 1.0)))
-
-
 def calibration_rows(config: ml_collections.ConfigDict, tokenizer, rows: int) -> np.ndarray:
-    """The first `rows` token rows of the model's training stream (the paper: 128 segments of C4)."""
+    """The first `rows` token rows of the model's own training data: its packed pretraining stream (the paper:
+    128 segments of C4) or, for an instruction-tuned model, its packed training demonstrations."""
+    if _instruction_tuned(config):
+        train = feedback.demonstrations(finetune.suite_data(config.data, "sft"), "train")
+        demos = [train[i] for i in range(min(len(train), rows * 8))]  # several demonstrations fill a row
+        return finetune.pack_demonstrations(tokenizer, demos, config.train.seq_len)["inputs"][:rows]
     stream = pipelines.train_iterator(config, tokenizer)
     batches = [next(stream)["inputs"] for _ in range(-(-rows // config.train.batch_size))]
     return np.concatenate(batches)[:rows]
+
+
+def _instruction_tuned(config: ml_collections.ConfigDict) -> bool:
+    return config.data.name in ("instructions", "jsonl")  # the fine-tuning stages' data
+
+
+def evaluate(config: ml_collections.ConfigDict, params, tokenizer) -> dict[str, float]:
+    """What a (compressed) model is judged by, on one device: held-out perplexity on its own data (pretraining
+    text, or the held-out demonstrations' answers), and for an instruction-tuned model the exact match and, on
+    the offline suite, the labeler score of its greedy answers to held-out prompts."""
+    one = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1, dcn_data=1, dcn_fsdp=1))
+    mesh = parallel.make_mesh(one, jax.devices()[:1])
+    extra = None
+    if _instruction_tuned(config):
+        held_out = feedback.demonstrations(finetune.suite_data(config.data, "sft"), "validation")
+        held_out = [held_out[i] for i in range(len(held_out))]
+        packed = finetune.pack_demonstrations(tokenizer, held_out, config.train.seq_len)
+        batches = finetune.fixed_batches(packed, config.train.batch_size, config.train.eval_batches,
+                                         list(range(config.train.batch_size)))
+        extra = sample_metrics(config, tokenizer, held_out[:config.sft.eval_prompts], mesh)
+    else:
+        batches = pipelines.eval_batches(config, tokenizer)
+    eval_fn = jax.jit(lambda p, batch: lm_loss(GPT(config.model))(p, batch, None)[1])
+    out = trainer.evaluate(eval_fn, params, batches, mesh)
+    if extra is not None:
+        out.update(extra(params, out))
+    return {k.removeprefix("eval_"): v for k, v in out.items()}
 
 
 def compress(source: ml_collections.ConfigDict, params, tokenizer, method: str, c: ml_collections.ConfigDict,
@@ -85,6 +108,8 @@ def compress(source: ml_collections.ConfigDict, params, tokenizer, method: str, 
         return prune.apply(params, prune.heads(params, c.sparsity)), []
     if method == "mlp_channels":
         return prune.apply(params, prune.mlp_channels(params, c.sparsity)), []
+    if method in ("int8", "w8a8"):
+        return quant.quantize_model(params), []
     rows = calibration_rows(source, tokenizer, c.calibration_rows)
     return sparsegpt.prune_model(source.model, params, rows, c.sparsity, n_m, c.block_size, c.damp)
 
@@ -94,12 +119,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     source, params, tokenizer = omni.load(config.init_from)
     if source.model.get("head", "lm") != "lm":
         raise ConfigError(f"config.init_from={config.init_from} holds a scalar-head model; compress a language model")
-    if config.method == "sparsegpt" and source.data.name == "instructions":
-        raise ConfigError(f"config.method=sparsegpt calibrates on init_from's training text, but {config.init_from} "
-                          "was trained on the instruction suite (data.name='instructions'); use "
-                          "config.method=magnitude for it, or SparseGPT on its pretrained model")
-    held_out = pipelines.eval_batches(source, tokenizer) if source.data.name != "instructions" else []
-    model = GPT(source.model)
+    if source.model.quant != "none":
+        raise ConfigError(f"config.init_from={config.init_from} already holds INT8 weights (model.quant="
+                          f"{source.model.quant!r}); compress the float model it came from")
     start = time.time()
     compressed, report = compress(source, params, tokenizer, config.method, config.compress, n_m)
     compressed = jax.block_until_ready(compressed)
@@ -107,15 +129,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out = ml_collections.ConfigDict(source.to_dict())
     out.stage, out.init_from, out.name = "compress", config.init_from, os.path.basename(os.path.normpath(workdir))
     out.method, out.compress = config.method, config.compress
+    if config.method in ("int8", "w8a8"):
+        out.model.quant = config.method
     checkpoint.write_model(workdir, out, compressed, tokenizer.model_path)
-    summary = {"method": config.method, "n_m": config.compress.n_m, "sparsity": prune.sparsity(compressed),
-               "seconds": seconds, "params": int(sum(x.size for x in jax.tree.leaves(compressed)))}
-    if held_out:
-        summary.update(dense_perplexity=perplexity(model, params, held_out),
-                       eval_perplexity=perplexity(model, compressed, held_out))
+    summary = {"method": config.method, "n_m": config.compress.n_m, "seconds": seconds,
+               "sparsity": prune.sparsity(compressed), "params": int(sum(x.size for x in jax.tree.leaves(params))),
+               "before_weights_mb": _megabytes(params), "weights_mb": _megabytes(compressed),
+               "disk_mb": _params_on_disk(workdir)}
+    summary.update({f"before_{k}": v for k, v in evaluate(source, params, tokenizer).items()})
+    summary.update({f"eval_{k}": v for k, v in evaluate(out, compressed, tokenizer).items()})
     if report:
         summary["damp_raised"] = [r for r in report if r["damp"] != config.compress.damp]
     metrics.write_json(os.path.join(workdir, "summary.json"), summary)
     print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                     if k != "damp_raised"), f"; workdir {workdir}", flush=True)
     return summary
+
+
+def _megabytes(params) -> float:
+    return sum(x.nbytes for x in jax.tree.leaves(params)) / 1e6
+
+
+def _params_on_disk(workdir: str) -> float:
+    """Megabytes of the params as Orbax stored them (compressed; tokenizer and config apart)."""
+    path = os.path.join(workdir, "checkpoints", "0", "params")
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 1e6

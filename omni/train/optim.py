@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -15,13 +16,32 @@ def lr_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([warmup, cosine], [o.warmup_steps])
 
 
+def _is_kernel(path) -> bool:
+    return str(getattr(path[-1], "key", "")).endswith("kernel")
+
+
 def decay_mask(params):
     """Weight decay on matmul kernels only: not on biases, LayerNorm gains or embeddings (GPT-1, GPT-3)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", "")).endswith("kernel"), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: _is_kernel(path), params)
+
+
+def keep_zeros(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` with no update for a kernel weight that is exactly zero, so a pruned model (omni/compress) keeps its
+    zeros through fine-tuning: the mask is the zeros themselves, nothing to store or restore, and the optimizer
+    state is inner's (checkpoints written without it still restore). Trained dense kernels hold no exact zeros,
+    so for them this changes nothing."""
+    def update(updates, state, params):
+        updates, state = inner.update(updates, state, params)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u, p: jnp.where(p == 0, jnp.zeros_like(u), u) if _is_kernel(path) else u,
+            updates, params), state
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def optimizer(o: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(o.clip_norm),
         optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
     )
+    return keep_zeros(tx) if o.keep_zeros else tx
