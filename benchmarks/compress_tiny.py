@@ -5,7 +5,8 @@ seconds each takes and the weights' size in memory. One JSON line.
     python benchmarks/compress_tiny.py [--workdir=runs/tiny] [--calibration_rows=128]
 
 The workdir's own data config gives the calibration rows (the first training batches, as the paper takes C4
-segments) and the held-out batches (its eval set). Pruning leaves embeddings, LayerNorms, biases and the head
+segments; an SFT or PPO workdir's training demonstrations) and the held-out set (omni/stages/evaluate.py: for
+a model tuned on the instruction suite also the labeler score of its greedy answers). Pruning leaves embeddings, LayerNorms, biases and the head
 dense. The compress stage (omni/stages/compress.py) writes any of these as a workdir.
 """
 from __future__ import annotations
@@ -22,6 +23,10 @@ import ml_collections
 import omni
 from omni.compress import prune, quant, sparsegpt
 from omni.stages import compress
+from omni.stages.evaluate import evaluate
+
+
+QUALITY = ("perplexity", "labeler_score")  # the labeler's score for a model tuned on the instruction suite
 
 
 def main() -> None:
@@ -43,15 +48,18 @@ def main() -> None:
     out = {"benchmark": "compress_tiny", "workdir": args.workdir, "params": int(sum(x.size for x in
                                                                                     jax.tree.leaves(params))),
            "calibration_rows": len(calibration), "seq_len": int(calibration.shape[1]),
-           "dense_perplexity": compress.evaluate(config, params, tokenizer)["perplexity"], "dense_mb": size(params)}
+           "dense_mb": size(params)}
+    dense = evaluate(config, params, tokenizer)
+    out.update({f"dense_{k}": dense[k] for k in QUALITY if k in dense})
     for name, method in methods.items():
         start = time.perf_counter()
         compressed, mode = jax.block_until_ready(method())
         seconds = time.perf_counter() - start
         as_compressed = ml_collections.ConfigDict(config.to_dict())
         as_compressed.model.quant = mode
-        out[name] = {"perplexity": compress.evaluate(as_compressed, compressed, tokenizer)["perplexity"],
-                     "seconds": round(seconds, 2), "mb": size(compressed)}
+        quality = evaluate(as_compressed, compressed, tokenizer)
+        out[name] = {**{k: quality[k] for k in QUALITY if k in quality}, "seconds": round(seconds, 2),
+                     "mb": size(compressed)}
         if mode == "none":
             out[name]["sparsity"] = round(prune.sparsity(compressed), 4)
     out["machine"] = f"{platform.machine()} {os.cpu_count()} cores"

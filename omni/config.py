@@ -189,7 +189,7 @@ VARIANTS = ("gpt1", "gpt2", "gpt3")
 REMAT = ("none", "full", "dots")
 HEADS = ("lm", "scalar")
 DTYPES = ("float32", "bfloat16", "float16")
-STAGES = ("pretrain", "sft", "rm", "ppo", "sample", "label", "compress")
+STAGES = ("pretrain", "sft", "rm", "ppo", "sample", "label", "compress", "eval")
 TRAINING_STAGES = ("pretrain", "sft", "rm", "ppo")
 QUANT = ("none", "int8", "w8a8")  # see omni/compress/quant.py
 # A model's shape and parameter layout. With init_from these come from the earlier stage's workdir; the rest

@@ -25,7 +25,7 @@ from omni import config as config_lib
 from omni import estimate, parallel
 from omni.data import DataError
 from omni.generate import GenerationError
-from omni.stages import compress, label, ppo, pretrain, reward, sample, sft
+from omni.stages import compress, evaluate, label, ppo, pretrain, reward, sample, sft
 from omni.train import checkpoint, metrics, trainer
 
 STAGES = {"pretrain": pretrain.task, "sft": sft.task, "rm": reward.task, "ppo": ppo.task}
@@ -141,6 +141,9 @@ def run(config, workdir: str) -> int:
         return 0
     if config.stage == "compress":
         compress.run(config, workdir)
+        return 0
+    if config.stage == "eval":
+        evaluate.run(config, workdir)
         return 0
     os.makedirs(workdir, exist_ok=True)
     check_resumable(config, workdir)

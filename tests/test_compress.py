@@ -1,6 +1,6 @@
 """The compress stage end to end on a tiny random model over a small local corpus: the written workdir loads,
-generates and has the requested sparsity pattern or INT8 weights; an instruction-tuned model calibrates on its
-demonstrations; bad settings are named."""
+generates, evaluates (the eval stage) and has the requested sparsity pattern or INT8 weights; an
+instruction-tuned model calibrates on its demonstrations; bad settings are named."""
 import glob
 import json
 import os
@@ -16,7 +16,7 @@ from omni.compress import prune
 from omni.config import ConfigError, base_config
 from omni.interop.hf import to_workdir
 from omni.models import GPT
-from omni.stages import compress
+from omni.stages import compress, evaluate
 
 
 def _compress_config(source: str, **settings) -> ml_collections.ConfigDict:
@@ -125,6 +125,15 @@ def test_int8_writes_a_quarter_size_workdir_that_generates(source, monkeypatch, 
     assert params["wte"]["embedding"].dtype == np.int8 and params["wte"]["scale"].dtype == np.float32
     _, generator, tokenizer = from_workdir(out)
     assert generator.generate([tokenizer.encode("import")], 4).tokens.shape == (1, 4)
+    # the eval stage reads it too, and measures what the compress stage reported
+    c = base_config()
+    c.stage, c.init_from = "eval", out
+    assert evaluate.run(c, str(tmp_path / "eval"))["perplexity"] == pytest.approx(summary["eval_perplexity"])
+    with open(tmp_path / "eval" / "summary.json") as f:
+        assert json.load(f)["init_from"] == out
+    c.init_from = ""
+    with pytest.raises(ConfigError, match="config.init_from is empty"):
+        evaluate.run(c, str(tmp_path / "eval"))
     with pytest.raises(ConfigError, match="already holds INT8 weights"):
         compress.run(_compress_config(out, method="magnitude"), str(tmp_path / "twice"))
 

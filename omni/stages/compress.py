@@ -2,8 +2,8 @@
 pruning (unstructured, N:M, whole heads or MLP channels), SparseGPT (unstructured or N:M) on calibration rows
 of the model's own training data, or INT8 weights (int8: weight-only; w8a8: activations too), which the model
 then computes with (config.model.quant). Not a training stage: it writes one checkpoint (step 0) and a summary
-with the model's held-out quality before and after (`evaluate`), its size in memory and on disk, and the
-seconds it took.
+with the model's held-out quality before and after (omni/stages/evaluate.py), its size in memory and on disk,
+and the seconds it took.
 
     python -m omni.main --config=configs/compress.py --config.init_from=runs/tiny --config.method=sparsegpt
 """
@@ -17,14 +17,11 @@ import ml_collections
 import numpy as np
 
 import omni
-from omni import parallel
 from omni.compress import prune, quant, sparsegpt
 from omni.config import ConfigError
 from omni.data import feedback, finetune, pipelines
-from omni.models import GPT
-from omni.stages.pretrain import lm_loss
-from omni.stages.sft import sample_metrics
-from omni.train import checkpoint, metrics, trainer
+from omni.stages.evaluate import evaluate, instruction_tuned
+from omni.train import checkpoint, metrics
 
 METHODS = ("magnitude", "sparsegpt", "heads", "mlp_channels", "int8", "w8a8")
 
@@ -62,40 +59,13 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> tuple[int, int] |
 def calibration_rows(config: ml_collections.ConfigDict, tokenizer, rows: int) -> np.ndarray:
     """The first `rows` token rows of the model's own training data: its packed pretraining stream (the paper:
     128 segments of C4) or, for an instruction-tuned model, its packed training demonstrations."""
-    if _instruction_tuned(config):
+    if instruction_tuned(config):
         train = feedback.demonstrations(finetune.suite_data(config.data, "sft"), "train")
         demos = [train[i] for i in range(min(len(train), rows * 8))]  # several demonstrations fill a row
         return finetune.pack_demonstrations(tokenizer, demos, config.train.seq_len)["inputs"][:rows]
     stream = pipelines.train_iterator(config, tokenizer)
     batches = [next(stream)["inputs"] for _ in range(-(-rows // config.train.batch_size))]
     return np.concatenate(batches)[:rows]
-
-
-def _instruction_tuned(config: ml_collections.ConfigDict) -> bool:
-    return config.data.name in ("instructions", "jsonl")  # the fine-tuning stages' data
-
-
-def evaluate(config: ml_collections.ConfigDict, params, tokenizer) -> dict[str, float]:
-    """What a (compressed) model is judged by, on one device: held-out perplexity on its own data (pretraining
-    text, or the held-out demonstrations' answers), and for an instruction-tuned model the exact match and, on
-    the offline suite, the labeler score of its greedy answers to held-out prompts."""
-    one = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1, dcn_data=1, dcn_fsdp=1))
-    mesh = parallel.make_mesh(one, jax.devices()[:1])
-    extra = None
-    if _instruction_tuned(config):
-        held_out = feedback.demonstrations(finetune.suite_data(config.data, "sft"), "validation")
-        held_out = [held_out[i] for i in range(len(held_out))]
-        packed = finetune.pack_demonstrations(tokenizer, held_out, config.train.seq_len)
-        batches = finetune.fixed_batches(packed, config.train.batch_size, config.train.eval_batches,
-                                         list(range(config.train.batch_size)))
-        extra = sample_metrics(config, tokenizer, held_out[:config.sft.eval_prompts], mesh)
-    else:
-        batches = pipelines.eval_batches(config, tokenizer)
-    eval_fn = jax.jit(lambda p, batch: lm_loss(GPT(config.model))(p, batch, None)[1])
-    out = trainer.evaluate(eval_fn, params, batches, mesh)
-    if extra is not None:
-        out.update(extra(params, out))
-    return {k.removeprefix("eval_"): v for k, v in out.items()}
 
 
 def compress(source: ml_collections.ConfigDict, params, tokenizer, method: str, c: ml_collections.ConfigDict,
