@@ -137,7 +137,7 @@ class Generator:
         self.pad_id = pad_id
         # INT8 weights (model.quant) must stay int8 inside the decode loop: XLA's loop-invariant code motion would
         # convert them to float once before it and stream 4x the bytes every token (measured at batch 1 on the
-        # benchmark's model: 150-200 tokens/s with it, 280-410 without; float weights gain nothing either way).
+        # benchmark's model: 149-206 tokens/s with it, 283-413 without; float weights gained nothing measurable).
         quantized = model_config.get("quant", "none") != "none"
         options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if quantized else {}
         self._run = jax.jit(functools.partial(_generate, GPT(self.config)),

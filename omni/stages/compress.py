@@ -1,7 +1,8 @@
-"""Compression of a trained model into a new workdir that every stage, generation and chat accept: magnitude
+"""Compression of a trained model into a new workdir that generation, chat and evaluation read: magnitude
 pruning (unstructured, N:M, whole heads or MLP channels), SparseGPT (unstructured or N:M) on calibration rows
 of the model's own training data, or INT8 weights (int8: weight-only; w8a8: activations too), which the model
-then computes with (config.model.quant). Not a training stage: it writes one checkpoint (step 0) and a summary
+then computes with (config.model.quant). A pruned workdir is also a float model that any stage can start from;
+an INT8 one is for inference. Not a training stage: it writes one checkpoint (step 0) and a summary
 with the model's held-out quality before and after (omni/stages/evaluate.py), its size in memory and on disk,
 and the seconds it took.
 
