@@ -6,8 +6,8 @@ seconds each takes and the weights' size in memory. One JSON line.
 
 The workdir's own data config gives the calibration rows (the first training batches, as the paper takes C4
 segments; an SFT or PPO workdir's training demonstrations) and the held-out set (omni/stages/evaluate.py: for
-a model tuned on the instruction suite also the labeler score of its greedy answers). Pruning leaves embeddings, LayerNorms, biases and the head
-dense. The compress stage (omni/stages/compress.py) writes any of these as a workdir.
+a model tuned on the instruction suite also the labeler score of its greedy answers). Pruning leaves
+embeddings, LayerNorms, biases and the head dense. The compress stage (omni/stages/compress.py) writes any of these as a workdir.
 """
 from __future__ import annotations
 
