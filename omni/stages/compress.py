@@ -21,10 +21,12 @@ import omni
 from omni.compress import prune, quant, sparsegpt
 from omni.config import ConfigError
 from omni.data import feedback, finetune, pipelines
+from omni.models import count_params
 from omni.stages.evaluate import evaluate, instruction_tuned
 from omni.train import checkpoint, metrics
 
-METHODS = ("magnitude", "sparsegpt", "heads", "mlp_channels", "int8", "w8a8")
+QUANTIZE = ("int8", "w8a8")  # methods that write INT8 weights (config.model.quant)
+METHODS = ("magnitude", "sparsegpt", "heads", "mlp_channels") + QUANTIZE
 
 
 def _n_m(text: str) -> tuple[int, int] | None:
@@ -62,7 +64,7 @@ def calibration_rows(config: ml_collections.ConfigDict, tokenizer, rows: int) ->
     128 segments of C4) or, for an instruction-tuned model, its packed training demonstrations."""
     if instruction_tuned(config):
         train = feedback.demonstrations(finetune.suite_data(config.data, "sft"), "train")
-        demos = [train[i] for i in range(min(len(train), rows * 8))]  # several demonstrations fill a row
+        demos = [train[i] for i in range(len(train))]  # packed in order: the first rows are the first demos
         return finetune.pack_demonstrations(tokenizer, demos, config.train.seq_len)["inputs"][:rows]
     stream = pipelines.train_iterator(config, tokenizer)
     batches = [next(stream)["inputs"] for _ in range(-(-rows // config.train.batch_size))]
@@ -79,7 +81,7 @@ def compress(source: ml_collections.ConfigDict, params, tokenizer, method: str, 
         return prune.apply(params, prune.heads(params, c.sparsity)), []
     if method == "mlp_channels":
         return prune.apply(params, prune.mlp_channels(params, c.sparsity)), []
-    if method in ("int8", "w8a8"):
+    if method in QUANTIZE:
         return quant.quantize_model(params), []
     rows = calibration_rows(source, tokenizer, c.calibration_rows)
     return sparsegpt.prune_model(source.model, params, rows, c.sparsity, n_m, c.block_size, c.damp)
@@ -100,11 +102,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out = ml_collections.ConfigDict(source.to_dict())
     out.stage, out.init_from, out.name = "compress", config.init_from, os.path.basename(os.path.normpath(workdir))
     out.method, out.compress = config.method, config.compress
-    if config.method in ("int8", "w8a8"):
+    if config.method in QUANTIZE:
         out.model.quant = config.method
     checkpoint.write_model(workdir, out, compressed, tokenizer.model_path)
     summary = {"method": config.method, "n_m": config.compress.n_m, "seconds": seconds,
-               "sparsity": prune.sparsity(compressed), "params": int(sum(x.size for x in jax.tree.leaves(params))),
+               "sparsity": prune.sparsity(compressed), "params": count_params(params),
                "before_weights_mb": _megabytes(params), "weights_mb": _megabytes(compressed),
                "disk_mb": _params_on_disk(workdir)}
     summary.update({f"before_{k}": v for k, v in evaluate(source, params, tokenizer).items()})
