@@ -13,5 +13,5 @@ def get_config():
     c.stage = "label"
     c.init_from = "runs/sft_tiny"
     c.data.name = "instructions"
-    c.label.update(responses=4, prompts=1500, eval_prompts=200, max_new_tokens=24)
+    c.label.update(responses=4, prompts=1500, eval_prompts=200, max_new_tokens=16)
     return c

@@ -16,5 +16,5 @@ def get_config():
     c.model.head = "scalar"
     c.train.update(steps=190, batch_size=16, seq_len=64, log_every=10, eval_every=50, eval_batches=20,
                    checkpoint_every=100)
-    c.optim.update(lr=1e-4, warmup_steps=10, weight_decay=0.0)
+    c.optim.update(lr=3e-4, warmup_steps=10, weight_decay=0.0)
     return c

@@ -3,7 +3,8 @@
     python -m omni.main --config=configs/sft_tiny.py [--config.init_from=runs/tiny]
 
 The model's architecture comes from init_from. InstructGPT's recipe scaled down: cosine decay to 10% without
-warmup, residual dropout; a few epochs over the suite's demonstrations.
+warmup, residual dropout; about seven epochs over the suite's 2,400 demonstrations at the learning rate that
+reached the best held-out labeler score in 1,000 steps (3e-4 was still far from it).
 """
 from omni.config import base_config
 
@@ -14,7 +15,7 @@ def get_config():
     c.init_from = "runs/tiny"
     c.data.name = "instructions"
     c.model.dropout = 0.1
-    c.train.update(steps=300, batch_size=16, seq_len=128, log_every=25, eval_every=100, eval_batches=8,
-                   checkpoint_every=100)
-    c.optim.update(lr=3e-4, warmup_steps=0, weight_decay=0.0)
+    c.train.update(steps=1000, batch_size=16, seq_len=128, log_every=25, eval_every=200, eval_batches=8,
+                   checkpoint_every=200)
+    c.optim.update(lr=1e-3, warmup_steps=0, weight_decay=0.0)
     return c

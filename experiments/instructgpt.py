@@ -8,6 +8,7 @@ stages. Keys:
     rounds      repeat (rank the latest policy's samples -> reward model -> PPO) this many times
     ppo_seeds   PPO (and PPO-ptx) seeds per round, on the same reward model: the report gives their spread
     seed        train.seed of every stage (PPO seed s adds s)
+    suite_seed  which instance of the offline suite (data.suite_seed of every stage after pretraining)
     pretrained  an existing pretraining workdir (e.g. runs/tiny): skip the pretrain stage
     ptx, ptx_coef   also run PPO-ptx with this pretraining-loss coefficient
     configs.K   the config file of stage K; overrides.K: "KEY=VALUE ..." passed to stage K as --config.KEY=VALUE
@@ -24,6 +25,7 @@ def get_config():
     c.rounds = 1
     c.ppo_seeds = 1
     c.seed = 0
+    c.suite_seed = 0
     c.pretrained = ""
     c.ptx = True
     c.ptx_coef = 1.0
@@ -31,8 +33,8 @@ def get_config():
     c.configs = ml_collections.ConfigDict(dict(
         pretrain="configs/tiny.py", sft="configs/sft_tiny.py", label="configs/label_tiny.py",
         rm="configs/rm_tiny.py", ppo="configs/ppo_tiny.py"))
-    # The reward model sees the suite's rankings and those of SFT samples (4,491 prompts; 200 steps of 16 keep the
-    # whole pipeline under 30 minutes on 2 cores), and responses fit 48 tokens.
+    # The reward model sees the suite's rankings and those of SFT samples (about 4,100 prompts: 200 steps of 16 are
+    # one epoch), and responses fit 48 tokens.
     c.overrides = ml_collections.ConfigDict(dict(pretrain="", sft="", label="", rm="train.steps=200 train.seq_len=48",
                                                  ppo="", ppo_ptx=""))
     return c

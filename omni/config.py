@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
         reference_from="",  # the frozen policy of the KL penalty; empty: init_from (the SFT model)
         iterations=100,
         rollout_batch=64,  # episodes sampled per iteration
+        samples_per_prompt=1,  # responses sampled per prompt (a group); rollout_batch / this prompts per iteration
         epochs=1,  # passes over each rollout batch
         max_new_tokens=32,
         temperature=1.0,  # pure sampling at this temperature; log-probs are recomputed at it
@@ -138,18 +139,25 @@ def base_config() -> ml_collections.ConfigDict:
         value_clip=0.2,  # value change clip around the rollout's values
         value_coef=0.1,
         entropy_coef=0.0,
+        # Rewards in units of the starting policy's: mean 0, std 1 over the first rollout batch, that map kept
+        # (OpenAI normalised its reward model so on the initial policy's samples).
+        reward_norm=True,
+        # The value function is the reward model's network; its head starts at zero (OpenAI's choice: with
+        # normalised rewards 0 is the right first guess) or, with value_head='reward', as the reward model's.
+        value_head="zero",
         whiten_rewards=False,  # divide scores by their batch std (no mean shift)
         reward_clip=0.0,  # > 0: clip scores to [-reward_clip, reward_clip]
         missing_eos_penalty=1.0,  # subtracted from the score of a response that never emits EOS
-        gold_reward=False,  # diagnostic, instruction suite only: the reward is 2 x the labeler's true score - 1
-        # instead of the reward model's (Gao et al. 2022's gold reward); the value function still starts from
-        # reward_from. It tells how far PPO can climb the truth itself, apart from the reward model's errors.
+        gold_reward=False,  # diagnostic, instruction suite only: the reward is the labeler's true score instead
+        # of the reward model's (Gao et al. 2022's gold reward). It tells how far PPO can climb the truth itself,
+        # apart from the reward model's errors.
         ptx_coef=0.0,  # PPO-ptx: gamma of the pretraining loss mixed into every update (InstructGPT 27.8)
         ptx_data="stdlib",  # pretraining data of PPO-ptx and of the reported pretraining perplexity (data.name)
         ptx_path="",
         ptx_batch=16,  # pretraining rows per update
         ptx_eval_batches=8,  # held-out pretraining batches of the reported pretrain_perplexity (0: off)
         eval_prompts=128,  # held-out prompts of each evaluation
+        eval_samples=8,  # samples per held-out prompt at each evaluation: sampled score, pass@1 and pass@k
         sample_every=5))  # iterations between sample responses printed to the log
     return c
 
@@ -298,14 +306,17 @@ def _check_ppo(c: ml_collections.ConfigDict) -> None:
     p, t = c.ppo, c.train
     _require(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,
              "must be a positive int")
-    for key in ("iterations", "rollout_batch", "epochs", "max_new_tokens", "eval_prompts", "sample_every",
-                "ptx_batch"):
+    for key in ("iterations", "rollout_batch", "samples_per_prompt", "epochs", "max_new_tokens", "eval_prompts",
+                "eval_samples", "sample_every", "ptx_batch"):
         _require(isinstance(p[key], int) and p[key] > 0, f"ppo.{key}", p[key], "must be a positive int")
     _require(p.ptx_eval_batches >= 0, "ppo.ptx_eval_batches", p.ptx_eval_batches, "must be >= 0")
     _require(p.max_new_tokens < t.seq_len, "ppo.max_new_tokens", p.max_new_tokens,
              f"leaves no room for a prompt in train.seq_len={t.seq_len}")
     _require(p.rollout_batch % t.batch_size == 0, "ppo.rollout_batch", p.rollout_batch,
              f"not divisible by train.batch_size={t.batch_size} (the minibatch, in episodes)")
+    _require(p.rollout_batch % p.samples_per_prompt == 0, "ppo.rollout_batch", p.rollout_batch,
+             f"not divisible by ppo.samples_per_prompt={p.samples_per_prompt} (whole groups per batch)")
+    _require(p.value_head in ("zero", "reward"), "ppo.value_head", p.value_head, "expected 'zero' or 'reward'")
     _require(p.temperature > 0, "ppo.temperature", p.temperature, "must be > 0 (rollouts sample)")
     _require(0 < p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma/lam", (p.gamma, p.lam), "need 0 < gamma <= 1, 0 <= lam <= 1")
     for key in ("kl_coef", "target_kl", "clip", "value_clip", "value_coef", "entropy_coef", "reward_clip",

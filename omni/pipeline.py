@@ -37,7 +37,11 @@ HEADLINES = {
     "rm": ("heldout_pairwise_accuracy", "reward_std", "reward_bias"),
     "ppo": ("reward", "kl", "labeler_score", "win_rate_vs_sft", "kl_to_sft", "pretrain_perplexity"),
 }
-POLICY_KEYS = ("labeler_score", "sampled_labeler_score", "win_rate_vs_sft", "kl_to_sft", "pretrain_perplexity")
+# Held-out measures of a policy in a PPO step's summary (the SFT reference's carry the prefix sft_); per task too,
+# as "<measure>/<task>".
+POLICY_KEYS = ("labeler_score", "exact_match", "sampled_labeler_score", "pass@1", "pass@8", "win_rate_vs_sft",
+               "kl_to_sft", "best_of_8", "rm_agreement", "pretrain_perplexity")
+PER_TASK = ("labeler_score", "exact_match", "pass@1", "pass@8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +71,18 @@ def plan(c: ml_collections.ConfigDict, workdir: str) -> list[Step]:
     for kind in ("pretrain", "sft", "label", "rm", "ppo"):
         if not os.path.isfile(c.configs[kind]):
             raise ConfigError(f"config.configs.{kind}={c.configs[kind]!r}: no such config file")
+    if not isinstance(c.suite_seed, int) or c.suite_seed < 0:
+        raise ConfigError(f"config.suite_seed={c.suite_seed!r}: must be an int >= 0")
     path = lambda name: os.path.join(workdir, name)  # noqa: E731
-    seed = [("train.seed", str(c.seed))]
     steps = []
 
     def add(name, kind, extra, variant=None):
         own = _overrides(c.overrides[kind], kind)
         if variant == "ppo_ptx":  # PPO-ptx is PPO plus its own overrides
             own += _overrides(c.overrides.ppo_ptx, "ppo_ptx")
-        common = [] if kind == "ppo" else seed  # PPO's seed is per run
+        common = [] if kind == "ppo" else [("train.seed", str(c.seed))]  # PPO's seed is per run
+        if kind != "pretrain":  # every stage after pretraining reads the same instance of the suite
+            common.append(("data.suite_seed", str(c.suite_seed)))
         steps.append(Step(name, kind, c.configs[kind], tuple(common + extra + own)))
 
     pretrained = c.pretrained or path("pretrain")
@@ -143,27 +150,67 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds": values}
 
 
+def _measures(summary: dict, prefix: str = "") -> dict[str, float]:
+    """A policy's held-out measures (POLICY_KEYS and per task) from a PPO summary, `prefix` stripped."""
+    out = {}
+    for key, value in summary.items():
+        if not key.startswith(prefix) or not isinstance(value, (int, float)):
+            continue
+        name = key[len(prefix):]
+        if name in POLICY_KEYS or name.split("/")[0] in PER_TASK and "/" in name:
+            out[name] = float(value)
+    return out
+
+
+def _iterations(workdir: str, name: str) -> list[dict]:
+    with open(os.path.join(workdir, name, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "iteration" in r]
+
+
+def _policy(workdir: str, names: list[str], summaries: dict) -> dict:
+    """One PPO variant of one round over its seeds: the mean of each measure, the seeds' values, the margins over
+    SFT (mean, std over seeds), and from the rollouts the share of groups with no reward spread."""
+    runs = [summaries[n] for n in names]
+    measures = [_measures(s) for s in runs]
+    out = {k: float(np.mean([m[k] for m in measures])) for k in measures[0]}
+    out["seeds"] = {k: [m[k] for m in measures] for k in POLICY_KEYS if k in measures[0]}
+    for key in ("labeler_score", "exact_match", "sampled_labeler_score"):
+        if key in measures[0] and f"sft_{key}" in runs[0]:
+            out["margin_vs_sft" if key == "labeler_score" else f"{key}_margin_vs_sft"] = _mean_std(
+                [m[key] - s[f"sft_{key}"] for m, s in zip(measures, runs)])
+    spread = [r["zero_spread_groups"] for n in names for r in _iterations(workdir, n) if "zero_spread_groups" in r]
+    if spread:
+        out["zero_spread_groups"] = float(np.mean(spread))
+    return out
+
+
+def _sft_curve(workdir: str) -> list[dict]:
+    """The SFT stage's held-out evaluations, in order: how far its training went toward its best."""
+    path = os.path.join(workdir, "sft", "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [{k: r[k] for k in ("step", "eval_loss", "labeler_score", "exact_match") if k in r}
+                for r in map(json.loads, f) if "eval_loss" in r]
+
+
 def write_report(c: ml_collections.ConfigDict, workdir: str, steps: list[Step]) -> dict:
-    """report.json (every stage's headline metrics; per policy its held-out numbers, over seeds), report.md and
-    reward_kl.png (RM reward and KL to the reference per PPO iteration)."""
+    """report.json (every stage's headline metrics; per policy its held-out measures, over seeds; the SFT curve),
+    report.md and reward_kl.png (reward and KL to the reference per PPO iteration)."""
     summaries = {s.name: _summary(workdir, s.name) for s in steps}
     stages = {s.name: {k: summaries[s.name].get(k) for k in HEADLINES[s.kind] + ("wall_s",) if k in summaries[s.name]}
               for s in steps}
-    last = "" if c.rounds == 1 else str(c.rounds)
     variants = ["ppo"] + (["ppo_ptx"] if c.ptx else [])
-    runs = {v: [summaries[f"{v}{last}{'' if s == 0 else f'-seed{s}'}"] for s in range(c.ppo_seeds)] for v in variants}
-    first = runs["ppo"][0]
-    policies = {"sft": {"labeler_score": first.get("sft_labeler_score"), "win_rate_vs_sft": 0.5, "kl_to_sft": 0.0,
-                        "sampled_labeler_score": first.get("sft_sampled_labeler_score"),
-                        "pretrain_perplexity": first.get("sft_pretrain_perplexity")}}
-    for v, summaries_v in runs.items():
-        policies[v] = {k: float(np.mean([s[k] for s in summaries_v])) for k in POLICY_KEYS if k in first}
-        policies[v]["seeds"] = {k: [s[k] for s in summaries_v] for k in POLICY_KEYS if k in first}
-        margins = [s["labeler_score"] - s["sft_labeler_score"] for s in summaries_v if "labeler_score" in s]
-        if margins:
-            policies[v]["margin_vs_sft"] = _mean_std(margins)
-    report = {"workdir": workdir, "rounds": c.rounds, "ppo_seeds": c.ppo_seeds, "stages": stages,
-              "policies": policies, "wall_s": sum(v.get("wall_s", 0.0) for v in stages.values())}
+    first = summaries["ppo"]
+    policies = {"sft": {**_measures(first, "sft_"), "win_rate_vs_sft": 0.5, "kl_to_sft": 0.0}}
+    for r in range(1, c.rounds + 1):
+        suffix = "" if r == 1 else str(r)
+        for v in variants:
+            names = [f"{v}{suffix}{'' if s == 0 else f'-seed{s}'}" for s in range(c.ppo_seeds)]
+            policies[f"{v}{suffix}"] = _policy(workdir, names, summaries)
+    report = {"workdir": workdir, "rounds": c.rounds, "ppo_seeds": c.ppo_seeds, "suite_seed": c.suite_seed,
+              "stages": stages, "sft_curve": _sft_curve(workdir), "policies": policies,
+              "wall_s": sum(v.get("wall_s", 0.0) for v in stages.values())}
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(workdir, "report.md"), "w") as f:
@@ -173,26 +220,51 @@ def write_report(c: ml_collections.ConfigDict, workdir: str, steps: list[Step]) 
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _margin(p: dict, key: str) -> str:
+    m = p.get(key)
+    return f"{m['mean']:+.4f} ± {m['std']:.4f}" if m else ""
 
 
 def report_markdown(report: dict) -> str:
     lines = [f"# InstructGPT pipeline: {report['workdir']}", "",
-             f"{report['rounds']} round(s), {report['ppo_seeds']} PPO seed(s); stages took "
-             f"{report['wall_s'] / 60:.1f} min in all.", "", "| stage | headline metrics | wall s |", "|---|---|---|"]
+             f"{report['rounds']} round(s), {report['ppo_seeds']} PPO seed(s), suite seed {report.get('suite_seed', 0)};"
+             f" stages took {report['wall_s'] / 60:.1f} min in all.", "", "| stage | headline metrics | wall s |",
+             "|---|---|---|"]
     for name, m in report["stages"].items():
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k != "wall_s")
         lines.append(f"| {name} | {metrics} | {m.get('wall_s', 0):.0f} |")
-    lines += ["", "Held-out prompts (greedy answers; `sampled` at the rollout temperature); mean over PPO seeds "
-              "(± std of the margin over SFT):", "",
-              "| policy | labeler score | margin vs SFT | win rate vs SFT | KL to SFT | sampled labeler score | "
-              "pretraining perplexity |", "|---|---|---|---|---|---|---|"]
+    curve = report.get("sft_curve", [])
+    if curve:
+        lines += ["", "SFT on held-out demonstrations (step: labeler score, exact match): " + "; ".join(
+            f"{r['step']}: {_fmt(r.get('labeler_score'))}, {_fmt(r.get('exact_match'))}" for r in curve)]
+    lines += ["", "Held-out prompts: greedy answers (labeler score, exact match), 8 samples at the rollout "
+              "temperature (sampled score, pass@1, pass@8); mean over PPO seeds, margins over SFT ± their std. "
+              "`SFT best-of-8` lets the reward model pick one of SFT's 8 samples.", "",
+              "| policy | labeler score | margin vs SFT | exact match | exact margin | sampled score | sampled margin "
+              "| pass@1 | pass@8 | win rate vs SFT | KL to SFT | groups without spread | RM agreement | "
+              "pretraining perplexity |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in report["policies"].items():
-        margin = p.get("margin_vs_sft")
-        margin = f"{margin['mean']:+.4f} ± {margin['std']:.4f}" if margin else "0"
-        lines.append(f"| {name} | {_fmt(p.get('labeler_score'))} | {margin} | {_fmt(p.get('win_rate_vs_sft'))} | "
-                     f"{_fmt(p.get('kl_to_sft'))} | {_fmt(p.get('sampled_labeler_score'))} | "
-                     f"{_fmt(p.get('pretrain_perplexity'))} |")
+        lines.append(f"| {name} | {_fmt(p.get('labeler_score'))} | {_margin(p, 'margin_vs_sft')} | "
+                     f"{_fmt(p.get('exact_match'))} | {_margin(p, 'exact_match_margin_vs_sft')} | "
+                     f"{_fmt(p.get('sampled_labeler_score'))} | {_margin(p, 'sampled_labeler_score_margin_vs_sft')} | "
+                     f"{_fmt(p.get('pass@1'))} | {_fmt(p.get('pass@8'))} | {_fmt(p.get('win_rate_vs_sft'))} | "
+                     f"{_fmt(p.get('kl_to_sft'))} | {_fmt(p.get('zero_spread_groups', ''))} | "
+                     f"{_fmt(p.get('rm_agreement'))} | {_fmt(p.get('pretrain_perplexity'))} |")
+    sft = report["policies"]["sft"]
+    if "best_of_8" in sft:
+        lines.append(f"| SFT best-of-8 | {_fmt(sft['best_of_8'])} | {sft['best_of_8'] - sft['labeler_score']:+.4f} |"
+                     + " |" * 12)
+    tasks = sorted({k.split("/")[1] for k in sft if "/" in k})
+    if tasks:
+        lines += ["", "Per task, pass@1 / pass@8 (exact answers among 8 samples) and greedy exact match:", "",
+                  "| policy | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for name, p in report["policies"].items():
+            cells = [f"{_fmt(p.get(f'pass@1/{t}'))} / {_fmt(p.get(f'pass@8/{t}'))} ({_fmt(p.get(f'exact_match/{t}'))})"
+                     for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

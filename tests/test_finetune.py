@@ -178,4 +178,4 @@ def test_gold_reward_is_the_labelers_true_score(pipeline):
     assert out.returncode == 0, out.stderr[-3000:]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         (first,) = [r for r in map(json.loads, f) if "iteration" in r]
-    assert first["reward"] == pytest.approx(2 * first["rollout_labeler_score"] - 1, abs=1e-5)
+    assert first["reward"] == pytest.approx(first["rollout_labeler_score"], abs=1e-5)

@@ -107,7 +107,7 @@ def test_whole_pipeline_with_two_rounds(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with open(tmp_path / "run" / "report.json") as f:
         report = json.load(f)
-    assert set(report["policies"]) == {"sft", "ppo", "ppo_ptx"}
+    assert set(report["policies"]) == {"sft", "ppo", "ppo_ptx", "ppo2", "ppo_ptx2"}
     assert "rm2" in report["stages"] and (tmp_path / "run" / "reward_kl.png").exists()
     again = run_cli(args, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 9, again.stdout[-2000:]

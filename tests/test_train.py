@@ -142,13 +142,15 @@ def test_weight_decay_only_on_kernels():
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_a_pruned_kernel_keeps_its_zeros_through_updates(keep):
-    """optim.keep_zeros: the zeros of a pruned kernel get no update (Adam, weight decay and all); other weights,
-    biases and zero-initialised biases train as before. Off, the zeros fill in."""
+    """optim.keep_zeros: the zeros of a pruned block kernel get no update (Adam, weight decay and all); other
+    weights, biases, zero-initialised biases and a head that starts at zero (PPO's value head) train as before.
+    Off, the zeros fill in."""
     o = base_config().optim
     o.update(warmup_steps=0, decay_steps=10, keep_zeros=keep)
     rng = np.random.default_rng(0)
     kernel = rng.standard_normal((16, 8)).astype(np.float32) * (rng.random((16, 8)) < 0.5)
-    params = {"mlp": {"fc": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(8)}}}
+    params = {"blocks_0": {"mlp": {"fc": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(8)}}},
+              "score_head": {"kernel": jnp.zeros((8, 1))}}
     tx = optim.optimizer(o)
     state = tx.init(params)
     plain = base_config().optim
@@ -159,9 +161,11 @@ def test_a_pruned_kernel_keeps_its_zeros_through_updates(keep):
         grads = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), params)
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
-    new = np.asarray(params["mlp"]["fc"]["kernel"])
-    assert np.all(new[kernel != 0] != kernel[kernel != 0]) and np.all(params["mlp"]["fc"]["bias"] != 0)
+    fc = params["blocks_0"]["mlp"]["fc"]
+    new = np.asarray(fc["kernel"])
+    assert np.all(new[kernel != 0] != kernel[kernel != 0]) and np.all(fc["bias"] != 0)
     assert np.all(new[kernel == 0] == 0) == keep
+    assert np.all(params["score_head"]["kernel"] != 0)
 
 
 # --- whole runs through the CLI -------------------------------------------------------------------------

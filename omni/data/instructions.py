@@ -1,11 +1,20 @@
-"""An offline instruction-following suite whose quality a program can judge: SFT, reward model and PPO data.
+"""An offline instruction-following suite whose quality a program can judge: SFT, reward model and RL data.
 
-Tasks (adding numbers, reversing / uppercasing / counting / repeating a word, sorting digits) are small enough
-for a tiny GPT to learn in a few hundred SFT steps, and each prompt determines one reference answer.
+Eight tasks over short digit lists and words: sort the digits, reverse them, count one digit, list the even
+ones, name a digit that is missing, find the repeated one, name a digit between two bounds, and repeat a word.
+Every answer is built token by token from the prompt by a rule (digits are single tokens of omni's tokenizer,
+and a repeated word is copied whole, never spelled), so a small model can learn each task as a skill that
+carries over to prompts it never saw. Two tasks are open ('missing', 'between'): any right digit earns full
+marks, and demonstrations name a random right one, as people would.
 
 The labeler. `labeler_score(prompt, response)` is the ground truth every stage is judged by: 1.0 for the
-reference answer, graded partial credit in [0, 0.9] otherwise (right format, right length, similarity to the
-reference, a close number; penalties for chatter, repetition, rambling), so that the reward is learnable.
+reference answer only (any right digit of an open task); otherwise graded credit below 0.9, mostly for the content (the right number, the
+right digits in the right order, with formatting stripped), less for the format and the length, with
+penalties for chatter-like repetition and rambling. Correctness ranks above format: the right answer in a
+wrong format scores above a well-formatted wrong one.
+
+Held-out prompts are chosen by a stable hash of the task instance (the task and the values in the prompt),
+not of its wording: no stage trains on any phrasing of a held-out instance.
 
 Noise. A human labeler (InstructGPT-style K-way ranking) perceives `labeler_score + Normal(0, noise)` per
 distinct response and ranks by that. NOISE is calibrated by simulation (`agreement`) so that two independent
@@ -20,13 +29,14 @@ import math
 import os
 import re
 import string
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-TASKS: tuple[str, ...] = ("add", "reverse", "sort", "count", "upper", "repeat")
-NOISE: float = 0.235  # agreement(NOISE) = 0.732 (seed 0; 0.735, 0.730 at seeds 1, 2): InstructGPT's ~73%
-HELD_OUT_PERCENT = 10  # prompts whose stable hash falls here are evaluation-only
+NOISE: float = 0.32  # agreement(NOISE) = 0.732 (seed 0; 0.731, 0.740 at seeds 1, 2): InstructGPT's ~73%
+HELD_OUT_PERCENT = 10  # task instances whose stable hash falls here are evaluation-only
+VERSION = 2  # of the tasks, answers and candidates: a suite written by another version is rewritten
 
 _WORDS = tuple(dict.fromkeys(w for w in """
 the and for are but not you all any can had her was one our out day get has him his how man new now old see
@@ -78,21 +88,30 @@ silver simple singer sister spring square street summer system tomato travel tur
 wonder yellow""".split() if 3 <= len(w) <= 6))
 _SHORT = ("go", "up", "hi", "no", "on", "so", "we", "me", "at", "it") + tuple(w for w in _WORDS if len(w) <= 4)
 
-_FIELDS = {"a": r"0|[1-9]\d?", "b": r"0|[1-9]\d?", "w": r"[a-z]{1,12}", "xs": r"\d(?: \d){1,9}", "n": r"[1-9]"}
+# Sizes of each task's inputs (lists of digits, repeat counts): the suite's difficulty.
+_DIGITS = {"sort": (3, 6), "reverse": (3, 6), "count": (4, 8), "even": (4, 7), "missing": (5, 8), "twice": (3, 6)}
+_TIMES = (2, 3)
+_FIELDS = {"w": r"[a-z]{1,12}", "xs": r"\d(?: \d){1,9}", "d": r"\d", "a": r"\d", "b": r"\d", "n": r"[1-9]"}
 _PHRASINGS = {
-    "add": ("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}."),
-    "reverse": ("Reverse the word: {w}", "Spell '{w}' backwards."),
     "sort": ("Sort: {xs}", "Sort these digits: {xs}"),
-    "count": ("How many letters in '{w}'?", "Count the letters in {w}."),
-    "upper": ("Uppercase: {w}", "Write '{w}' in capital letters."),
+    "reverse": ("Reverse: {xs}", "Write {xs} backwards."),
+    "count": ("How many {d}s in {xs}?", "Count the {d}s in {xs}."),
+    "even": ("Write the even digits of {xs}.", "Which digits of {xs} are even?"),
+    "missing": ("Name a digit that is not in {xs}.", "Which digit is missing from {xs}?"),
+    "twice": ("Which digit appears twice in {xs}?", "Find the repeated digit: {xs}"),
+    "between": ("Name a digit between {a} and {b}.", "Give a digit larger than {a} and smaller than {b}."),
     "repeat": ("Repeat '{w}' {n} times", "Say {w} {n} times."),
 }
 _PATTERNS = [(task, re.compile("".join(f"(?P<{p[1:-1]}>{_FIELDS[p[1:-1]]})" if p.startswith("{") else re.escape(p)
                                        for p in re.split(r"(\{\w+\})", fmt))))
              for task, fmts in _PHRASINGS.items() for fmt in fmts]
+TASKS: tuple[str, ...] = tuple(_PHRASINGS)
 # What a well-formed answer looks like, per task: the labeler's format check.
-_FORMAT = {"add": r"\d+", "count": r"\d+", "sort": r"\d(?: \d)*", "reverse": r"[a-z]+", "upper": r"[A-Z]+",
-           "repeat": r"[a-z]+(?: [a-z]+)*"}
+_LIST = r"\d(?: \d)*"
+_FORMAT = {"count": r"\d", "missing": r"\d", "twice": r"\d", "between": r"\d", "sort": _LIST, "reverse": _LIST,
+           "even": _LIST, "repeat": r"[a-z]+(?: [a-z]+)*"}
+_NUMERIC = ("count", "missing", "twice", "between")
+_OPEN = ("missing", "between")  # any of several digits is right
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
          "seventeen eighteen nineteen").split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -112,15 +131,68 @@ class Example:
     prompt: str
     answer: str
     task: str
+    instance: str  # the task and its values, whatever the wording: what the held-out split hashes
+
+
+def _right_digits(task: str, f: dict[str, str]) -> list[str]:
+    """The digits that answer an open task (any one is right)."""
+    if task == "missing":
+        return [d for d in "0123456789" if d not in f["xs"].split()]
+    return [str(d) for d in range(int(f["a"]) + 1, int(f["b"]))]
 
 
 def _answer(task: str, f: dict[str, str]) -> str:
-    if task == "add":
-        return str(int(f["a"]) + int(f["b"]))
+    """The reference answer (for an open task, the smallest right digit)."""
+    digits = f.get("xs", "").split()
+    if task in _OPEN:
+        return _right_digits(task, f)[0]
     if task == "sort":
-        return " ".join(sorted(f["xs"].split()))
-    return {"reverse": lambda: f["w"][::-1], "count": lambda: str(len(f["w"])), "upper": lambda: f["w"].upper(),
-            "repeat": lambda: " ".join([f["w"]] * int(f["n"]))}[task]()
+        return " ".join(sorted(digits))
+    if task == "reverse":
+        return " ".join(reversed(digits))
+    if task == "count":
+        return str(digits.count(f["d"]))
+    if task == "even":
+        return " ".join(d for d in digits if int(d) % 2 == 0)
+    if task == "twice":
+        return next(d for d in digits if digits.count(d) == 2)
+    return " ".join([f["w"]] * int(f["n"]))
+
+
+def _example(task: str, prompt: str, f: dict[str, str]) -> Example:
+    values = {k: v for k, v in sorted(f.items()) if v is not None}
+    return Example(prompt, _answer(task, f), task, f"{task}:{json.dumps(values, sort_keys=True)}")
+
+
+def _digits(rng: np.random.Generator, size: int, distinct: bool = False) -> list[int]:
+    return [int(d) for d in (rng.permutation(10)[:size] if distinct else rng.integers(0, 10, size))]
+
+
+def _fields(task: str, rng: np.random.Generator) -> dict[str, str]:
+    """Random values of a task's prompt. Only valid instances: a list with an even digit, a missing digit, one
+    repeated digit, a gap between the bounds."""
+    if task == "repeat":
+        return {"w": _SHORT[int(rng.integers(len(_SHORT)))], "n": str(rng.integers(_TIMES[0], _TIMES[1] + 1))}
+    if task == "between":
+        a = int(rng.integers(0, 8))
+        return {"a": str(a), "b": str(rng.integers(a + 2, 10))}
+    size = int(rng.integers(_DIGITS[task][0], _DIGITS[task][1] + 1))
+    if task == "count":  # the asked digit is planted 0..4 times among others, so every count is common
+        d = int(rng.integers(10))
+        planted = min(int(rng.integers(0, 5)), size)
+        others = [x for x in range(10) if x != d]
+        xs = [d] * planted + [others[int(i)] for i in rng.integers(0, 9, size - planted)]
+        return {"d": str(d), "xs": " ".join(str(x) for x in rng.permutation(xs))}
+    if task == "missing":
+        xs = _digits(rng, size, distinct=True)
+    elif task == "twice":
+        xs = _digits(rng, size, distinct=True)
+        xs = [int(x) for x in rng.permutation(xs + [xs[int(rng.integers(size))]])]
+    else:
+        xs = _digits(rng, size)
+        while task == "even" and all(x % 2 for x in xs):
+            xs = _digits(rng, size)
+    return {"xs": " ".join(str(x) for x in xs)}
 
 
 def make_example(rng: np.random.Generator, task: str | None = None) -> Example:
@@ -131,21 +203,28 @@ def make_example(rng: np.random.Generator, task: str | None = None) -> Example:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     fmts = _PHRASINGS[task]
     fmt = fmts[int(rng.integers(len(fmts)))]
-    words = _SHORT if task == "repeat" else _WORDS  # short words keep repeated answers short
-    digits = rng.integers(0, 10, int(rng.integers(3, 6)))
-    f = {"a": str(rng.integers(100)), "b": str(rng.integers(100)), "w": words[int(rng.integers(len(words)))],
-         "xs": " ".join(str(d) for d in digits), "n": str(rng.integers(2, 4))}
-    return Example(fmt.format(**f), _answer(task, f), task)
+    f = _fields(task, rng)
+    ex = _example(task, fmt.format(**f), f)
+    if task in _OPEN:  # a demonstration names any right digit, as a person would
+        right = _right_digits(task, f)
+        ex = dataclasses.replace(ex, answer=right[int(rng.integers(len(right)))])
+    return ex
 
 
 @functools.lru_cache(maxsize=65536)
-def parse_prompt(prompt: str) -> Example:
-    """The task and reference answer of a suite prompt (any phrasing); ValueError for anything else."""
+def _match(prompt: str) -> tuple[str, dict[str, str]]:
+    """(task, the prompt's values) of a suite prompt in any phrasing; ValueError for anything else."""
     for task, pattern in _PATTERNS:
         m = pattern.fullmatch(prompt.strip()) if isinstance(prompt, str) else None
         if m:
-            return Example(prompt, _answer(task, m.groupdict()), task)
+            return task, m.groupdict()
     raise ValueError(f"not an instruction-suite prompt: {prompt!r}")
+
+
+def parse_prompt(prompt: str) -> Example:
+    """The task and reference answer of a suite prompt (any phrasing); ValueError for anything else."""
+    task, f = _match(prompt)
+    return _example(task, prompt, f)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -164,41 +243,48 @@ def _lev_sim(a: str, b: str) -> float:
     return 1.0 - prev[-1] / max(len(a), len(b))
 
 
-def _normalise(task: str, s: str) -> str:
-    """The content of a response with its formatting stripped: what a lenient reader would extract."""
-    if task in ("add", "count"):
-        digits = re.sub(r"\D", "", s)
-        value = _WORD_NUM.get(" ".join(re.findall(r"[a-z]+", s.lower())))
-        return digits or ("" if value is None else str(value))
-    if task == "sort":
-        return re.sub(r"\D", "", s)
-    sep = " " if task == "repeat" else ""
-    return sep.join(re.findall(r"[a-z]+", s.lower()))
+def _number(s: str) -> int | None:
+    """The number a response states, in digits or in words; None if none (or too long to be meant)."""
+    digits = re.sub(r"\D", "", s)
+    if digits:
+        return int(digits) if len(digits) <= 6 else None
+    return _WORD_NUM.get(" ".join(re.findall(r"[a-z]+", s.lower())))
+
+
+def _content(task: str, r: str, ref: str) -> float:
+    """How close the content of a response is to the reference's, in [0, 1], with its formatting stripped: 1
+    for the right number (any notation), the right digits in order, or the right words."""
+    if task in _NUMERIC:
+        value = _number(r)
+        return 0.0 if value is None else math.exp(-abs(value - int(ref)) / 3)
+    if task in ("sort", "reverse", "even"):
+        return _lev_sim(re.sub(r"\D", "", r), re.sub(r"\D", "", ref))
+    return _lev_sim(" ".join(re.findall(r"[a-z]+", r.lower())), ref)
 
 
 @functools.lru_cache(maxsize=65536)
 def labeler_score(prompt: str, response: str) -> float:
     """Ground-truth quality in [0, 1] of any `response` to a suite prompt (ValueError for another prompt):
-    1.0 exactly for the reference answer (surrounding whitespace ignored), at most 0.9 for anything else."""
+    1.0 exactly for the reference answer (surrounding whitespace ignored), at most 0.9 for anything else.
+    Being right dominates: the right content in a wrong format ("three", "The answer is 3") scores about 0.77,
+    a wrong answer in the right format at most about 0.35, however close."""
     ex = parse_prompt(prompt)
     ref, r = ex.answer, str(response).strip()
+    if ex.task in _OPEN:  # any right digit is the answer: judge the stated one against the nearest right one
+        right = _right_digits(*_match(prompt))
+        stated = _number(r)
+        ref = r if r in right else str(stated) if stated is not None and str(stated) in right else ref
     if r == ref:
         return 1.0
     if not r:
         return 0.0
-    norm_r, norm_ref = _normalise(ex.task, r), _normalise(ex.task, ref)
-    # similarity: exact characters, or case-blind (less credit), or content with the formatting stripped
-    sim = max(_lev_sim(r, ref), 0.6 * _lev_sim(r.lower(), ref.lower()), 0.75 * _lev_sim(norm_r, norm_ref))
+    content = _content(ex.task, r, ref) if ex.task not in _OPEN else float(_number(r) is not None and str(_number(r)) in right)
     formatted = re.fullmatch(_FORMAT[ex.task], r) is not None
-    if ex.task in ("add", "count") and norm_r and len(norm_r) <= 6:  # a close number is nearly right
-        sim = max(sim, math.exp(-abs(int(norm_r) - int(ref)) / 3) * (1.0 if formatted else 0.75))
     length = 1.0 - abs(len(r) - len(ref)) / max(len(r), len(ref))
-    quality = 0.2 * formatted + 0.6 * sim + 0.2 * length
-    if re.search(rf"(?<![A-Za-z0-9]){re.escape(ref)}(?![A-Za-z0-9])", r):  # right answer wrapped in chatter
-        quality = max(quality, 0.5 + 0.3 * len(ref) / len(r))
+    quality = 0.6 * (content == 1.0) + 0.25 * content + 0.075 * formatted + 0.075 * length
     toks, ref_toks = r.split(), ref.split()
     excess = (len(toks) - len(set(toks))) - (len(ref_toks) - len(set(ref_toks)))
-    penalty = max(0.5, 1.0 - 0.15 * excess) if excess > 0 else 1.0
+    penalty = max(0.5, 1.0 - 0.15 * excess) if excess > 0 and ex.task != "repeat" else 1.0
     if len(r) > 3 * len(ref) + 15:  # rambling
         penalty *= 0.6
     return float(min(0.9, max(0.0, 0.9 * quality * penalty)))  # < 1: only the reference earns full marks
@@ -213,9 +299,36 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?
 
 def _change_char(s: str, rng: np.random.Generator) -> str:
     i = int(rng.integers(len(s)))
+    while s[i] == " ":
+        i = int(rng.integers(len(s)))
     pool = string.digits if s[i].isdigit() else string.ascii_uppercase if s[i].isupper() else string.ascii_lowercase
     pool = pool.replace(s[i], "")
     return s[:i] + pool[int(rng.integers(len(pool)))] + s[i + 1:]
+
+
+def _near_miss(ex: Example, rng: np.random.Generator, pick) -> str:
+    """A plausible wrong answer: the kind of mistake a policy learning the task makes."""
+    ref, task, parts = ex.answer, ex.task, ex.answer.split()
+    out = ref
+    if task in _OPEN:  # a digit that is not right: one of the list's, or outside the bounds
+        _, f = _match(ex.prompt)
+        right = _right_digits(task, f)
+        return pick([d for d in "0123456789" if d not in right])
+    if task in _NUMERIC and rng.random() < 0.7:
+        out = str(max(0, int(ref) + pick((-2, -1, 1, 2))))
+    elif task in ("sort", "reverse", "even") and len(set(parts)) > 1 and rng.random() < 0.6:
+        xs = list(parts)
+        while xs == parts:  # two elements swapped
+            i, j = rng.choice(len(parts), 2, replace=False)
+            xs[i], xs[j] = xs[j], xs[i]
+        out = " ".join(xs)
+    elif task in ("reverse", "even") and rng.random() < 0.5:
+        out = _match(ex.prompt)[1]["xs"]  # copied the input instead of transforming it
+    elif task == "repeat" and rng.random() < 0.5:
+        out = " ".join(parts[:1] * (len(parts) + pick((-1, 1))))  # wrong count
+    if out == ref:  # one letter or digit changed
+        out = " ".join([_change_char(parts[0], rng)] * len(parts)) if task == "repeat" else _change_char(ref, rng)
+    return out
 
 
 def _corrupt(ex: Example, kind: str, rng: np.random.Generator) -> str:
@@ -224,33 +337,18 @@ def _corrupt(ex: Example, kind: str, rng: np.random.Generator) -> str:
     if kind == "reference":
         return ref
     if kind == "near_miss":
-        out = ref
-        if task in ("add", "count") and rng.random() < 0.5:
-            out = str(max(0, int(ref) + pick((-2, -1, 1, 2))))
-        elif task == "sort":  # two elements swapped
-            i, j = rng.choice(len(parts), 2, replace=False)
-            xs = list(parts)
-            xs[i], xs[j] = xs[j], xs[i]
-            out = " ".join(xs)
-        elif task == "reverse" and rng.random() < 0.4:
-            out = ref[::-1]  # copied the input instead of reversing it
-        elif task == "repeat" and rng.random() < 0.5:
-            out = " ".join(parts[:1] * (len(parts) + pick((-1, 1))))  # wrong count
-        if out == ref:  # one letter or digit changed
-            out = " ".join([_change_char(parts[0], rng)] * len(parts)) if task == "repeat" else _change_char(ref, rng)
-        return out
+        return _near_miss(ex, rng, pick)
     if kind == "format":
-        if task in ("add", "count"):
+        if task in _NUMERIC:
             return _num_words(int(ref))
-        return pick({"sort": (", ".join(parts), "".join(parts), "[" + ", ".join(parts) + "]"),
-                     "repeat": (", ".join(parts), "".join(parts), "-".join(parts)),
-                     "reverse": (ref.upper(), " ".join(ref)), "upper": (ref.lower(), ref.capitalize())}[task])
+        return pick((", ".join(parts), "".join(parts), "-".join(parts) if task == "repeat"
+                     else "[" + ", ".join(parts) + "]"))
     if kind == "chatter":
         return pick(_CHATTER).format(ref)
     if kind == "repeated":
         return pick((" ", "\n")).join([ref] * int(rng.integers(2, 4)))
     if kind == "truncated":
-        return ref[:int(rng.integers(1, len(ref)))] if len(ref) > 1 else ""
+        return ref[:int(rng.integers(1, len(ref)))].strip() if len(ref) > 1 else ""
     if kind == "empty":
         return pick(("", " ", "\n"))
     mode = int(rng.integers(3))  # garbage: random characters, unrelated words or code the base model has seen
@@ -301,15 +399,15 @@ def _agreement(noise: float, num_prompts: int, k: int, seed: int) -> float:
     return agree / total if total else 1.0
 
 
-def _held_out(prompt: str) -> bool:
-    # md5, not hash(): the split must be the same in every process.
-    return int(hashlib.md5(prompt.encode("utf-8")).hexdigest(), 16) % 100 < HELD_OUT_PERCENT
+def held_out(example: Example) -> bool:
+    """Whether an instance is evaluation-only, in every wording (md5, not hash(): the same in every process)."""
+    return int(hashlib.md5(example.instance.encode("utf-8")).hexdigest(), 16) % 100 < HELD_OUT_PERCENT
 
 
-def _draw(rng: np.random.Generator, held_out: bool) -> Example:
+def _draw(rng: np.random.Generator, want_held_out: bool) -> Example:
     while True:
         ex = make_example(rng)
-        if _held_out(ex.prompt) == held_out:
+        if held_out(ex) == want_held_out:
             return ex
 
 
@@ -322,16 +420,16 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_suite(directory: str, seed: int = 0, num_sft: int = 4000, num_prompts: int = 2000, num_eval: int = 200,
+def write_suite(directory: str, seed: int = 0, num_sft: int = 2400, num_prompts: int = 8000, num_eval: int = 200,
                 num_prefs: int = 3000, num_eval_prefs: int = 300, k_min: int = 4, k_max: int = 6,
                 noise: float = NOISE) -> dict[str, str]:
     """Writes the suite's JSONL files (deterministic for a seed) and suite.json; returns name -> path.
-    Evaluation prompts are disjoint from training ones (by a stable hash of the prompt string). If suite.json
-    already records the same arguments, nothing is rewritten."""
+    Evaluation prompts are disjoint from training ones (`held_out`: no training prompt states a held-out
+    instance). If suite.json already records the same arguments and VERSION, nothing is rewritten."""
     if not 2 <= k_min <= k_max:
         raise ValueError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
-    args = dict(seed=seed, num_sft=num_sft, num_prompts=num_prompts, num_eval=num_eval, num_prefs=num_prefs,
-                num_eval_prefs=num_eval_prefs, k_min=k_min, k_max=k_max, noise=float(noise))
+    args = dict(version=VERSION, seed=seed, num_sft=num_sft, num_prompts=num_prompts, num_eval=num_eval,
+                num_prefs=num_prefs, num_eval_prefs=num_eval_prefs, k_min=k_min, k_max=k_max, noise=float(noise))
     names = ("sft_train", "sft_eval", "prompts_train", "prompts_eval", "prefs_train", "prefs_eval")
     paths = {f"{n}.jsonl": os.path.join(directory, f"{n}.jsonl") for n in names}
     paths["suite.json"] = os.path.join(directory, "suite.json")
@@ -343,12 +441,12 @@ def write_suite(directory: str, seed: int = 0, num_sft: int = 4000, num_prompts:
         pass
     os.makedirs(directory, exist_ok=True)
 
-    def sft(rng, held_out):
-        ex = _draw(rng, held_out)
+    def sft(rng, evaluation):
+        ex = _draw(rng, evaluation)
         return {"prompt": ex.prompt, "response": ex.answer}
 
-    def prefs(rng, held_out):
-        ex = _draw(rng, held_out)
+    def prefs(rng, evaluation):
+        ex = _draw(rng, evaluation)
         responses = sample_candidates(ex, int(rng.integers(k_min, k_max + 1)), rng)
         ranking = noisy_ranks(ex.prompt, responses, noise, rng)
         return {"prompt": ex.prompt, "responses": responses, "ranking": ranking}
@@ -359,9 +457,9 @@ def write_suite(directory: str, seed: int = 0, num_sft: int = 4000, num_prompts:
               "prefs_train": (prefs, False, num_prefs), "prefs_eval": (prefs, True, num_eval_prefs)}
     counts = {}
     for index, name in enumerate(names):
-        make, held_out, count = makers[name]
+        make, evaluation, count = makers[name]
         rng = np.random.default_rng([seed, index])  # a stream per file: no file depends on another's size
-        lines = [json.dumps(make(rng, held_out), ensure_ascii=False) + "\n" for _ in range(count)]
+        lines = [json.dumps(make(rng, evaluation), ensure_ascii=False) + "\n" for _ in range(count)]
         _write_atomic(paths[f"{name}.jsonl"], "".join(lines))
         counts[name] = count
     meta = {"seed": seed, "noise": float(noise), "measured_agreement": agreement(float(noise), seed=seed),

@@ -209,9 +209,10 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
                                 "lm", "ppo.reference_from" if p.reference_from else "init_from", mesh)
     rm_params = _frozen_params(config, p.reward_from, "scalar", "ppo.reward_from", mesh)
     train_prompts, eval_prompts = (_prompts(config, tokenizer, s) for s in ("train", "validation"))
-    labeler = None
+    labeler = task_of = None
     if config.data.name == "instructions":
-        from omni.data.instructions import labeler_score as labeler
+        from omni.data.instructions import labeler_score as labeler, parse_prompt
+        task_of = lambda prompt: parse_prompt(prompt).task  # noqa: E731
     ptx, lm_eval = _pretraining(config, tokenizer, mesh)
     generator = Generator(config.model, ref_params, mesh, pad_id=tokenizer.pad_id)
     rows = parallel.process_rows(mesh, config.train.batch_size)
@@ -226,8 +227,10 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
         place = lambda boxed: parallel.logical_shardings(boxed, mesh)  # noqa: E731 (as the trainer places them)
         _, policy, _, step = checkpoint.model_params(config.init_from, place)  # SFT, or an earlier round's PPO
         _, value, _, rm_step = checkpoint.model_params(p.reward_from, place)
-        print(f"policy from {config.init_from} step {step}; value function from {p.reward_from} step {rm_step}",
-              flush=True)
+        if p.value_head == "zero":
+            value = {**value, "score_head": jax.tree.map(jnp.zeros_like, value["score_head"])}
+        print(f"policy from {config.init_from} step {step}; value function from {p.reward_from} step {rm_step}"
+              f" ({'head at zero' if p.value_head == 'zero' else 'its head too'})", flush=True)
         return {"policy": policy, "value": value}
 
     model = ActorCritic(config.model)
@@ -236,6 +239,6 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
                 tokenizer_path=tokenizer.model_path, example_batch=rollouts.example(),
                 flops_per_token=flops_per_token(config.model, seq_len) + flops_per_token(value_config(config.model),
                                                                                        seq_len),
-                eval_extra=rollout.HeldOut(rollouts, eval_prompts[:p.eval_prompts], lm_eval),
+                eval_extra=rollout.HeldOut(rollouts, eval_prompts[:p.eval_prompts], lm_eval, task_of),
                 before_step=rollouts.before_step, initial_params=initial_params, language_model=False,
                 summary_extras={"prompts": len(train_prompts), "episodes": p.iterations * p.rollout_batch})

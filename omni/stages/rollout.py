@@ -14,13 +14,14 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from omni.data.template import prompt_ids
 from omni.generate import Generator, Sampling
 from omni.models import GPT
-from omni.stages import ppo
+from omni.stages import heldout, ppo
 from omni.stages.reward import response_scores
 
 BUFFER_KEYS = ("inputs", "targets", "mask", "old_logprobs", "old_values", "advantages", "returns")
@@ -126,17 +127,21 @@ class Rollouts:
     batch, the pretraining iterator's) is checkpointed, so a preempted run resumes at the same minibatch."""
 
     def __init__(self, config: ml_collections.ConfigDict, tokenizer, prompts: list[str], generator: Generator,
-                 frozen: tuple, rows: Sequence[int], ptx: tuple | None = None, labeler: Callable | None = None):
+                 frozen: tuple, rows: Sequence[int], ptx: tuple | None = None, labeler: Callable | None = None,
+                 reward_fn: Callable | None = None):
         self.config, self.p = config, config.ppo
         self.tokenizer, self.prompts, self.generator = tokenizer, prompts, generator
         self.prompt_ids = [prompt_ids(tokenizer, text) for text in prompts]
         self.ref_params, self.rm_params = frozen
         self.rows, self.labeler = list(rows), labeler
+        # reward_fn(prompts, responses) -> raw rewards [n], in place of the reward model's scores
+        self.reward_fn = reward_fn
         self.ptx_iter, self.ptx_rows = ptx if ptx is not None else (None, [])  # pretraining (iterator, rows)
         self.per_epoch = self.p.rollout_batch // config.train.batch_size
         self.score = scorer(config)
         self.advantages = _advantages(self.p)
         self.iteration, self.position, self.kl_coef = 0, 0, float(self.p.kl_coef)
+        self.reward_stats: tuple[float, float] | None = None  # (mean, std) of the starting policy's raw rewards
         self.buffer: dict[str, np.ndarray] | None = None
         self.trained_since: float | None = None
 
@@ -181,33 +186,58 @@ class Rollouts:
         return metrics
 
     def _batch_prompts(self) -> list[int]:
-        """Indices of this iteration's prompts: the prompt set in a new seeded order every epoch."""
-        n, size = len(self.prompts), self.p.rollout_batch
+        """Indices of this iteration's prompts, each ppo.samples_per_prompt times in a row (a group): the prompt
+        set in a new seeded order every epoch."""
+        n, k = len(self.prompts), self.p.samples_per_prompt
+        size = self.p.rollout_batch // k
         orders = {}
         out = []
-        for k in range(self.iteration * size, (self.iteration + 1) * size):
-            epoch, i = divmod(k, n)
+        for j in range(self.iteration * size, (self.iteration + 1) * size):
+            epoch, i = divmod(j, n)
             if epoch not in orders:
                 orders[epoch] = np.random.default_rng([self.config.train.seed, 1_000_003, epoch]).permutation(n)
-            out.append(int(orders[epoch][i]))
+            out += [int(orders[epoch][i])] * k
         return out
+
+    def _raw_rewards(self, prompts: list[str], texts: list[str], rm_scores: np.ndarray,
+                     true: np.ndarray | None) -> np.ndarray:
+        """The reward before normalisation: the reward model's score, the labeler's true one (gold_reward) or
+        reward_fn's."""
+        if self.reward_fn is not None:
+            return np.asarray(self.reward_fn(prompts, texts), np.float32)
+        if self.p.gold_reward:
+            return true
+        return rm_scores
+
+    def _normalised(self, raw: np.ndarray) -> np.ndarray:
+        """Raw rewards in units of the starting policy's: mean 0 and std 1 on the first rollout batch, a fixed
+        affine map after it (OpenAI normalised its reward model so on the initial policy's samples). The KL
+        penalty's beta then means the same whatever the reward's scale. A first batch without spread (every
+        sample scored the same) gives no scale: it only shifts."""
+        if not self.p.reward_norm:
+            return raw
+        if self.reward_stats is None:
+            std = float(raw.std())
+            self.reward_stats = (float(raw.mean()), std if std > 1e-6 else 1.0)
+        mean, std = self.reward_stats
+        return (raw - mean) / std
 
     def _rollout(self, params) -> dict[str, float]:
         p = self.p
         indices = self._batch_prompts()
+        prompts = [self.prompts[i] for i in indices]
         start = time.perf_counter()
         rows, out = sample(self.generator, self.tokenizer, self.config, params["policy"],
                            [self.prompt_ids[i] for i in indices], self.config.train.seed * 1_000_003 + self.iteration,
                            p.temperature)
         generate_s = time.perf_counter() - start
         start = time.perf_counter()
-        logp, ref_logp, values, raw = score_rows(self.score, params, self.ref_params, self.rm_params, rows)
+        logp, ref_logp, values, rm_scores = score_rows(self.score, params, self.ref_params, self.rm_params, rows)
         texts = [response_text(self.tokenizer, out, i) for i in range(len(indices))]
-        true = (np.array([self.labeler(self.prompts[i], t) for i, t in zip(indices, texts)], np.float32)
+        true = (np.array([self.labeler(q, t) for q, t in zip(prompts, texts)], np.float32)
                 if self.labeler is not None else None)
-        if p.gold_reward:
-            raw = 2 * true - 1
-        scores = raw - p.missing_eos_penalty * (~out.stopped)
+        raw = self._raw_rewards(prompts, texts, rm_scores, true)
+        scores = self._normalised(raw) - p.missing_eos_penalty * (~out.stopped)
         if p.reward_clip > 0:
             scores = np.clip(scores, -p.reward_clip, p.reward_clip)
         if p.whiten_rewards:
@@ -221,11 +251,16 @@ class Rollouts:
                    "explained_variance": explained_variance(values, returns, rows["mask"]),
                    "rollout_tokens_per_s": float(out.lengths.sum()) / generate_s, "generate_s": generate_s,
                    "score_s": score_s, "iteration": self.iteration + 1}
+        # Groups whose samples all score the same teach nothing about that prompt (trl's frac_reward_zero_std):
+        # judged by the labeler's true score where there is one, the reward model's never ties.
+        judged = true if true is not None else raw
+        groups = judged.reshape(-1, p.samples_per_prompt)
+        metrics["zero_spread_groups"] = float((groups.max(1) - groups.min(1) < 1e-6).mean())
         if true is not None:
-            metrics["rollout_labeler_score"] = float(true.mean())
+            metrics.update(rollout_labeler_score=float(true.mean()), rollout_exact=float((true == 1.0).mean()))
         if self.iteration % p.sample_every == 0 and jax.process_index() == 0:
-            for i in range(2):
-                print(f"  sample (iteration {self.iteration + 1}): {self.prompts[indices[i]]!r} -> {texts[i]!r} "
+            for i in (0, len(indices) - 1):
+                print(f"  sample (iteration {self.iteration + 1}): {prompts[i]!r} -> {texts[i]!r} "
                       f"(reward {raw[i]:.3f})", flush=True)
         if p.target_kl > 0:
             self.kl_coef = ppo.update_kl_coef(self.kl_coef, kl, p.rollout_batch, p.target_kl, p.kl_horizon)
@@ -236,13 +271,14 @@ class Rollouts:
     # ----- checkpointing (grain's Orbax handler: bytes for an iterator that is not grain's own)
     def get_state(self) -> bytes:
         state = {"iteration": self.iteration, "position": self.position, "kl_coef": self.kl_coef,
-                 "buffer": _pack(self.buffer) if self.buffer is not None else "",
+                 "reward_stats": self.reward_stats, "buffer": _pack(self.buffer) if self.buffer is not None else "",
                  "ptx": self.ptx_iter.get_state() if self.ptx_iter is not None else None}
         return json.dumps(state).encode()
 
     def set_state(self, state: bytes) -> None:
         s = json.loads(state.decode())
         self.iteration, self.position, self.kl_coef = s["iteration"], s["position"], s["kl_coef"]
+        self.reward_stats = tuple(s["reward_stats"]) if s.get("reward_stats") else None
         self.buffer = _unpack(s["buffer"]) if s["buffer"] else None
         if self.ptx_iter is not None and s["ptx"] is not None:
             self.ptx_iter.set_state(s["ptx"])
@@ -252,72 +288,70 @@ class Rollouts:
 
 
 class HeldOut:
-    """eval_extra for the trainer: the policy against the reference policy on held-out prompts. Greedy answers
-    give `labeler_score` (the suite's ground truth) and `win_rate_vs_sft` (ties count half); samples at the
-    rollout temperature give `kl_to_sft` (mean over prompts of the summed log-ratio: the KL of the policy's
-    responses from the reference's) and `eval_reward` (reward-model score). The reference policy's own numbers
-    (`sft_*`) are computed once."""
+    """eval_extra for the trainer: the policy against the reference (SFT) policy on held-out prompts, by
+    omni/stages/heldout.py's measures. Greedy answers give `labeler_score`, `exact_match` and `win_rate_vs_sft`
+    (ties count half); ppo.eval_samples samples per prompt at the rollout temperature give
+    `sampled_labeler_score`, `pass@1`, `pass@k` (per task too, as `pass@1/<task>`), `kl_to_sft` (mean summed
+    log-ratio of the policy's samples: its KL from the reference), `eval_reward` (reward-model score) and
+    `best_of_k` (the labeler's score of the sample the reward model prefers), `rm_agreement` (the share of
+    pairs of samples the labeler separates that the reward model orders the same way). The reference's own
+    numbers (`sft_*`) are computed once; its `sft_best_of_k` is the baseline RL should approach."""
 
-    def __init__(self, rollouts: Rollouts, prompts: list[str], lm_eval: Callable | None = None):
+    def __init__(self, rollouts: Rollouts, prompts: list[str], lm_eval: Callable | None = None,
+                 task_of: Callable[[str], str] | None = None):
         self.r, self.prompts, self.lm_eval = rollouts, prompts, lm_eval  # lm_eval: policy params -> perplexity
+        self.task_of = task_of
         self.ids = [prompt_ids(rollouts.tokenizer, t) for t in prompts]
         self.sft: dict | None = None
 
-    def _chunks(self) -> list[list[int]]:
-        size = self.r.p.rollout_batch  # every chunk padded to the rollout batch: the compiled programs serve
-        return [list(range(i, min(i + size, len(self.ids)))) for i in range(0, len(self.ids), size)]
-
-    def _sample(self, policy_params, chunk: list[int], temperature: float):
-        ids = [self.ids[i] for i in chunk]
-        ids += [ids[0]] * (self.r.p.rollout_batch - len(ids))
-        return sample(self.r.generator, self.r.tokenizer, self.r.config, policy_params, ids, 12345, temperature)
-
-    def _greedy(self, policy_params) -> list[str]:
-        answers = []
-        for chunk in self._chunks():
-            _, out = self._sample(policy_params, chunk, 0.0)
-            answers += [response_text(self.r.tokenizer, out, i) for i in range(len(chunk))]
-        return answers
-
-    def _sampled(self, params, ref_params=None) -> dict[str, float]:
-        """Samples at the rollout temperature: KL from the reference, reward-model score, labeler score."""
-        kls, rewards, answers = [], [], []
-        for chunk in self._chunks():
-            rows, out = self._sample(params["policy"] if ref_params is None else ref_params, chunk,
-                                     self.r.p.temperature)
+    def _generate(self, policy_params, params, ids: list[list[int]], temperature: float):
+        """(texts, summed log-ratio to the reference, reward-model scores) of responses to `ids`, in chunks of the
+        rollout batch: the compiled programs serve."""
+        size, texts, kls, rewards = self.r.p.rollout_batch, [], [], []
+        for start in range(0, len(ids), size):
+            chunk = ids[start:start + size]
+            real = len(chunk)
+            rows, out = sample(self.r.generator, self.r.tokenizer, self.r.config, policy_params,
+                               chunk + [chunk[0]] * (size - real), 12345 + start, temperature)
             logp, ref_logp, _, scores = score_rows(self.r.score, params, self.r.ref_params, self.r.rm_params, rows)
-            kls += ((logp - ref_logp) * rows["mask"]).sum(1)[:len(chunk)].tolist()
-            rewards += scores[:len(chunk)].tolist()
-            answers += [response_text(self.r.tokenizer, out, i) for i in range(len(chunk))]
-        out = {"kl_to_sft": float(np.mean(kls)), "eval_reward": float(np.mean(rewards))}
-        scores = self._scores(answers)
-        if scores is not None:
-            out["sampled_labeler_score"] = float(scores.mean())
-        return out
+            kls += ((logp - ref_logp) * rows["mask"]).sum(1)[:real].tolist()
+            rewards += scores[:real].tolist()
+            texts += [response_text(self.r.tokenizer, out, i) for i in range(real)]
+        return texts, np.array(kls), np.array(rewards)
 
-    def _scores(self, answers: list[str]) -> np.ndarray | None:
+    def _measure(self, policy_params, params) -> dict:
+        """The held-out measures of one policy; `greedy` and `greedy_scores` kept for the comparison."""
+        k = self.r.p.eval_samples
+        greedy, _, _ = self._generate(policy_params, params, self.ids, 0.0)
+        texts, kls, rewards = self._generate(policy_params, params, [i for i in self.ids for _ in range(k)],
+                                             self.r.p.temperature)
+        out = {"greedy": greedy, "kl_to_sft": float(kls.mean()), "eval_reward": float(rewards.mean())}
         if self.r.labeler is None:
-            return None
-        return np.array([self.r.labeler(p, a) for p, a in zip(self.prompts, answers)])
+            return out
+        sampled = [texts[j * k:(j + 1) * k] for j in range(len(self.prompts))]
+        q = heldout.quality(self.prompts, greedy, sampled, self.r.labeler, self.task_of)
+        for task, measures in q.pop("by_task", {}).items():
+            out.update({f"{name}/{task}": v for name, v in measures.items() if name != "prompts"})
+        del q["prompts"]
+        sample_scores = np.array([[self.r.labeler(p, t) for t in ts] for p, ts in zip(self.prompts, sampled)])
+        out.update(q, greedy_scores=np.array([self.r.labeler(p, a) for p, a in zip(self.prompts, greedy)]))
+        out[f"best_of_{k}"] = heldout.best_of(sample_scores, rewards.reshape(-1, k))
+        out["rm_agreement"] = heldout.agreement(sample_scores, rewards.reshape(-1, k))
+        return out
 
     def __call__(self, params, evals: dict) -> dict[str, float]:
         del evals
         if self.sft is None:  # the reference policy's own numbers, once
-            answers = self._greedy(self.r.ref_params)
-            sampled = self._sampled(params, self.r.ref_params)
-            self.sft = {"answers": answers, "scores": self._scores(answers), "sampled": sampled}
+            self.sft = self._measure(self.r.ref_params, params)
             if self.lm_eval is not None:
                 self.sft["pretrain_perplexity"] = self.lm_eval(self.r.ref_params)
-        answers = self._greedy(params["policy"])
-        out = self._sampled(params)
-        out["changed_vs_sft"] = float(np.mean([a != b for a, b in zip(answers, self.sft["answers"])]))
-        scores = self._scores(answers)
-        if scores is not None:
-            sft = self.sft["scores"]
-            out.update(labeler_score=float(scores.mean()), sft_labeler_score=float(sft.mean()),
-                       win_rate_vs_sft=float(np.mean((scores > sft) + 0.5 * (scores == sft))),
-                       sft_sampled_labeler_score=self.sft["sampled"]["sampled_labeler_score"])
+        policy = self._measure(params["policy"], params)
+        out = {k: v for k, v in policy.items() if k not in ("greedy", "greedy_scores")}
+        out.update({f"sft_{k}": v for k, v in self.sft.items() if k not in ("greedy", "greedy_scores", "kl_to_sft")})
+        out["changed_vs_sft"] = float(np.mean([a != b for a, b in zip(policy["greedy"], self.sft["greedy"])]))
+        if "greedy_scores" in policy:
+            mine, sft = policy["greedy_scores"], self.sft["greedy_scores"]
+            out["win_rate_vs_sft"] = float(np.mean((mine > sft) + 0.5 * (mine == sft)))
         if self.lm_eval is not None:
-            out.update(pretrain_perplexity=self.lm_eval(params["policy"]),
-                       sft_pretrain_perplexity=self.sft["pretrain_perplexity"])
+            out["pretrain_perplexity"] = self.lm_eval(params["policy"])
         return out

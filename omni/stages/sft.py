@@ -3,8 +3,9 @@
 Batch: pretraining's keys, always with segment_ids and positions (omni/data/finetune.py packs whole
 demonstrations into rows, each its own segment, so they never attend to each other), weights 1 on the
 assistant's tokens only. Loss: pretraining's next-token cross-entropy over those weighted tokens.
-Each evaluation also answers held-out prompts greedily: `exact_match` with the reference answer and, on the
-offline instruction suite, `labeler_score` (the suite labeler's mean score, the ground truth of later stages).
+Each evaluation also answers held-out prompts greedily: `exact_match` with the reference answer (on the offline
+instruction suite: the labeler's full marks, any right answer of an open task) and, on the suite,
+`labeler_score` (the suite labeler's mean score, the ground truth of later stages).
 """
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ def sample_metrics(config: ml_collections.ConfigDict, tokenizer, dialogues: list
         else:
             generator.set_params(params)
         answers = answer_greedily(generator, tokenizer, dialogues, config.sft.eval_max_new_tokens)
-        out = {"exact_match": float(np.mean([a == turns[-1][1].strip() for a, turns in zip(answers, dialogues)]))}
-        if suite:
-            out["labeler_score"] = float(np.mean([labeler_score(turns[-1][0], a)
-                                                  for a, turns in zip(answers, dialogues)]))
-        return out
+        if not suite:
+            return {"exact_match": float(np.mean([a == turns[-1][1].strip() for a, turns in zip(answers, dialogues)]))}
+        # The labeler's full marks: the reference, or any right answer of a task that has several.
+        scores = np.array([labeler_score(turns[-1][0], a) for a, turns in zip(answers, dialogues)])
+        return {"exact_match": float((scores == 1.0).mean()), "labeler_score": float(scores.mean())}
 
     return metrics
 

@@ -20,20 +20,26 @@ def _is_kernel(path) -> bool:
     return str(getattr(path[-1], "key", "")).endswith("kernel")
 
 
+def _is_block_kernel(path) -> bool:
+    """A kernel inside the transformer blocks: what pruning (omni/compress) zeroes. Heads are never pruned, and
+    a head may start at zero on purpose (PPO's value head)."""
+    return _is_kernel(path) and any(str(getattr(k, "key", "")).startswith("blocks") for k in path)
+
+
 def decay_mask(params):
     """Weight decay on matmul kernels only: not on biases, LayerNorm gains or embeddings (GPT-1, GPT-3)."""
     return jax.tree_util.tree_map_with_path(lambda path, _: _is_kernel(path), params)
 
 
 def keep_zeros(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`inner` with no update for a kernel weight that is exactly zero, so a pruned model (omni/compress) keeps its
-    zeros through fine-tuning: the mask is the zeros themselves, nothing to store or restore, and the optimizer
-    state is inner's (checkpoints written without it still restore). Trained dense kernels hold no exact zeros,
-    so for them this changes nothing."""
+    """`inner` with no update for a block kernel weight that is exactly zero, so a pruned model (omni/compress)
+    keeps its zeros through fine-tuning: the mask is the zeros themselves, nothing to store or restore, and the
+    optimizer state is inner's (checkpoints written without it still restore). Trained dense kernels hold no
+    exact zeros, so for them this changes nothing."""
     def update(updates, state, params):
         updates, state = inner.update(updates, state, params)
         return jax.tree_util.tree_map_with_path(
-            lambda path, u, p: jnp.where(p == 0, jnp.zeros_like(u), u) if _is_kernel(path) else u,
+            lambda path, u, p: jnp.where(p == 0, jnp.zeros_like(u), u) if _is_block_kernel(path) else u,
             updates, params), state
 
     return optax.GradientTransformation(inner.init, update)
