@@ -74,8 +74,9 @@ def _evaluate(generator: Generator, tokenizer, prompts: list[str], max_new_token
 
     greedy = decode(0.0, ids, 0)
     flat = decode(1.0, [i for i in ids for _ in range(samples)], 1)
-    q = heldout.quality(prompts, greedy, [flat[j * samples:(j + 1) * samples] for j in range(len(prompts))],
-                        labeler_score, lambda p: parse_prompt(p).task)
+    sampled = [flat[j * samples:(j + 1) * samples] for j in range(len(prompts))]
+    q = heldout.quality(*heldout.scores(prompts, greedy, sampled, labeler_score),
+                        [parse_prompt(p).task for p in prompts])
     return {"labeler_score": round(q["labeler_score"], 3), "exact_match": round(q["exact_match"], 3),
             "pass@1": round(q["pass@1"], 3),
             "exact_by_task": {t: round(v["exact_match"], 2) for t, v in q["by_task"].items()}}

@@ -18,8 +18,8 @@ def test_quality_against_loops():
     choices = lambda p: [p.upper(), p.lower(), "zz"]  # noqa: E731
     greedy = [choices(p)[int(rng.integers(3))] for p in prompts]
     sampled = [[choices(p)[int(rng.integers(3))] for _ in range(4)] for p in prompts]
-    task_of = lambda p: "upper" if p[0].isupper() else "lower"  # noqa: E731
-    q = heldout.quality(prompts, greedy, sampled, _labeler, task_of)
+    tasks = ["upper" if p[0].isupper() else "lower" for p in prompts]
+    q = heldout.quality(*heldout.scores(prompts, greedy, sampled, _labeler), tasks)
 
     def expected(idx):
         g = [_labeler(prompts[i], greedy[i]) for i in idx]

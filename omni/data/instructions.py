@@ -278,7 +278,8 @@ def labeler_score(prompt: str, response: str) -> float:
         return 1.0
     if not r:
         return 0.0
-    content = _content(ex.task, r, ref) if ex.task not in _OPEN else float(_number(r) is not None and str(_number(r)) in right)
+    # an open task's content is right or wrong: no wrong digit is closer to right than another
+    content = float(str(_number(r)) == ref) if ex.task in _OPEN else _content(ex.task, r, ref)
     formatted = re.fullmatch(_FORMAT[ex.task], r) is not None
     length = 1.0 - abs(len(r) - len(ref)) / max(len(r), len(ref))
     quality = 0.6 * (content == 1.0) + 0.25 * content + 0.075 * formatted + 0.075 * length

@@ -16,12 +16,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 
-def quality(prompts: Sequence[str], greedy: Sequence[str], sampled: Sequence[Sequence[str]],
-            labeler: Callable[[str, str], float], task_of: Callable[[str], str] | None = None) -> dict:
-    """Scores of greedy answers and samples (module docstring); an answer is exact when the labeler gives it
-    full marks. With `task_of`, also `by_task`."""
-    greedy_scores = np.array([labeler(p, a) for p, a in zip(prompts, greedy)])
-    sample_scores = np.array([[labeler(p, s) for s in samples] for p, samples in zip(prompts, sampled)])
+def scores(prompts: Sequence[str], greedy: Sequence[str], sampled: Sequence[Sequence[str]],
+           labeler: Callable[[str, str], float]) -> tuple[np.ndarray, np.ndarray]:
+    """The labeler's scores of the greedy answers [prompts] and of the samples [prompts, k]."""
+    return (np.array([labeler(p, a) for p, a in zip(prompts, greedy)]),
+            np.array([[labeler(p, x) for x in samples] for p, samples in zip(prompts, sampled)]))
+
+
+def quality(greedy_scores: np.ndarray, sample_scores: np.ndarray, tasks: Sequence[str] | None = None) -> dict:
+    """The measures of the module docstring from `scores`; an answer is exact when the labeler gives it full
+    marks. With each prompt's task, also `by_task`."""
     k = sample_scores.shape[1]
 
     def summary(sel: np.ndarray) -> dict[str, float]:
@@ -31,9 +35,9 @@ def quality(prompts: Sequence[str], greedy: Sequence[str], sampled: Sequence[Seq
                 "sampled_labeler_score": float(sample_scores[sel].mean()),
                 "pass@1": float(exact.mean()), f"pass@{k}": float(exact.any(1).mean())}
 
-    out = summary(np.ones(len(prompts), bool))
-    if task_of is not None:
-        tasks = np.array([task_of(p) for p in prompts])
+    out = summary(np.ones(len(greedy_scores), bool))
+    if tasks is not None:
+        tasks = np.asarray(tasks)
         out["by_task"] = {t: summary(tasks == t) for t in sorted(set(tasks.tolist()))}
     return out
 

@@ -14,7 +14,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -329,12 +328,13 @@ class HeldOut:
         if self.r.labeler is None:
             return out
         sampled = [texts[j * k:(j + 1) * k] for j in range(len(self.prompts))]
-        q = heldout.quality(self.prompts, greedy, sampled, self.r.labeler, self.task_of)
+        greedy_scores, sample_scores = heldout.scores(self.prompts, greedy, sampled, self.r.labeler)
+        tasks = [self.task_of(p) for p in self.prompts] if self.task_of is not None else None
+        q = heldout.quality(greedy_scores, sample_scores, tasks)
         for task, measures in q.pop("by_task", {}).items():
             out.update({f"{name}/{task}": v for name, v in measures.items() if name != "prompts"})
         del q["prompts"]
-        sample_scores = np.array([[self.r.labeler(p, t) for t in ts] for p, ts in zip(self.prompts, sampled)])
-        out.update(q, greedy_scores=np.array([self.r.labeler(p, a) for p, a in zip(self.prompts, greedy)]))
+        out.update(q, greedy_scores=greedy_scores)
         out[f"best_of_{k}"] = heldout.best_of(sample_scores, rewards.reshape(-1, k))
         out["rm_agreement"] = heldout.agreement(sample_scores, rewards.reshape(-1, k))
         return out
