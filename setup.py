@@ -28,6 +28,9 @@ setup(
         # torch and transformers: tests/test_hf.py checks logits against transformers' GPT-2. The pinned torch
         # is the CPU wheel; an unpinned one would pull GBs of CUDA libraries.
         "test": ["pytest", "torch==2.13.0", "transformers"],
+        # libtpu, at the jax version pip resolves for omni: compiles for any TPU slice ahead of time on any host
+        # (omni/aot.py, `--config.dry_run=True`; tests/test_aot.py), and runs omni on a TPU VM.
+        "tpu": ["jax[tpu]"],
         # Only for benchmarks/train_throughput.py's side-by-side reference run.
         "bench": ["torch==2.13.0", "transformers"],
     },

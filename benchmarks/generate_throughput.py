@@ -86,12 +86,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-hf", action="store_true", help="omni only (no torch installed)")
     parser.add_argument("--quant", default="none", choices=("none", "int8", "w8a8"), help="omni's weights")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     args = parser.parse_args()
+    import omni  # noqa: F401 - before JAX starts its backends (omni/__init__.py)
+
     out = {"benchmark": "generate_throughput", "prompt_tokens": PROMPT, "new_tokens": NEW,
            "shape": {"layers": LAYERS, "heads": HEADS, "d_model": D_MODEL, "vocab": VOCAB, "dtype": "float32"},
            "omni_quant": args.quant,
-           "machine": f"{platform.machine()} {os.cpu_count()} cores"}
-    for batch in (1, 8):
+           "machine": f"{platform.machine()} {os.cpu_count()} cores",
+           "device": __import__("jax").devices()[0].device_kind}
+    for batch in map(int, args.batches.split(",")):
         runners = {"omni": omni_runner(batch, args.quant)}
         if not args.no_hf:
             runners["hf"] = hf_runner(batch)

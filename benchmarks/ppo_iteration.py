@@ -31,12 +31,15 @@ def main() -> None:
     p.add_argument("--sft", default="runs/sft_tiny")
     p.add_argument("--rm", default="runs/rm_tiny")
     p.add_argument("--iterations", type=int, default=8)
-    p.add_argument("--rollout_batch", type=int, default=64)
+    p.add_argument("--rollout_batch", type=int, default=0, help="episodes per iteration (0: ppo_tiny's)")
     args = p.parse_args()
     c = ppo_tiny.get_config()
     c.init_from, c.ppo.reward_from = args.sft, args.rm
-    c.ppo.update(iterations=args.iterations, rollout_batch=args.rollout_batch, eval_prompts=8, ptx_eval_batches=0)
-    c.train.update(eval_every=10 ** 6, checkpoint_every=10 ** 6)
+    c.ppo.update(iterations=args.iterations, rollout_batch=args.rollout_batch or c.ppo.rollout_batch, eval_prompts=8,
+                 ptx_eval_batches=0)
+    c.train.batch_size = min(c.train.batch_size, c.ppo.rollout_batch)
+    c.optim.warmup_steps = 0  # a few iterations are timed; the schedule does not matter
+    c.train.update(eval_every=10 ** 6, checkpoint_every=10 ** 6, log_every=1)  # each iteration's split its own line
     c = config_lib.inherit_architecture(c, checkpoint.read_meta(args.sft)[0])
     c = config_lib.validate(c, jax.device_count())
     with tempfile.TemporaryDirectory() as workdir:

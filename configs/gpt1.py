@@ -13,5 +13,6 @@ def get_config():
     c.train.steps = 100_000
     c.optim.update(lr=2.5e-4, warmup_steps=2000, min_lr_ratio=0.0, b1=0.9, b2=0.999, weight_decay=0.01)
     c.data.name = "c4/en"
-    c.mesh.update(data=4, fsdp=1, tensor=1)  # TPU v4-8 (4 chips)
+    c.mesh.update(data=4, fsdp=1, tensor=1)
+    c.topology = "v4:2x2x1"  # TPU v4-8: 4 chips, the slice this mesh and batch are sized for
     return c

@@ -5,6 +5,12 @@ from omni.config import gpt3_config
 
 def get_config():
     c = gpt3_config(num_layers=96, d_model=12288, num_heads=96, batch_tokens=3145728, lr=0.6e-4)
-    c.mesh.update(data=4, fsdp=64, tensor=4)  # TPU v4-2048 (1,024 chips)
-    c.train.grad_accum = 3  # micro-batches that fit 32 GiB of HBM per chip (see --config.dry_run)
+    # GPT-2's 50,257 tokens padded to a multiple of 128, so that tensor=4 splits the embedding into whole
+    # shards (as Megatron and nanoGPT pad); omni trains its tokenizer with this many pieces.
+    c.model.vocab_size = 50304
+    c.mesh.update(data=4, fsdp=64, tensor=4)
+    c.topology = "v4:8x8x16"  # TPU v4-2048: 1,024 chips, the slice this mesh and batch are sized for
+    # Micro-batches that fit 32 GiB of HBM per chip: 3 compiled at 32.75 GiB per chip, 6 at 27.10 GiB
+    # (benchmarks/aot_slices.py; benchmarks/RESULTS.md).
+    c.train.grad_accum = 6
     return c

@@ -8,6 +8,7 @@ from omni.config import gpt3_config
 
 def get_config():
     c = gpt3_config(num_layers=24, d_model=2048, num_heads=16, batch_tokens=1048576, lr=2.0e-4)
-    c.mesh.update(data=1, fsdp=16, tensor=1)  # TPU v4-32 (16 chips)
+    c.mesh.update(data=1, fsdp=16, tensor=1)
+    c.topology = "v4:2x2x4"  # TPU v4-32: 16 chips, the slice this mesh and batch are sized for
     c.train.grad_accum = 2  # micro-batches that fit 32 GiB of HBM per chip (see --config.dry_run)
     return c

@@ -24,7 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage = "pretrain"
     c.init_from = ""  # workdir of an earlier stage
     c.dry_run = False  # build abstractly, print parameter count and memory per device, exit
-    c.topology = ""  # with dry_run: also compile ahead of time for this TPU topology, e.g. "v5e:16x16" (libtpu)
+    # The TPU slice a config is sized for, as libtpu names it (e.g. "v4:2x2x4", a v4-32: 16 chips; omni/aot.py).
+    # With dry_run the stage's step is compiled for it ahead of time on any host (needs libtpu); "": none.
+    c.topology = ""
 
     # stage=sample (configs/sample.py): completions of `prompt` by the model in init_from.
     c.prompt = ""
@@ -275,6 +277,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
     _require(t.seq_len <= m.max_len, "train.seq_len", t.seq_len, f"exceeds model.max_len={m.max_len}")
     _require(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
              f"not divisible by train.grad_accum={t.grad_accum}")
+    _require(m.attention != "splash" or t.seq_len % 128 == 0, "model.attention", m.attention,
+             f"the splash kernel takes rows in blocks of 128 tokens but train.seq_len={t.seq_len} (use 'auto')")
     c.mesh.update(resolve_mesh(c.mesh, num_devices))
     batch_shards = c.mesh.data * c.mesh.fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
     micro = t.batch_size // t.grad_accum
@@ -285,6 +289,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
              f"not divisible by mesh.sequence={c.mesh.sequence}")
     _require(m.num_heads % c.mesh.tensor == 0, "model.num_heads", m.num_heads,
              f"not divisible by mesh.tensor={c.mesh.tensor} (attention is sharded by heads)")
+    for key in ("d_ff", "vocab_size"):  # parameters split by the rules table: whole shards only
+        _require(m[key] % c.mesh.tensor == 0, f"model.{key}", m[key], f"not divisible by mesh.tensor={c.mesh.tensor}")
+    param_shards = c.mesh.fsdp * c.mesh.dcn_fsdp
+    _require(m.d_model % param_shards == 0, "model.d_model", m.d_model,
+             f"not divisible by mesh.fsdp*mesh.dcn_fsdp={param_shards} (parameters are sharded along it)")
     d = c.distributed
     _require(d.num_processes >= 1, "distributed.num_processes", d.num_processes, "must be >= 1")
     _require(0 <= d.process_id < d.num_processes, "distributed.process_id", d.process_id,

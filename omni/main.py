@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -22,7 +23,7 @@ from ml_collections import config_flags
 import jax
 
 from omni import config as config_lib
-from omni import estimate, parallel
+from omni import aot, estimate, parallel
 from omni.data import DataError
 from omni.generate import GenerationError
 from omni.stages import compress, evaluate, label, ppo, pretrain, reward, sample, sft
@@ -41,23 +42,26 @@ def config_name(path: str) -> str:
 
 def dry_run(config) -> None:
     """Validate against the config's own mesh (the target slice), print size and memory, allocate nothing.
-    Where the compiler can target that mesh (this host's devices, or config.topology's TPU devices), the train
-    step is also compiled ahead of time and the compiler's own per-device memory printed."""
-    sizes = dict(config.mesh)
-    target = estimate.topology_devices(config.topology) if config.topology else None
-    if target is not None:
-        devices = len(target)
+    The stage's step is then compiled ahead of time for config.topology's TPU chips (libtpu), or for this
+    host's devices where the mesh fits them, and the compiler's own per-device memory and FLOPs printed."""
+    target = slice_ = None
+    if config.topology:
+        slice_ = aot.parse_topology(config.topology)
+        num_slices = config.mesh.dcn_data * config.mesh.dcn_fsdp
+        devices = slice_.chips * num_slices
     else:
+        sizes = dict(config.mesh)
         devices = math.prod(sizes.values()) if -1 not in sizes.values() else jax.device_count()
     config = config_lib.validate(config, devices)
     est = estimate.estimate(config)
-    print(estimate.report(est))
-    if target is None and devices == jax.device_count():
+    print(estimate.report(est), flush=True)
+    if slice_ is not None:
+        target = aot.topology_devices(slice_, num_slices)
+    elif devices == jax.device_count():
         target = jax.devices()
     if target is not None:
-        est["compiled"] = estimate.compiled_estimate(config, target)
-        if est["compiled"]:
-            print("  " + trainer.memory_line(est["compiled"]))
+        est["compiled"] = aot.compiled_report(config, target, est, slice_)
+        print("\n".join("  " + line for line in aot.report_lines(est["compiled"])))
     print(json.dumps(est))
 
 
@@ -125,6 +129,22 @@ def check_resumable(config, workdir: str) -> None:
                 f"{saved[key]!r}; use another --workdir")
 
 
+def check_devices(config) -> None:
+    """A mesh sized for other devices (a config's TPU slice, run on a laptop) stops here, before anything is
+    built, saying what it needs and what this host has."""
+    sizes = dict(config.mesh)
+    if -1 in sizes.values() or math.prod(sizes.values()) == jax.device_count():
+        return
+    est = estimate.estimate(config_lib.validate(config, math.prod(sizes.values())))
+    slice_ = f" (the TPU {aot.parse_topology(config.topology).name} of config.topology={config.topology!r})" \
+        if config.topology else ""
+    device = jax.devices()[0]
+    have = parallel.device_memory_bytes(device)
+    raise trainer.DoesNotFit(
+        f"config.mesh needs {est['devices']} devices{slice_} with ~{est['total_gib_per_device']:.1f} GiB each; this "
+        f"host has {jax.device_count()} {device.platform} device(s)" + (f" of {have / 2 ** 30:.1f} GiB" if have else ""))
+
+
 def run(config, workdir: str) -> int:
     if config.init_from and config.stage in STAGES:  # a stage continues the model it starts from
         source, _, _ = checkpoint.read_meta(config.init_from)
@@ -132,6 +152,8 @@ def run(config, workdir: str) -> int:
     if config.dry_run:
         dry_run(config)
         return 0
+    if config.stage in STAGES:
+        check_devices(config)
     config = config_lib.validate(config, jax.device_count())
     if config.stage == "sample":  # reads a trained workdir, trains nothing
         sample.run(config, workdir)
@@ -185,6 +207,11 @@ def main(argv) -> None:
         sys.exit(run(config, workdir))
     except (config_lib.ConfigError, DataError, checkpoint.CheckpointError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except trainer.DoesNotFit as e:
+        command = " ".join(["python -m omni.main", *map(shlex.quote, sys.argv[1:]), "--config.dry_run=True"])
+        print(f"error: {e}; nothing was allocated. Size it without allocating: {command}", file=sys.stderr,
+              flush=True)
         sys.exit(2)
     except trainer.NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

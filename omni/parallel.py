@@ -50,18 +50,35 @@ def split_cpu_host(devices: int) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
+def device_memory_bytes(device) -> float | None:
+    """Memory one device can hold: its allocator's limit (GPU, TPU), or for a CPU device this host's physical
+    memory shared among its CPU devices; None where unknown."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"])
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / jax.local_device_count("cpu")
+    return None
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     """A mesh of the resolved `config.mesh` sizes (no -1 left) over all (or the given) devices. With dcn_* > 1
     (several slices) data and fsdp span slices, so only their gradient reductions cross the slower network."""
     ici = tuple(mesh_config[a] for a in MESH_AXES)
     dcn = (mesh_config.dcn_data, mesh_config.dcn_fsdp, 1, 1)
     devices = jax.devices() if devices is None else devices
+    auto = (AxisType.Auto,) * len(MESH_AXES)
     if math.prod(dcn) == 1:
-        return jax.make_mesh(ici, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+        try:
+            return jax.make_mesh(ici, MESH_AXES, axis_types=auto, devices=devices)
+        except NotImplementedError:  # an axis no product of the TPU's physical axes gives (fsdp 32 on 4x4x4)
+            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+            return Mesh(grid, MESH_AXES, axis_types=auto)
     # Slices are TPU pods joined by DCN; where devices carry no slice index (GPU, CPU) each process is one.
     by_process = not hasattr(devices[0], "slice_index")
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_shardings(abstract_tree, mesh: Mesh):

@@ -8,7 +8,8 @@ from conftest import run_cli
 
 @pytest.mark.parametrize("name,published", [("gpt3_xl", 1.3e9), ("gpt3_175b", 175e9)])
 def test_dry_run_reports_params_and_memory(name, published):
-    out = run_cli([f"--config=configs/{name}.py", "--config.dry_run=True"], timeout=300)
+    # The analytic estimate alone (tests/test_aot.py compiles for TPU slices).
+    out = run_cli([f"--config=configs/{name}.py", "--config.dry_run=True", "--config.topology="], timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     est = json.loads(out.stdout.strip().splitlines()[-1])
     assert abs(est["params"] / published - 1) < 0.03
@@ -19,4 +20,4 @@ def test_dry_run_reports_params_and_memory(name, published):
 def test_mesh_of_another_slice_is_a_clear_error():
     out = run_cli(["--config=configs/gpt3_xl.py"], timeout=300)  # mesh for 16 chips, 1 CPU device here
     assert out.returncode == 2
-    assert "config.mesh" in out.stderr and "devices" in out.stderr
+    assert "config.mesh" in out.stderr and "devices" in out.stderr and out.stderr.count("\n") == 1

@@ -39,6 +39,14 @@ def test_sequence_and_tensor_must_divide_length_and_heads():
     c.model.num_heads = 4
     with pytest.raises(ConfigError, match=r"config\.model\.num_heads=4"):
         validate(c, 8)
+    c = config(data=1, tensor=4)
+    c.model.vocab_size = 50257  # GPT-2's vocabulary cannot be split in 4 whole shards (configs/gpt3_175b.py pads)
+    with pytest.raises(ConfigError, match=r"config\.model\.vocab_size=50257"):
+        validate(c, 4)
+    c = config(data=1, fsdp=8)
+    c.model.d_model = 100
+    with pytest.raises(ConfigError, match=r"config\.model\.d_model=100.*fsdp"):
+        validate(c, 8)
 
 
 def test_batch_must_divide_over_slices_too():

@@ -247,7 +247,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | Non
     _, length, heads, _ = q.shape
     shape = (length, length)
     one = masks.CausalMask(shape) if window is None else masks.LocalMask(shape, (window - 1, 0), 0)
-    block = min(512, length)
+    block = next((b for b in (512, 256) if length % b == 0), SPLASH_BLOCK)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     kernel = splash.make_splash_mha(masks.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
@@ -286,14 +286,18 @@ def _kernel(impl: str, q, k, v, sparse, window: int, segment_ids, mesh, interpre
 # ---------------------------------------------------------------------------------------------------------
 # Choosing an implementation, and sequence parallelism.
 
-def resolve(impl: str, dtype, dropout: float, platform: str | None = None) -> str:
-    """'auto' -> cuDNN on GPU (half precision, no attention dropout), splash on TPU (no dropout), else XLA."""
+SPLASH_BLOCK = 128  # the splash kernel's rows go in blocks of a multiple of the TPU's 128 lanes
+
+
+def resolve(impl: str, dtype, dropout: float, platform: str | None = None, length: int | None = None) -> str:
+    """'auto' -> cuDNN on GPU (half precision, no attention dropout), splash on TPU (no dropout, rows of whole
+    128-blocks), else XLA."""
     if impl != "auto":
         return impl
     platform = platform or jax.default_backend()
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0.0:
         return "cudnn"
-    if platform == "tpu" and dropout == 0.0:
+    if platform == "tpu" and dropout == 0.0 and (length is None or length % SPLASH_BLOCK == 0):
         return "splash"
     return "xla"
 

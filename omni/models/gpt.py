@@ -91,7 +91,7 @@ class Attention(nn.Module):
         q, k, v = (_constrain(qkv[:, :, i], ("batch", "length", "heads", "kv")) for i in range(3))
         if kv is None:
             dropout_rng = None if self.deterministic or m.dropout == 0.0 else self.make_rng("dropout")
-            y = attention(q, k, v, impl=resolve(m.attention, m.dtype, m.dropout), sparse=sparse,
+            y = attention(q, k, v, impl=resolve(m.attention, m.dtype, m.dropout, length=length), sparse=sparse,
                           window=m.sparse_window, segment_ids=segment_ids, chunk=m.attention_chunk,
                           dropout_rng=dropout_rng, dropout_rate=m.dropout)
         else:

@@ -142,6 +142,26 @@ def ppo_loss(model: ActorCritic, p: ml_collections.ConfigDict):
     return loss_fn
 
 
+# One episode's rows in a minibatch (this module's docstring); PPO-ptx adds PTX_KEYS.
+BATCH_KEYS = ("inputs", "targets", "mask", "old_logprobs", "old_values", "advantages", "returns")
+PTX_KEYS = ("ptx_inputs", "ptx_targets", "ptx_weights")
+
+
+def batch_shapes(config: ml_collections.ConfigDict, episodes: int, ptx_rows: int) -> dict[str, tuple]:
+    """Shapes and dtypes of a minibatch of `episodes` (plus `ptx_rows` pretraining rows with ppo.ptx_coef)."""
+    length = config.train.seq_len
+    keys = BATCH_KEYS + (PTX_KEYS if config.ppo.ptx_coef > 0 else ())
+    return {k: ((ptx_rows if k.startswith("ptx_") else episodes, length),
+                np.int32 if k in ("inputs", "targets", "ptx_inputs", "ptx_targets") else np.float32) for k in keys}
+
+
+def step(config: ml_collections.ConfigDict):
+    """(model, loss_fn, global batch shapes) of the policy+value update from the config alone: what
+    omni/aot.py compiles."""
+    model = ActorCritic(config.model)
+    return model, ppo_loss(model, config.ppo), batch_shapes(config, config.train.batch_size, config.ppo.ptx_batch)
+
+
 def _frozen_params(config: ml_collections.ConfigDict, workdir: str, head: str, key: str, mesh) -> Any:
     """The params of the model in `workdir` (config key `key`), checked against the policy's architecture
     and `head`, placed as the trainer places the policy's (or value's)."""

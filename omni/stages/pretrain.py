@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from omni import data, parallel
 from omni.models import GPT, flops_per_token
@@ -37,6 +38,21 @@ def lm_loss(model: GPT):
         return nll.sum(), sums
 
     return loss_fn
+
+
+def lm_batch_shapes(config: ml_collections.ConfigDict, segments: bool) -> dict[str, tuple]:
+    """Global shapes and dtypes of a next-token batch (this module's docstring)."""
+    shape = (config.train.batch_size, config.train.seq_len)
+    batch = {"inputs": (shape, np.int32), "targets": (shape, np.int32), "weights": (shape, np.float32)}
+    if segments:
+        batch.update(segment_ids=(shape, np.int32), positions=(shape, np.int32))
+    return batch
+
+
+def step(config: ml_collections.ConfigDict):
+    """(model, loss_fn, global batch shapes) from the config alone: what omni/aot.py compiles."""
+    model = GPT(config.model)
+    return model, lm_loss(model), lm_batch_shapes(config, config.data.separate_documents)
 
 
 def stage_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> data.Tokenizer:

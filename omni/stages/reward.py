@@ -116,6 +116,16 @@ def _bias_demonstrations(config: ml_collections.ConfigDict, prefs: list) -> list
     return [(prompt, responses[int(np.argmin(ranks))]) for prompt, responses, ranks in prefs[:n]]
 
 
+def step(config: ml_collections.ConfigDict):
+    """(model, loss_fn, global batch shapes) from the config alone, for label.responses responses per prompt:
+    what omni/aot.py compiles."""
+    groups, k, length = config.train.batch_size, config.label.responses, config.train.seq_len
+    model = GPT(config.model)
+    batch = {"inputs": ((groups, k, length), np.int32), "last": ((groups, k), np.int32),
+             "ranks": ((groups, k), np.int32), "exists": ((groups, k), np.float32)}
+    return model, rm_loss(model), batch
+
+
 def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     if not config.init_from:
         raise ConfigError("config.init_from is empty: the reward model starts from an SFT workdir "

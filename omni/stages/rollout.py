@@ -23,8 +23,6 @@ from omni.models import GPT
 from omni.stages import heldout, ppo
 from omni.stages.reward import response_scores
 
-BUFFER_KEYS = ("inputs", "targets", "mask", "old_logprobs", "old_values", "advantages", "returns")
-
 
 def episodes(prompts: Sequence[list[int]], responses: Sequence[list[int]], length: int, pad_id: int
              ) -> dict[str, np.ndarray]:
@@ -153,7 +151,7 @@ class Rollouts:
         order = np.random.default_rng([self.config.train.seed, self.iteration, epoch]).permutation(self.p.rollout_batch)
         b = self.config.train.batch_size
         picked = order[j * b:(j + 1) * b][self.rows]
-        batch = {k: self.buffer[k][picked] for k in BUFFER_KEYS}
+        batch = {k: self.buffer[k][picked] for k in ppo.BATCH_KEYS}
         self.position += 1
         if self.ptx_iter is not None:
             batch.update({f"ptx_{k}": v for k, v in next(self.ptx_iter).items() if k in ("inputs", "targets", "weights")})
@@ -161,14 +159,8 @@ class Rollouts:
 
     def example(self) -> dict[str, np.ndarray]:
         """A batch of the right shapes (zeros) for compiling the train step before any rollout."""
-        n, length = len(self.rows), self.config.train.seq_len
-        batch = {k: np.zeros((n, length), np.int32 if k in ("inputs", "targets") else np.float32)
-                 for k in BUFFER_KEYS}
-        if self.ptx_iter is not None:
-            rows = len(self.ptx_rows)
-            batch.update(ptx_inputs=np.zeros((rows, length), np.int32), ptx_targets=np.zeros((rows, length), np.int32),
-                         ptx_weights=np.zeros((rows, length), np.float32))
-        return batch
+        shapes = ppo.batch_shapes(self.config, len(self.rows), len(self.ptx_rows))
+        return {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
     # ----- sampling
     def before_step(self, params, step: int) -> dict[str, float]:

@@ -18,7 +18,7 @@ from omni.data import feedback, finetune
 from omni.data.template import encode_dialogue
 from omni.generate import Generator, Sampling, stop_sequences, trim_at_stop
 from omni.models import GPT, flops_per_token
-from omni.stages.pretrain import lm_loss, stage_tokenizer
+from omni.stages.pretrain import lm_batch_shapes, lm_loss, stage_tokenizer
 from omni.train.trainer import Task
 
 STOP = ("\nUser:",)
@@ -55,6 +55,12 @@ def sample_metrics(config: ml_collections.ConfigDict, tokenizer, dialogues: list
         return {"exact_match": float((scores == 1.0).mean()), "labeler_score": float(scores.mean())}
 
     return metrics
+
+
+def step(config: ml_collections.ConfigDict):
+    """(model, loss_fn, global batch shapes) from the config alone: what omni/aot.py compiles."""
+    model = GPT(config.model)
+    return model, lm_loss(model), lm_batch_shapes(config, segments=True)
 
 
 def task(config: ml_collections.ConfigDict, workdir: str) -> Task:

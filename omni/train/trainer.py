@@ -67,19 +67,32 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class DoesNotFit(RuntimeError):
+    """The compiled step needs more memory per device than the devices have (raised before allocating)."""
+
+
+def check_fits(memory: dict[str, float] | None, device) -> None:
+    capacity = parallel.device_memory_bytes(device)
+    if memory and capacity and memory["peak"] > capacity:
+        raise DoesNotFit(f"the compiled train step needs {memory['peak'] / 2 ** 30:.1f} GiB per device, and this "
+                         f"host's {device.platform} devices have {capacity / 2 ** 30:.1f} GiB each")
+
+
 def abstract_state(config: ml_collections.ConfigDict, model: nn.Module, tokens_shape: tuple[int, int],
                    mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState, Callable]:
-    """(abstract TrainState, its shardings, init_fn(rng) -> TrainState) without allocating anything."""
+    """(abstract TrainState, its shardings, init_fn(rng) -> TrainState) without allocating or running anything:
+    under a TPU topology's mesh on a CPU host (omni/aot.py) not even a key may be made eagerly."""
     tx = optimizer(config.optim)
-    dummy = jnp.zeros(tokens_shape, jnp.int32)
 
     def init_fn(rng):
-        params = nn.unbox(model.init(rng, dummy)["params"])
+        params = nn.unbox(model.init(rng, jnp.zeros(tokens_shape, jnp.int32))["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    boxed = jax.eval_shape(lambda r: model.init(r, dummy)["params"], jax.random.key(0))
+    rng = jax.eval_shape(jax.random.key, 0)
+    tokens = jax.ShapeDtypeStruct(tokens_shape, jnp.int32)
+    boxed = jax.eval_shape(lambda r, t: model.init(r, t)["params"], rng, tokens)
     param_shardings = parallel.logical_shardings(boxed, mesh)
-    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    abstract = jax.eval_shape(init_fn, rng)
     rep = parallel.replicated(mesh)
     opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_shardings,
                                           transform_non_params=lambda _: rep)
@@ -90,11 +103,10 @@ def abstract_state(config: ml_collections.ConfigDict, model: nn.Module, tokens_s
 def make_train_step(config: ml_collections.ConfigDict, loss_fn: LossFn) -> Callable:
     tx = optimizer(config.optim)
     schedule = lr_schedule(config.optim)
-    accum = config.train.grad_accum
-    base_key = jax.random.key(config.train.seed)
+    accum, seed = config.train.grad_accum, config.train.seed
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(base_key, state.step)  # dropout masks depend only on seed and step
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout masks depend only on seed and step
 
         # Micro-batch i takes rows i, i+accum, ...: every device keeps its share of every micro-batch.
         def split(x):
@@ -174,6 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         memory = compiled_memory(step_fn)
         if memory and jax.process_index() == 0:
             print(memory_line(memory), flush=True)
+        check_fits(memory, mesh.devices.flat[0])
         state = _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task)
         eval_fn = jax.jit(lambda p, b: task.loss_fn(p, b, None)[1], in_shardings=(shardings.params, batch_sharding))
         return _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn)
