@@ -135,14 +135,18 @@ def check_devices(config) -> None:
     sizes = dict(config.mesh)
     if -1 in sizes.values() or math.prod(sizes.values()) == jax.device_count():
         return
-    est = estimate.estimate(config_lib.validate(config, math.prod(sizes.values())))
-    slice_ = f" (the TPU {aot.parse_topology(config.topology).name} of config.topology={config.topology!r})" \
-        if config.topology else ""
+    needs = f"config.mesh needs {math.prod(sizes.values())} devices"
+    if config.topology:
+        needs += f" (the TPU {aot.parse_topology(config.topology).name} of config.topology={config.topology!r})"
+    try:
+        est = estimate.estimate(config_lib.validate(config, math.prod(sizes.values())))
+        needs += f" with ~{est['total_gib_per_device']:.1f} GiB each"
+    except config_lib.ConfigError:
+        pass  # the mesh's own device count is the news; validate names other keys once the mesh fits
     device = jax.devices()[0]
     have = parallel.device_memory_bytes(device)
-    raise trainer.DoesNotFit(
-        f"config.mesh needs {est['devices']} devices{slice_} with ~{est['total_gib_per_device']:.1f} GiB each; this "
-        f"host has {jax.device_count()} {device.platform} device(s)" + (f" of {have / 2 ** 30:.1f} GiB" if have else ""))
+    raise trainer.DoesNotFit(f"{needs}; this host has {jax.device_count()} {device.platform} device(s)"
+                             + (f" of {have / 2 ** 30:.1f} GiB" if have else ""))
 
 
 def run(config, workdir: str) -> int:

@@ -186,7 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         memory = compiled_memory(step_fn)
         if memory and jax.process_index() == 0:
             print(memory_line(memory), flush=True)
-        check_fits(memory, mesh.devices.flat[0])
+        check_fits(memory, jax.local_devices()[0])  # every process checks its own (memory_stats is local)
         state = _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task)
         eval_fn = jax.jit(lambda p, b: task.loss_fn(p, b, None)[1], in_shardings=(shardings.params, batch_sharding))
         return _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn)
