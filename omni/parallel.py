@@ -67,18 +67,14 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     ici = tuple(mesh_config[a] for a in MESH_AXES)
     dcn = (mesh_config.dcn_data, mesh_config.dcn_fsdp, 1, 1)
     devices = jax.devices() if devices is None else devices
-    auto = (AxisType.Auto,) * len(MESH_AXES)
+    # On a TPU an axis may split a physical axis where no product of them gives its size (fsdp 32 on a v4's
+    # 4x4x4); the devices are laid along the torus otherwise.
     if math.prod(dcn) == 1:
-        try:
-            return jax.make_mesh(ici, MESH_AXES, axis_types=auto, devices=devices)
-        except NotImplementedError:  # an axis no product of the TPU's physical axes gives (fsdp 32 on 4x4x4)
-            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
-            return Mesh(grid, MESH_AXES, axis_types=auto)
-    # Slices are TPU pods joined by DCN; where devices carry no slice index (GPU, CPU) each process is one.
-    by_process = not hasattr(devices[0], "slice_index")
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
-                                                allow_split_physical_axes=True)
-    return Mesh(grid, MESH_AXES, axis_types=auto)
+        grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+    else:  # Slices are TPU pods joined by DCN; where devices carry no slice index (GPU, CPU) each process is one.
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True,
+                                                    process_is_granule=not hasattr(devices[0], "slice_index"))
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_shardings(abstract_tree, mesh: Mesh):
