@@ -6,6 +6,7 @@ setup(
     description="A JAX-native framework for the whole life of a GPT model.",
     python_requires=">=3.10",
     packages=find_packages(include=["omni", "omni.*"]),
+    entry_points={"console_scripts": ["omni=omni.cli:main"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -16,7 +17,9 @@ setup(
         "array-record",
         "sentencepiece",
         "tokenizers",  # Hugging Face tokenizer.json (GPT-2's byte-level BPE), omni/interop/hf.py
-        "safetensors",  # Hugging Face weights, read and written through numpy: no torch
+        # Hugging Face weights, read and written through numpy: no torch. From 0.4.1 bfloat16 tensors load as
+        # ml_dtypes' numpy bfloat16 (ml_dtypes comes with jax).
+        "safetensors>=0.4.1",
         "ml-collections",
         "absl-py",
         "tqdm",

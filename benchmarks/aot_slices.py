@@ -16,9 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from omni import aot, estimate  # noqa: E402
-from omni import config as config_lib  # noqa: E402
+from omni import aot  # noqa: E402
 from omni.config import ConfigError  # noqa: E402
+from omni.stages import registry  # noqa: E402
 
 CONFIGS = ("gpt1", "gpt2_small", "gpt2_medium", "gpt2_large", "gpt2_xl", "gpt3_small", "gpt3_medium", "gpt3_large",
            "gpt3_xl", "gpt3_2_7b", "gpt3_6_7b", "gpt3_13b", "gpt3_175b")
@@ -42,8 +42,8 @@ def compile_config(name: str, stage: str) -> dict:
     slice_ = aot.parse_topology(config.topology)
     num_slices = config.mesh.dcn_data * config.mesh.dcn_fsdp
     try:
-        config = config_lib.validate(config, slice_.chips * num_slices)
-        est = estimate.estimate(config)
+        config = registry.validate(config, slice_.chips * num_slices)
+        est = registry.estimate(config)
         est["compiled"] = aot.compiled_report(config, aot.topology_devices(slice_, num_slices), est, slice_,
                                               flops=False)
     except (ConfigError, RuntimeError, ValueError) as e:  # a config that cannot compile is a row of the table

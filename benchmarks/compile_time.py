@@ -17,8 +17,8 @@ import numpy as np
 
 from omni import parallel
 from omni.config import base_config, validate
+from omni.losses import lm_loss
 from omni.models import GPT
-from omni.stages.pretrain import lm_loss
 from omni.train.trainer import abstract_state, compile_train_step
 
 

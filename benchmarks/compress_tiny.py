@@ -23,7 +23,7 @@ import ml_collections
 import omni
 from omni.compress import prune, quant, sparsegpt
 from omni.stages import compress
-from omni.stages.evaluate import evaluate
+from omni.stages.heldout import model_quality
 
 
 QUALITY = ("perplexity", "labeler_score")  # the labeler's score for a model tuned on the instruction suite
@@ -49,7 +49,7 @@ def main() -> None:
                                                                                     jax.tree.leaves(params))),
            "calibration_rows": len(calibration), "seq_len": int(calibration.shape[1]),
            "dense_mb": size(params)}
-    dense = evaluate(config, params, tokenizer)
+    dense = model_quality(config, params, tokenizer)
     out.update({f"dense_{k}": dense[k] for k in QUALITY if k in dense})
     for name, method in methods.items():
         start = time.perf_counter()
@@ -57,7 +57,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         as_compressed = ml_collections.ConfigDict(config.to_dict())
         as_compressed.model.quant = mode
-        quality = evaluate(as_compressed, compressed, tokenizer)
+        quality = model_quality(as_compressed, compressed, tokenizer)
         out[name] = {**{k: quality[k] for k in QUALITY if k in quality}, "seconds": round(seconds, 2),
                      "mb": size(compressed)}
         if mode == "none":

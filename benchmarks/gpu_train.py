@@ -23,8 +23,8 @@ import numpy as np
 
 from omni import parallel
 from omni.config import base_config, validate
+from omni.losses import lm_loss
 from omni.models import GPT, flops_per_token
-from omni.stages.pretrain import lm_loss
 from omni.train.metrics import peak_flops_per_device
 from omni.train.trainer import DoesNotFit, abstract_state, check_fits, compile_train_step, compiled_memory
 

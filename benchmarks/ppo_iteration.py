@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from configs import ppo_tiny  # noqa: E402
 from omni import config as config_lib  # noqa: E402
-from omni.stages import ppo  # noqa: E402
-from omni.train import checkpoint, trainer  # noqa: E402
+from omni.stages import ppo, registry  # noqa: E402
+from omni.train import trainer  # noqa: E402
+from omni.workdir import Workdir  # noqa: E402
 
 
 def main() -> None:
@@ -40,8 +41,8 @@ def main() -> None:
     c.train.batch_size = min(c.train.batch_size, c.ppo.rollout_batch)
     c.optim.warmup_steps = 0  # a few iterations are timed; the schedule does not matter
     c.train.update(eval_every=10 ** 6, checkpoint_every=10 ** 6, log_every=1)  # each iteration's split its own line
-    c = config_lib.inherit_architecture(c, checkpoint.read_meta(args.sft)[0])
-    c = config_lib.validate(c, jax.device_count())
+    c = config_lib.inherit_architecture(c, Workdir(args.sft).meta()[0])
+    c = registry.validate(c, jax.device_count())
     with tempfile.TemporaryDirectory() as workdir:
         task = ppo.task(c, workdir)
         compiled = []

@@ -23,9 +23,9 @@ from omni.data import finetune
 from omni.data.instructions import labeler_score, parse_prompt
 from omni.data.template import prompt_ids
 from omni.generate import Generator, Sampling
+from omni.losses import response_scores
 from omni.models import GPT
 from omni.stages import heldout
-from omni.stages.reward import response_scores
 from omni.stages.rollout import episodes
 
 

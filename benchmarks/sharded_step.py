@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 
 from omni import parallel  # noqa: E402
 from omni.config import base_config, validate  # noqa: E402
+from omni.losses import lm_loss  # noqa: E402
 from omni.models import GPT  # noqa: E402
-from omni.stages.pretrain import lm_loss  # noqa: E402
 from omni.train.trainer import abstract_state, compile_train_step  # noqa: E402
 
 AXES = ("data", "fsdp", "tensor", "sequence")

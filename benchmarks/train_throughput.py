@@ -32,8 +32,8 @@ def omni_stepper(scan_layers: bool):
 
     from omni import parallel
     from omni.config import base_config, validate
+    from omni.losses import lm_loss
     from omni.models import GPT, flops_per_token
-    from omni.stages.pretrain import lm_loss
     from omni.train.trainer import abstract_state, make_train_step
 
     c = base_config()

@@ -9,9 +9,10 @@ it by sqrt(256 / d_model), so wider models take smaller steps (Adam's per-weight
 in proportion to its fan-in). `report` writes scaling.md and scaling.png (held-out loss against non-embedding
 parameters, log x) into the sweep's workdir.
 """
-import json
 import math
 import os
+
+from omni.workdir import Workdir
 
 BASE = "configs/tiny.py"
 STEPS, BATCH, SEQ_LEN = 300, 16, 128
@@ -32,8 +33,7 @@ RUNS = [_size(2, 64), _size(2, 128), _size(4, 128), _size(4, 192)]
 
 def non_embedding_params(rundir: str, params: int) -> int:
     """Parameters less the token and position embeddings (Kaplan et al. 2020's N)."""
-    with open(os.path.join(rundir, "config.json")) as f:
-        m = json.load(f)["model"]
+    m = Workdir(rundir).saved_config()["model"]
     return params - (m["vocab_size"] + m["max_len"]) * m["d_model"]
 
 

@@ -24,15 +24,8 @@ _start_without_absent_tpu()
 
 
 def load(workdir: str, step: int | None = None):
-    """(config, params, tokenizer) of a workdir's latest (or given) checkpoint, params on the default device
-    (of a PPO workdir: the policy's)."""
-    import flax.linen as nn
-    import jax
+    """(config, params, tokenizer) of a workdir's latest (or given) checkpoint (of a PPO workdir: the policy's),
+    params as uncommitted arrays on the default device: see omni.workdir.Workdir.load."""
+    from omni.workdir import Workdir  # here: `import omni` stays light, and JAX starts only once it is used
 
-    from omni.data import Tokenizer
-    from omni.train import checkpoint
-
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    config, params, tokenizer_path, _ = checkpoint.model_params(
-        workdir, lambda boxed: jax.tree.map(lambda _: sharding, boxed, is_leaf=lambda a: isinstance(a, nn.Partitioned)), step)
-    return config, params, Tokenizer(tokenizer_path)
+    return Workdir(workdir).load(step)

@@ -24,7 +24,9 @@ from typing import Callable, Sequence
 from absl import app, flags, logging
 
 from omni.data.template import ASSISTANT, encode_dialogue
-from omni.generate import GenerationError, Sampling, from_workdir, stop_sequences, trim_at_stop
+from omni.generate import GenerationError, Sampling, stop_sequences, trim_at_stop
+from omni.train.checkpoint import CheckpointError
+from omni.workdir import Workdir
 
 STOP_STRINGS = ("\nUser:",)  # a model that was never taught to emit EOS would go on to write the user's turn
 REFUSAL = "Sorry, I can't help with that."
@@ -185,8 +187,6 @@ def _notice(text: str) -> None:
 
 
 def main(argv) -> None:
-    from omni.train.checkpoint import CheckpointError
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
@@ -196,7 +196,7 @@ def main(argv) -> None:
         safety = SafetyFilter.from_flags(FLAGS.blocklist, FLAGS.classifier)
         sampling = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                             repetition_penalty=FLAGS.repetition_penalty)
-        _, generator, tokenizer = from_workdir(FLAGS.workdir)
+        _, generator, tokenizer = Workdir(FLAGS.workdir).generator()
         sampling.check(generator.config.vocab_size)
     except (ValueError, CheckpointError) as e:  # GenerationError is a ValueError
         print(f"error: {e}", file=sys.stderr, flush=True)

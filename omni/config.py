@@ -21,20 +21,38 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every stage and size (a tiny GPT-2 on the offline corpus)."""
     c = ml_collections.ConfigDict()
     c.name = "base"
-    c.stage = "pretrain"
+    c.stage = "pretrain"  # one of omni/stages/registry.py's STAGES
     c.init_from = ""  # workdir of an earlier stage
     c.dry_run = False  # build abstractly, print parameter count and memory per device, exit
     # The TPU slice a config is sized for, as libtpu names it (e.g. "v4:2x2x4", a v4-32: 16 chips; omni/aot.py).
     # With dry_run the stage's step is compiled for it ahead of time on any host (needs libtpu); "": none.
     c.topology = ""
+    c.model = model_defaults()
+    # Devices per slice along each axis (one may be -1: fill). `sequence` splits the length of activations
+    # (context parallelism); dcn_* multiply data/fsdp across slices joined by the data-center network.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1, dcn_data=1, dcn_fsdp=1))
+    # Many hosts: an empty coordinator auto-detects a cluster (TPU VM slice, SLURM) or runs one process.
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+    # A CPU-only host as this many data-parallel XLA devices (0: one). One per core trained small models 17-18%
+    # faster than one device with intra-op threads (benchmarks/RESULTS.md); ignored by GPUs and TPUs.
+    c.cpu_devices = 0
+    c.train = ml_collections.ConfigDict(dict(
+        steps=100, batch_size=8,  # global, in sequences
+        grad_accum=1, seq_len=128, log_every=10, eval_every=50, eval_batches=8, checkpoint_every=50,
+        keep_checkpoints=3, seed=0))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, warmup_steps=10,
+        decay_steps=-1,  # cosine decay length; -1: train.steps
+        min_lr_ratio=0.1,  # cosine ends at this fraction of lr, then stays
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+        keep_zeros=True))  # kernel weights at exactly 0 (a pruned model's) get no update; dense kernels have none
+    c.data = data_defaults()
+    _stage_defaults(c)
+    return c
 
-    # stage=sample (configs/sample.py): completions of `prompt` by the model in init_from.
-    c.prompt = ""
-    c.sample = ml_collections.ConfigDict(dict(
-        num_samples=1, max_new_tokens=128, temperature=0.8, top_k=0, top_p=0.95, repetition_penalty=1.0,
-        frequency_penalty=0.0, stop="", seed=0))
 
-    c.model = m = ml_collections.ConfigDict()
+def model_defaults() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
     m.variant = "gpt2"  # gpt1 (post-LN) | gpt2 (pre-LN) | gpt3 (gpt2 + alternating banded attention)
     m.num_layers = 2
     m.num_heads = 4
@@ -54,42 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
     # INT8 weights (written by the compress stage, inference only): none | int8 (weight-only, per-channel
     # scales) | w8a8 (the same weights; activations quantised per token, int8 x int8 -> int32 products).
     m.quant = "none"
+    m.transposed_kernels = False  # kernels stored [out, in]: decoding's layout, set by omni.generate on its copy
+    return m
 
-    # Devices per slice along each axis (one may be -1: fill). `sequence` splits the length of activations
-    # (context parallelism); dcn_* multiply data/fsdp across slices joined by the data-center network.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1, dcn_data=1, dcn_fsdp=1))
 
-    # Many hosts: an empty coordinator auto-detects a cluster (TPU VM slice, SLURM) or runs one process.
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
-    # A CPU-only host as this many data-parallel XLA devices (0: one). One per core trained small models 17-18%
-    # faster than one device with intra-op threads (benchmarks/RESULTS.md); ignored by GPUs and TPUs.
-    c.cpu_devices = 0
-
-    c.train = t = ml_collections.ConfigDict()
-    t.steps = 100
-    t.batch_size = 8  # global, in sequences
-    t.grad_accum = 1
-    t.seq_len = 128
-    t.log_every = 10
-    t.eval_every = 50
-    t.eval_batches = 8
-    t.checkpoint_every = 50
-    t.keep_checkpoints = 3
-    t.seed = 0
-
-    c.optim = o = ml_collections.ConfigDict()
-    o.lr = 1e-3
-    o.warmup_steps = 10
-    o.decay_steps = -1  # cosine decay length; -1: train.steps
-    o.min_lr_ratio = 0.1  # cosine ends at this fraction of lr, then stays
-    o.b1 = 0.9
-    o.b2 = 0.95
-    o.eps = 1e-8
-    o.weight_decay = 0.1
-    o.clip_norm = 1.0
-    o.keep_zeros = True  # kernel weights at exactly 0 (a pruned model's) get no update; dense kernels have none
-
-    c.data = d = ml_collections.ConfigDict()
+def data_defaults() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
     d.name = "stdlib"  # stdlib (offline corpus) | text (local .txt/.jsonl files in data.path) | a TFDS name
     d.path = ""
     d.text_key = "text"  # field of a JSONL line or TFDS example holding the text
@@ -109,7 +97,16 @@ def base_config() -> ml_collections.ConfigDict:
     d.on_malformed = "stop"  # a bad JSONL line: stop (error naming file:line) | skip (one warning with the count)
     d.suite_seed = 0  # which instance of the offline suite
     d.labeler_noise = -1.0  # the suite labeler's noise (std of its score); -1: calibrated to 73% agreement
+    return d
 
+
+def _stage_defaults(c: ml_collections.ConfigDict) -> None:
+    """Each stage's own section (its checks are in its file under omni/stages/)."""
+    # stage=sample (configs/sample.py): completions of `prompt` by the model in init_from.
+    c.prompt = ""
+    c.sample = ml_collections.ConfigDict(dict(
+        num_samples=1, max_new_tokens=128, temperature=0.8, top_k=0, top_p=0.95, repetition_penalty=1.0,
+        frequency_penalty=0.0, stop="", seed=0))
     c.sft = ml_collections.ConfigDict(dict(
         eval_prompts=128,  # held-out prompts answered greedily at each evaluation
         eval_max_new_tokens=32))
@@ -121,9 +118,13 @@ def base_config() -> ml_collections.ConfigDict:
         responses=4, prompts=1500, eval_prompts=200, temperature=1.0, max_new_tokens=24, batch=64,
         include_suite=True))  # also copy the suite's own rankings beside the samples'
 
+    c.ppo = ppo_defaults()
+
+
+def ppo_defaults() -> ml_collections.ConfigDict:
     # stage=ppo: the policy starts from init_from (SFT); train.batch_size is the minibatch in episodes and
     # train.steps is derived: iterations * epochs * rollout_batch / batch_size.
-    c.ppo = ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict(dict(
         reward_from="",  # the reward model's workdir (frozen); the value function starts from it
         reference_from="",  # the frozen policy of the KL penalty; empty: init_from (the SFT model)
         iterations=100,
@@ -161,7 +162,6 @@ def base_config() -> ml_collections.ConfigDict:
         eval_prompts=128,  # held-out prompts of each evaluation
         eval_samples=8,  # samples per held-out prompt at each evaluation: sampled score, pass@1 and pass@k
         sample_every=5))  # iterations between sample responses printed to the log
-    return c
 
 
 def gpt2_config(num_layers: int, d_model: int, num_heads: int) -> ml_collections.ConfigDict:
@@ -199,8 +199,6 @@ VARIANTS = ("gpt1", "gpt2", "gpt3")
 REMAT = ("none", "full", "dots")
 HEADS = ("lm", "scalar")
 DTYPES = ("float32", "bfloat16", "float16")
-STAGES = ("pretrain", "sft", "rm", "ppo", "sample", "label", "compress", "eval")
-TRAINING_STAGES = ("pretrain", "sft", "rm", "ppo")
 QUANT = ("none", "int8", "w8a8")  # see omni/compress/quant.py
 # A model's shape and parameter layout. With init_from these come from the earlier stage's workdir; the rest
 # of config.model (head, dropout, dtype, remat, attention kernel) is this stage's own.
@@ -208,14 +206,15 @@ ARCHITECTURE = ("variant", "num_layers", "num_heads", "d_model", "d_ff", "vocab_
                 "scan_layers")
 
 
-def _require(ok: bool, key: str, value, why: str) -> None:
+def require(ok: bool, key: str, value, why: str) -> None:
+    """The one way a check fails: ConfigError naming config.KEY, its value and why it cannot work."""
     if not ok:
         raise ConfigError(f"config.{key}={value!r}: {why}")
 
 
 def cpu_devices(c: ml_collections.ConfigDict) -> int:
     """config.cpu_devices, checked: needed before JAX starts (and so before validate, which sees the devices)."""
-    _require(isinstance(c.cpu_devices, int) and c.cpu_devices >= 0, "cpu_devices", c.cpu_devices,
+    require(isinstance(c.cpu_devices, int) and c.cpu_devices >= 0, "cpu_devices", c.cpu_devices,
              "must be an int >= 0")
     return c.cpu_devices
 
@@ -228,115 +227,98 @@ ATTENTION = ("auto", "xla", "cudnn", "splash")
 def resolve_mesh(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Mesh axis sizes with one in-slice -1 filled so that the product of all axes is the device count."""
     sizes = dict(mesh)
-    _require(set(sizes) == set(ICI_AXES + DCN_AXES), "mesh", sizes, f"expected exactly the keys {ICI_AXES + DCN_AXES}")
+    require(set(sizes) == set(ICI_AXES + DCN_AXES), "mesh", sizes, f"expected exactly the keys {ICI_AXES + DCN_AXES}")
     for k, v in sizes.items():
         ok = (isinstance(v, int) and v >= 1) or (v == -1 and k in ICI_AXES)
-        _require(ok, f"mesh.{k}", v, "must be a positive int" + (" or -1" if k in ICI_AXES else ""))
+        require(ok, f"mesh.{k}", v, "must be a positive int" + (" or -1" if k in ICI_AXES else ""))
     free = [k for k in ICI_AXES if sizes[k] == -1]
-    _require(len(free) <= 1, "mesh", sizes, "at most one axis may be -1")
+    require(len(free) <= 1, "mesh", sizes, "at most one axis may be -1")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
-        _require(num_devices % fixed == 0, "mesh", sizes, f"fixed axes ({fixed}) do not divide the {num_devices} devices")
+        require(num_devices % fixed == 0, "mesh", sizes, f"fixed axes ({fixed}) do not divide the {num_devices} devices")
         sizes[free[0]] = num_devices // fixed
-    _require(math.prod(sizes.values()) == num_devices, "mesh", sizes,
+    require(math.prod(sizes.values()) == num_devices, "mesh", sizes,
              f"product {math.prod(sizes.values())} != {num_devices} devices here "
              "(set one axis to -1 to fill the devices, e.g. --config.mesh.fsdp=-1)")
     return sizes
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
-    """Checks a config and returns a copy with derived values resolved (mesh -1, decay_steps -1)."""
+    """Checks what every run shares (the stage's own keys: omni/stages/registry.py's validate, which calls
+    this) and returns a copy with derived values resolved (mesh -1, decay_steps -1)."""
     c = ml_collections.ConfigDict(c.to_dict())
-    m, t, o = c.model, c.train, c.optim
-    _require(c.stage in STAGES, "stage", c.stage, f"expected one of {STAGES}")
-    _require(m.variant in VARIANTS, "model.variant", m.variant, f"expected one of {VARIANTS}")
-    _require(m.remat in REMAT, "model.remat", m.remat, f"expected one of {REMAT}")
-    _require(m.head in HEADS, "model.head", m.head, f"expected one of {HEADS}")
-    for key in ("dtype", "param_dtype"):
-        _require(m[key] in DTYPES, f"model.{key}", m[key], f"expected one of {DTYPES}")
-    for key in ("num_layers", "num_heads", "d_model", "d_ff", "vocab_size", "max_len"):
-        _require(isinstance(m[key], int) and m[key] > 0, f"model.{key}", m[key], "must be a positive int")
-    _require(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
-             f"not divisible by model.num_heads={m.num_heads}")
-    _require(m.sparse_window > 0, "model.sparse_window", m.sparse_window, "must be positive")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
-    _require(m.attention in ATTENTION, "model.attention", m.attention, f"expected one of {ATTENTION}")
-    _require(m.attention in ("auto", "xla") or m.dropout == 0.0, "model.attention", m.attention,
-             f"the {m.attention} kernel has no attention dropout but model.dropout={m.dropout} "
-             "(use 'auto' or 'xla', or dropout 0)")
-    _require(m.attention_chunk >= 0, "model.attention_chunk", m.attention_chunk, "must be >= 0")
-    _require(m.quant in QUANT, "model.quant", m.quant, f"expected one of {QUANT}")
-    _require(m.quant == "none" or c.stage not in TRAINING_STAGES, "model.quant", m.quant,
-             f"INT8 weights are for inference (sample, chat, label, evaluation); stage {c.stage!r} trains float "
-             "weights (use model.quant='none', and init_from the float model)")
-    if c.stage == "ppo":
-        _check_ppo(c)
-    for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "checkpoint_every",
-                "keep_checkpoints"):
-        _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive int")
-    _require(t.seq_len <= m.max_len, "train.seq_len", t.seq_len, f"exceeds model.max_len={m.max_len}")
-    _require(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
-             f"not divisible by train.grad_accum={t.grad_accum}")
-    _require(m.attention != "splash" or t.seq_len % 128 == 0, "model.attention", m.attention,
-             f"the splash kernel takes rows in blocks of 128 tokens but train.seq_len={t.seq_len} (use 'auto')")
+    _check_model(c.model)
+    _check_train(c.train, c.model)
     c.mesh.update(resolve_mesh(c.mesh, num_devices))
-    batch_shards = c.mesh.data * c.mesh.fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
-    micro = t.batch_size // t.grad_accum
-    _require(micro % batch_shards == 0, "train.batch_size", t.batch_size,
-             f"micro-batch {micro} (batch_size / grad_accum) not divisible by the mesh's batch shards "
-             f"(data*fsdp*dcn_data*dcn_fsdp={batch_shards})")
-    _require(t.seq_len % c.mesh.sequence == 0, "train.seq_len", t.seq_len,
-             f"not divisible by mesh.sequence={c.mesh.sequence}")
-    _require(m.num_heads % c.mesh.tensor == 0, "model.num_heads", m.num_heads,
-             f"not divisible by mesh.tensor={c.mesh.tensor} (attention is sharded by heads)")
-    for key in ("d_ff", "vocab_size"):  # parameters split by the rules table: whole shards only
-        _require(m[key] % c.mesh.tensor == 0, f"model.{key}", m[key], f"not divisible by mesh.tensor={c.mesh.tensor}")
-    param_shards = c.mesh.fsdp * c.mesh.dcn_fsdp
-    _require(m.d_model % param_shards == 0, "model.d_model", m.d_model,
-             f"not divisible by mesh.fsdp*mesh.dcn_fsdp={param_shards} (parameters are sharded along it)")
+    _check_sharding(c)
     d = c.distributed
-    _require(d.num_processes >= 1, "distributed.num_processes", d.num_processes, "must be >= 1")
-    _require(0 <= d.process_id < d.num_processes, "distributed.process_id", d.process_id,
+    require(d.num_processes >= 1, "distributed.num_processes", d.num_processes, "must be >= 1")
+    require(0 <= d.process_id < d.num_processes, "distributed.process_id", d.process_id,
              f"must be in [0, distributed.num_processes={d.num_processes})")
-    _require(c.data.labeler_noise == -1 or c.data.labeler_noise >= 0, "data.labeler_noise", c.data.labeler_noise,
+    require(c.data.labeler_noise == -1 or c.data.labeler_noise >= 0, "data.labeler_noise", c.data.labeler_noise,
              "must be >= 0, or -1 (calibrated to 73% agreement)")
-    _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    if o.decay_steps == -1:
-        o.decay_steps = t.steps
-    _require(o.decay_steps > o.warmup_steps, "optim.decay_steps", o.decay_steps,
-             f"must exceed optim.warmup_steps={o.warmup_steps}")
-    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _check_optim(c.optim, c.train)
     return c
 
 
-def _check_ppo(c: ml_collections.ConfigDict) -> None:
-    """PPO's own keys; derives train.steps from the iterations."""
-    p, t = c.ppo, c.train
-    _require(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,
-             "must be a positive int")
-    for key in ("iterations", "rollout_batch", "samples_per_prompt", "epochs", "max_new_tokens", "eval_prompts",
-                "eval_samples", "sample_every", "ptx_batch"):
-        _require(isinstance(p[key], int) and p[key] > 0, f"ppo.{key}", p[key], "must be a positive int")
-    _require(p.ptx_eval_batches >= 0, "ppo.ptx_eval_batches", p.ptx_eval_batches, "must be >= 0")
-    _require(p.max_new_tokens < t.seq_len, "ppo.max_new_tokens", p.max_new_tokens,
-             f"leaves no room for a prompt in train.seq_len={t.seq_len}")
-    _require(p.rollout_batch % t.batch_size == 0, "ppo.rollout_batch", p.rollout_batch,
-             f"not divisible by train.batch_size={t.batch_size} (the minibatch, in episodes)")
-    _require(p.rollout_batch % p.samples_per_prompt == 0, "ppo.rollout_batch", p.rollout_batch,
-             f"not divisible by ppo.samples_per_prompt={p.samples_per_prompt} (whole groups per batch)")
-    _require(p.value_head in ("zero", "reward"), "ppo.value_head", p.value_head, "expected 'zero' or 'reward'")
-    _require(p.temperature > 0, "ppo.temperature", p.temperature, "must be > 0 (rollouts sample)")
-    _require(0 < p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma/lam", (p.gamma, p.lam), "need 0 < gamma <= 1, 0 <= lam <= 1")
-    for key in ("kl_coef", "target_kl", "clip", "value_clip", "value_coef", "entropy_coef", "reward_clip",
-                "missing_eos_penalty", "ptx_coef"):
-        _require(p[key] >= 0, f"ppo.{key}", p[key], "must be >= 0")
-    _require(p.kl_horizon > 0, "ppo.kl_horizon", p.kl_horizon, "must be positive")
-    _require(not p.gold_reward or c.data.name == "instructions", "ppo.gold_reward", p.gold_reward,
-             "needs the instruction suite's labeler (data.name='instructions')")
-    _require(c.model.dropout == 0.0, "model.dropout", c.model.dropout,
-             "PPO runs every model without dropout (its log-probabilities must match the rollout's)")
-    t.steps = p.iterations * p.epochs * (p.rollout_batch // t.batch_size)
+def _check_model(m: ml_collections.ConfigDict) -> None:
+    require(m.variant in VARIANTS, "model.variant", m.variant, f"expected one of {VARIANTS}")
+    require(m.remat in REMAT, "model.remat", m.remat, f"expected one of {REMAT}")
+    require(m.head in HEADS, "model.head", m.head, f"expected one of {HEADS}")
+    for key in ("dtype", "param_dtype"):
+        require(m[key] in DTYPES, f"model.{key}", m[key], f"expected one of {DTYPES}")
+    for key in ("num_layers", "num_heads", "d_model", "d_ff", "vocab_size", "max_len"):
+        require(isinstance(m[key], int) and m[key] > 0, f"model.{key}", m[key], "must be a positive int")
+    require(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
+             f"not divisible by model.num_heads={m.num_heads}")
+    require(m.sparse_window > 0, "model.sparse_window", m.sparse_window, "must be positive")
+    require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    require(m.attention in ATTENTION, "model.attention", m.attention, f"expected one of {ATTENTION}")
+    require(m.attention in ("auto", "xla") or m.dropout == 0.0, "model.attention", m.attention,
+             f"the {m.attention} kernel has no attention dropout but model.dropout={m.dropout} "
+             "(use 'auto' or 'xla', or dropout 0)")
+    require(m.attention_chunk >= 0, "model.attention_chunk", m.attention_chunk, "must be >= 0")
+    require(m.quant in QUANT, "model.quant", m.quant, f"expected one of {QUANT}")
+
+
+def _check_train(t: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
+    for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "checkpoint_every",
+                "keep_checkpoints"):
+        require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive int")
+    require(t.seq_len <= m.max_len, "train.seq_len", t.seq_len, f"exceeds model.max_len={m.max_len}")
+    require(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
+             f"not divisible by train.grad_accum={t.grad_accum}")
+    require(m.attention != "splash" or t.seq_len % 128 == 0, "model.attention", m.attention,
+             f"the splash kernel takes rows in blocks of 128 tokens but train.seq_len={t.seq_len} (use 'auto')")
+
+
+def _check_sharding(c: ml_collections.ConfigDict) -> None:
+    """Whole shards only: batch rows, sequence positions, heads and the parameters the rules table splits."""
+    m, t = c.model, c.train
+    batch_shards = c.mesh.data * c.mesh.fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
+    micro = t.batch_size // t.grad_accum
+    require(micro % batch_shards == 0, "train.batch_size", t.batch_size,
+             f"micro-batch {micro} (batch_size / grad_accum) not divisible by the mesh's batch shards "
+             f"(data*fsdp*dcn_data*dcn_fsdp={batch_shards})")
+    require(t.seq_len % c.mesh.sequence == 0, "train.seq_len", t.seq_len,
+             f"not divisible by mesh.sequence={c.mesh.sequence}")
+    require(m.num_heads % c.mesh.tensor == 0, "model.num_heads", m.num_heads,
+             f"not divisible by mesh.tensor={c.mesh.tensor} (attention is sharded by heads)")
+    for key in ("d_ff", "vocab_size"):
+        require(m[key] % c.mesh.tensor == 0, f"model.{key}", m[key], f"not divisible by mesh.tensor={c.mesh.tensor}")
+    param_shards = c.mesh.fsdp * c.mesh.dcn_fsdp
+    require(m.d_model % param_shards == 0, "model.d_model", m.d_model,
+             f"not divisible by mesh.fsdp*mesh.dcn_fsdp={param_shards} (parameters are sharded along it)")
+
+
+def _check_optim(o: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> None:
+    require(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    if o.decay_steps == -1:
+        o.decay_steps = t.steps
+    require(o.decay_steps > o.warmup_steps, "optim.decay_steps", o.decay_steps,
+             f"must exceed optim.warmup_steps={o.warmup_steps}")
+    require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
 
 
 def inherit_architecture(c: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

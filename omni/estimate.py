@@ -10,33 +10,10 @@ import ml_collections
 import numpy as np
 
 from omni import parallel
-from omni.models import GPT, count_params, flops_per_token
+from omni.models import count_params, flops_per_token
+from omni.models.params import abstract_params
 
 GIB = 2 ** 30
-
-
-def abstract_params(model_config: ml_collections.ConfigDict, seq_len: int = 8):
-    """Boxed (logically annotated) parameter shapes; nothing is allocated, nothing runs (not even a key)."""
-    model_config = ml_collections.ConfigDict(model_config.to_dict())
-    model_config.attention = "xla"  # the shapes do not depend on the kernel, and the kernels need long rows
-    model = GPT(model_config)
-    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    rng = jax.eval_shape(jax.random.key, 0)
-    return jax.eval_shape(lambda r, t: model.init(r, t)["params"], rng, tokens)
-
-
-def trained_models(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """The model configs a stage trains: PPO trains the policy and its value function (a scalar head)."""
-    if config.stage != "ppo":
-        return [config.model]
-    value = ml_collections.ConfigDict(config.model.to_dict())
-    value.head = "scalar"
-    return [config.model, value]
-
-
-def sequences_per_step(config: ml_collections.ConfigDict) -> int:
-    """Sequences of train.seq_len in one step's batch: a reward-model row holds label.responses of them."""
-    return config.train.batch_size * (config.label.responses if config.stage == "rm" else 1)
 
 
 def _shard_elements(boxed, mesh: dict[str, int]) -> int:
@@ -49,17 +26,18 @@ def _shard_elements(boxed, mesh: dict[str, int]) -> int:
                for p, s in zip(jax.tree.leaves(nn.unbox(boxed)), leaves))
 
 
-def estimate(config: ml_collections.ConfigDict) -> dict:
-    """Parameter count, per-device memory (GiB) and training FLOPs of a validated config's stage on its
-    (resolved) mesh."""
-    mesh, models = dict(config.mesh), trained_models(config)
+def estimate(config: ml_collections.ConfigDict, models: list[ml_collections.ConfigDict], sequences: int) -> dict:
+    """Parameter count (of the first model), per-device memory (GiB) and training FLOPs of a validated config's
+    stage on its (resolved) mesh, for the `models` it trains and the `sequences` of train.seq_len in one step's
+    batch (omni/stages/registry.py's estimate knows both for each stage)."""
+    mesh = dict(config.mesh)
     boxed = [abstract_params(m) for m in models]
     p_bytes = jnp.dtype(config.model.param_dtype).itemsize
     # params + gradients + Adam's two moments, each sharded as the params are.
     state_bytes = sum(_shard_elements(b, mesh) for b in boxed) * p_bytes * 4
-    act_bytes = sum(_activation_bytes(config, m) for m in models)
+    act_bytes = sum(_activation_bytes(config, m, sequences) for m in models)
     seq_len = config.train.seq_len
-    step_flops = sum(flops_per_token(m, seq_len) for m in models) * sequences_per_step(config) * seq_len
+    step_flops = sum(flops_per_token(m, seq_len) for m in models) * sequences * seq_len
     devices = int(np.prod(list(mesh.values())))
     return {
         "name": config.name, "stage": config.stage, "params": count_params(nn.unbox(boxed[0])), "mesh": mesh,
@@ -72,13 +50,12 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
     }
 
 
-def _activation_bytes(config: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> float:
+def _activation_bytes(config: ml_collections.ConfigDict, m: ml_collections.ConfigDict, sequences: int) -> float:
     """Rough activation memory of one micro-batch (Korthikanti et al. 2022: 34sbh bytes per layer at 16 bits;
     their 5as^2b for stored attention scores is dropped, since the chunked path and the flash kernels never
     store them), sharded over the batch and sequence axes and, for the heads/mlp parts, over tensor."""
     t, mesh = config.train, config.mesh
-    sequences = sequences_per_step(config) // t.grad_accum
-    b = sequences / (mesh.data * mesh.fsdp * mesh.dcn_data * mesh.dcn_fsdp)
+    b = sequences // t.grad_accum / (mesh.data * mesh.fsdp * mesh.dcn_data * mesh.dcn_fsdp)
     s, h, layers = t.seq_len / mesh.sequence, m.d_model, m.num_layers
     scale = jnp.dtype(m.dtype).itemsize / 2
     per_layer = 34 * s * b * h * scale / mesh.tensor

@@ -28,48 +28,10 @@ import numpy as np
 from omni import parallel
 from omni.models import GPT
 from omni.models.gpt import KVCache
+from omni.models.params import transposed, unrolled
 
 MIN_BUCKET = 16
 MAX_STOP_TOKENS = 16  # longest stop sequence (in tokens) checked inside the decode loop
-
-
-def unrolled(model_config: ml_collections.ConfigDict, params) -> tuple[ml_collections.ConfigDict, dict]:
-    """The same model with layers unrolled: params['blocks'] (stacked over layers by nn.scan) becomes
-    params['blocks_0'], params['blocks_1'], ... Sharded leaves keep their sharding on the other axes."""
-    if not model_config.scan_layers:
-        return model_config, params
-    config = ml_collections.ConfigDict(model_config.to_dict())
-    config.scan_layers = False
-    params = dict(params)
-    stacked = params.pop("blocks")
-    for i in range(model_config.num_layers):
-        params[f"blocks_{i}"] = _take_layer(stacked, i)
-    return config, params
-
-
-_take_layer = jax.jit(lambda tree, i: jax.tree.map(lambda a: a[i], tree), static_argnums=1)
-
-
-def transposed(model_config: ml_collections.ConfigDict, params: dict) -> tuple[ml_collections.ConfigDict, dict]:
-    """Unrolled layers' kernels stored with their input axis last (model.transposed_kernels: decoding's fast
-    layout, see omni.models.gpt.TransposedDense). A copy of the weights, made once per Generator or set_params."""
-    config = ml_collections.ConfigDict(model_config.to_dict())
-    config.transposed_kernels = True
-    return config, _transpose_layers(params)
-
-
-@jax.jit
-def _transpose_layers(params: dict) -> dict:
-    return {k: _transpose_layer(v) if k.startswith("blocks_") else v for k, v in params.items()}
-
-
-def _transpose_layer(layer: dict) -> dict:
-    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
-    attn["qkv_kernel"] = attn["qkv_kernel"].transpose(1, 2, 3, 0)  # (embed, 3, heads, kv) -> (3, heads, kv, embed)
-    attn["out_kernel"] = attn["out_kernel"].transpose(2, 0, 1)  # (heads, kv, embed) -> (embed, heads, kv)
-    mlp["fc"] = {**mlp["fc"], "kernel": mlp["fc"]["kernel"].T}
-    mlp["proj"] = {**mlp["proj"], "kernel": mlp["proj"]["kernel"].T}
-    return {**layer, "attn": attn, "mlp": mlp}
 
 
 class GenerationError(ValueError):
@@ -287,22 +249,6 @@ def _generate(model, params, tokens, start, stops, rng, *, max_new, slots, sampl
 
     s = jax.lax.while_loop(running, step, init)
     return s["out"], s["logprobs"], s["lengths"], s["done"]
-
-
-def from_workdir(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Generator, object]:
-    """(the run's config, a Generator of its latest (or given) checkpoint, its tokenizer) for any stage's
-    workdir, or one made by `python -m omni.interop.hf import`."""
-    import omni  # the package's load(); imported here to keep `omni.generate` importable on its own
-
-    config, params, tokenizer = omni.load(workdir, step)
-    if config.model.get("head", "lm") != "lm":
-        raise GenerationError(f"{workdir} holds a {config.stage} model with a scalar head (model.head="
-                              f"{config.model.head!r}): it scores text but cannot generate it")
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise GenerationError(f"{workdir}: its tokenizer has {tokenizer.vocab_size} pieces but the model's "
-                              f"vocabulary is {config.model.vocab_size} (model.vocab_size)")
-    pad = tokenizer.pad_id if 0 <= tokenizer.pad_id < config.model.vocab_size else tokenizer.eos_id
-    return config, Generator(config.model, params, pad_id=pad), tokenizer
 
 
 def complete(generator: Generator, tokenizer, prompts: Sequence[str], max_new_tokens: int,

@@ -26,10 +26,9 @@ from omni import config as config_lib
 from omni import aot, estimate, parallel
 from omni.data import DataError
 from omni.generate import GenerationError
-from omni.stages import compress, evaluate, label, ppo, pretrain, reward, sample, sft
-from omni.train import checkpoint, metrics, trainer
-
-STAGES = {"pretrain": pretrain.task, "sft": sft.task, "rm": reward.task, "ppo": ppo.task}
+from omni.stages import registry
+from omni.train import checkpoint, trainer
+from omni.workdir import Workdir
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory; default runs/NAME.")
@@ -52,14 +51,14 @@ def dry_run(config) -> None:
     else:
         sizes = dict(config.mesh)
         devices = math.prod(sizes.values()) if -1 not in sizes.values() else jax.device_count()
-    config = config_lib.validate(config, devices)
-    est = estimate.estimate(config)
+    config = registry.validate(config, devices)
+    est = registry.estimate(config)
     print(estimate.report(est), flush=True)
     if slice_ is not None:
         target = aot.topology_devices(slice_, num_slices)
     elif devices == jax.device_count():
         target = jax.devices()
-    if target is not None:
+    if target is not None and registry.get(config.stage).step is not None:  # a tool stage has no train step
         est["compiled"] = aot.compiled_report(config, target, est, slice_)
         print("\n".join("  " + line for line in aot.report_lines(est["compiled"])))
     print(json.dumps(est))
@@ -115,18 +114,16 @@ def init_distributed(config) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def check_resumable(config, workdir: str) -> None:
+def check_resumable(config, workdir: Workdir) -> None:
     """A workdir with checkpoints can only be resumed by a run of the same model."""
-    path = os.path.join(workdir, "config.json")
-    if checkpoint.latest_step(workdir) is None or not os.path.exists(path):
+    saved = workdir.saved_config()
+    if workdir.latest_step() is None or saved is None:
         return
-    with open(path) as f:
-        saved = json.load(f)["model"]
     for key, value in config.model.items():
-        if key in saved and saved[key] != value and key not in ("dropout", "remat", "scan_layers"):
+        if key in saved["model"] and saved["model"][key] != value and key not in ("dropout", "remat", "scan_layers"):
             raise config_lib.ConfigError(
-                f"config.model.{key}={value!r} but {workdir} holds checkpoints of a model with {key}="
-                f"{saved[key]!r}; use another --workdir")
+                f"config.model.{key}={value!r} but {workdir.path} holds checkpoints of a model with {key}="
+                f"{saved['model'][key]!r}; use another --workdir")
 
 
 def check_devices(config) -> None:
@@ -139,7 +136,7 @@ def check_devices(config) -> None:
     if config.topology:
         needs += f" (the TPU {aot.parse_topology(config.topology).name} of config.topology={config.topology!r})"
     try:
-        est = estimate.estimate(config_lib.validate(config, math.prod(sizes.values())))
+        est = registry.estimate(registry.validate(config, math.prod(sizes.values())))
         needs += f" with ~{est['total_gib_per_device']:.1f} GiB each"
     except config_lib.ConfigError:
         pass  # the mesh's own device count is the news; validate names other keys once the mesh fits
@@ -150,44 +147,39 @@ def check_devices(config) -> None:
 
 
 def run(config, workdir: str) -> int:
-    if config.init_from and config.stage in STAGES:  # a stage continues the model it starts from
-        source, _, _ = checkpoint.read_meta(config.init_from)
+    stage = registry.get(config.stage)
+    if config.init_from and stage.trains:  # a stage continues the model it starts from
+        source, _, _ = Workdir(config.init_from).meta()
         config = config_lib.inherit_architecture(config, source)
     if config.dry_run:
         dry_run(config)
         return 0
-    if config.stage in STAGES:
+    if stage.trains:
         check_devices(config)
-    config = config_lib.validate(config, jax.device_count())
-    if config.stage == "sample":  # reads a trained workdir, trains nothing
-        sample.run(config, workdir)
+    config = registry.validate(config, jax.device_count())
+    if not stage.trains:  # reads a trained workdir and writes this one
+        stage.start(config, workdir)
         return 0
-    if config.stage == "label":
-        label.run(config, workdir)
-        return 0
-    if config.stage == "compress":
-        compress.run(config, workdir)
-        return 0
-    if config.stage == "eval":
-        evaluate.run(config, workdir)
-        return 0
-    os.makedirs(workdir, exist_ok=True)
+    return train(config, Workdir(workdir).create(), stage)
+
+
+def train(config, workdir: Workdir, stage: registry.Stage) -> int:
     check_resumable(config, workdir)
-    task = STAGES[config.stage](config, workdir)
+    task = stage.start(config, workdir.path)
     if jax.process_index() == 0:
-        metrics.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        workdir.write_config(config)
     start = time.time()
-    summary = trainer.train(config, workdir, task)
+    summary = trainer.train(config, workdir.path, task)
     if "preempted" in summary:
         return 0
     summary["wall_s"] = time.time() - start
     if jax.process_index() == 0:
-        metrics.write_json(os.path.join(workdir, "summary.json"), summary)
+        workdir.write_summary(summary)
         print(json.dumps(summary), flush=True)
         if "unigram_perplexity" in summary and "eval_perplexity" in summary:
             print(f"held-out perplexity {summary['eval_perplexity']:.2f} (unigram baseline "
                   f"{summary['unigram_perplexity']:.2f}); {summary['tokens_per_s']:,.0f} tokens/s, "
-                  f"MFU {summary['mfu']:.1%}, {summary['wall_s']:.0f} s; workdir {workdir}", flush=True)
+                  f"MFU {summary['mfu']:.1%}, {summary['wall_s']:.0f} s; workdir {workdir.path}", flush=True)
     return 0
 
 

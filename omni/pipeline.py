@@ -18,7 +18,6 @@ every stage's headline metrics and the policies side by side on held-out prompts
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import subprocess
@@ -28,15 +27,8 @@ import ml_collections
 import numpy as np
 
 from omni.config import ConfigError
-
-# summary.json keys reported per stage.
-HEADLINES = {
-    "pretrain": ("eval_perplexity", "unigram_perplexity", "tokens_per_s"),
-    "sft": ("eval_loss", "labeler_score", "exact_match"),
-    "label": ("train_ranked_prompts", "train_sample_labeler_score"),
-    "rm": ("heldout_pairwise_accuracy", "reward_std", "reward_bias"),
-    "ppo": ("reward", "kl", "labeler_score", "win_rate_vs_sft", "kl_to_sft", "pretrain_perplexity"),
-}
+from omni.stages import registry
+from omni.workdir import Workdir, write_atomic, write_json
 # Held-out measures of a policy in a PPO step's summary (the SFT reference's carry the prefix sft_); per task too,
 # as "<measure>/<task>".
 POLICY_KEYS = ("labeler_score", "exact_match", "sampled_labeler_score", "pass@1", "pass@8", "win_rate_vs_sft",
@@ -114,11 +106,7 @@ def command(step: Step, workdir: str) -> list[str]:
 
 
 def _summary(workdir: str, name: str) -> dict | None:
-    path = os.path.join(workdir, name, "summary.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return Workdir(os.path.join(workdir, name)).summary()
 
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> int:
@@ -163,8 +151,7 @@ def _measures(summary: dict, prefix: str = "") -> dict[str, float]:
 
 
 def _iterations(workdir: str, name: str) -> list[dict]:
-    with open(os.path.join(workdir, name, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "iteration" in r]
+    return [r for r in Workdir(os.path.join(workdir, name)).metrics() if "iteration" in r]
 
 
 def _policy(workdir: str, names: list[str], summaries: dict) -> dict:
@@ -186,19 +173,15 @@ def _policy(workdir: str, names: list[str], summaries: dict) -> dict:
 
 def _sft_curve(workdir: str) -> list[dict]:
     """The SFT stage's held-out evaluations, in order: how far its training went toward its best."""
-    path = os.path.join(workdir, "sft", "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [{k: r[k] for k in ("step", "eval_loss", "labeler_score", "exact_match") if k in r}
-                for r in map(json.loads, f) if "eval_loss" in r]
+    return [{k: r[k] for k in ("step", "eval_loss", "labeler_score", "exact_match") if k in r}
+            for r in Workdir(os.path.join(workdir, "sft")).metrics() if "eval_loss" in r]
 
 
 def write_report(c: ml_collections.ConfigDict, workdir: str, steps: list[Step]) -> dict:
     """report.json (every stage's headline metrics; per policy its held-out measures, over seeds; the SFT curve),
     report.md and reward_kl.png (reward and KL to the reference per PPO iteration)."""
     summaries = {s.name: _summary(workdir, s.name) for s in steps}
-    stages = {s.name: {k: summaries[s.name].get(k) for k in HEADLINES[s.kind] + ("wall_s",) if k in summaries[s.name]}
+    stages = {s.name: {k: summaries[s.name].get(k) for k in registry.get(s.kind).headline + ("wall_s",) if k in summaries[s.name]}
               for s in steps}
     variants = ["ppo"] + (["ppo_ptx"] if c.ptx else [])
     first = summaries["ppo"]
@@ -211,10 +194,8 @@ def write_report(c: ml_collections.ConfigDict, workdir: str, steps: list[Step]) 
     report = {"workdir": workdir, "rounds": c.rounds, "ppo_seeds": c.ppo_seeds, "suite_seed": c.suite_seed,
               "stages": stages, "sft_curve": _sft_curve(workdir), "policies": policies,
               "wall_s": sum(v.get("wall_s", 0.0) for v in stages.values())}
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(report_markdown(report))
+    write_json(os.path.join(workdir, "report.json"), report)
+    write_atomic(os.path.join(workdir, "report.md"), report_markdown(report).encode())
     _plot(workdir, [s.name for s in steps if s.kind == "ppo"])
     return report
 
@@ -276,9 +257,7 @@ def _plot(workdir: str, names: list[str]) -> None:
 
     fig, (reward_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:
-        rows = []
-        with open(os.path.join(workdir, name, "metrics.jsonl")) as f:
-            rows = [r for r in map(json.loads, f) if "reward" in r and "iteration" in r]
+        rows = [r for r in _iterations(workdir, name) if "reward" in r]
         iterations = [r["iteration"] for r in rows]
         reward_ax.plot(iterations, [r["reward"] for r in rows], label=name)
         kl_ax.plot(iterations, [r["kl"] for r in rows], label=name)

@@ -22,14 +22,16 @@ import argparse
 import csv
 import dataclasses
 import importlib.util
+import io
 import itertools
-import json
 import os
 import re
 import shlex
 import subprocess
 import sys
 from typing import Any, Callable
+
+from omni.workdir import SUMMARY, Workdir, write_atomic
 
 # summary.json keys shown in the results table, in this order (those no run has are left out).
 METRICS = ("params", "eval_loss", "eval_perplexity", "tokens_per_s", "wall_s")
@@ -147,25 +149,21 @@ def tpu_command(omni: list[str], log_name: str, name: str, zone: str, accelerato
             "--run", log_name, "--command", shlex.join(omni)]
 
 
-def finished(rundir: str) -> bool:
-    return os.path.isfile(os.path.join(rundir, "summary.json"))
-
-
 def execute(commands: list[tuple[Run, list[str]]], workdir: str, local: bool) -> int:
     """Runs the commands one after another. A failed run does not stop the others (they are independent, and
     an unattended sweep should not lose the night to one diverging size); the exit code says it failed."""
     failed = []
     for i, (run, cmd) in enumerate(commands, 1):
-        rundir = os.path.join(workdir, run.name)
-        if local and finished(rundir):
-            print(f"[sweep] {i}/{len(commands)} {run.name}: done ({rundir}/summary.json), skipped", flush=True)
+        rundir = Workdir(os.path.join(workdir, run.name))
+        if local and rundir.finished:
+            print(f"[sweep] {i}/{len(commands)} {run.name}: done ({rundir.file(SUMMARY)}), skipped", flush=True)
             continue
         print(f"[sweep] {i}/{len(commands)} {run.name}: {shlex.join(cmd)}", flush=True)
         rc = subprocess.call(cmd)
         if rc != 0:
             failed.append(f"{run.name} (exit code {rc})")
             print(f"[sweep] {run.name} failed with exit code {rc}; going on with the rest", flush=True)
-        elif local and not finished(rundir):  # omni.main exits 0 on SIGTERM after checkpointing
+        elif local and not rundir.finished:  # omni.main exits 0 on SIGTERM after checkpointing
             print(f"[sweep] {run.name} stopped before finishing (preempted); rerun the sweep to resume", flush=True)
             return 0
     if failed:
@@ -177,10 +175,8 @@ def gather(sweep: Sweep, workdir: str) -> list[dict]:
     """One row per finished run: its name, its swept values and its whole summary.json."""
     rows = []
     for run in sweep.runs:
-        path = os.path.join(workdir, run.name, "summary.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                summary = json.load(f)
+        summary = Workdir(os.path.join(workdir, run.name)).summary()
+        if summary is not None:
             rows.append({"name": run.name, **{k: run.overrides.get(k, "") for k in sweep.swept}, **summary})
     return rows
 
@@ -198,12 +194,12 @@ def write_table(sweep: Sweep, rows: list[dict], workdir: str) -> str:
     lines += ["| " + " | ".join(_cell(c, r.get(c, "")) for c in columns) + " |" for r in rows]
     markdown = "\n".join(lines) + "\n"
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_atomic(os.path.join(workdir, "results.md"), markdown.encode())
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(os.path.join(workdir, "results.csv"), table.getvalue().encode())
     return markdown
 
 

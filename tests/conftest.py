@@ -1,8 +1,22 @@
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 
+def _compilation_cache() -> dict[str, str]:
+    """One persistent JAX compilation cache for the omni processes this test session starts (the CLI tests compile
+    the same tiny models many times over). It starts empty and is removed at exit, so no compiled program
+    outlives the code that made it. Not for the pytest process itself: a TPU topology's compile-only client
+    (tests/test_aot.py) cannot load a cached executable, and JAX would warn."""
+    path = tempfile.mkdtemp(prefix="omni-tests-jax-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+COMPILATION_CACHE = _compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
 
@@ -19,7 +33,7 @@ def run_cli(args, cwd=ROOT, env=None, timeout=600, **kw):
     """Runs `python -m omni.main ARGS` in a subprocess; returns the CompletedProcess."""
     import subprocess
 
-    full_env = dict(os.environ, **(env or {}))
+    full_env = {**os.environ, **COMPILATION_CACHE, **(env or {})}
     return subprocess.run([sys.executable, "-m", "omni.main", *args], cwd=cwd, env=full_env, timeout=timeout,
                           capture_output=True, text=True, **kw)
 
@@ -30,7 +44,8 @@ def run_on_8_devices(script: str, timeout: int) -> dict:
     import json
     import subprocess
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, **COMPILATION_CACHE, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import load_config, run_cli
-from omni import aot, estimate
-from omni import config as config_lib
+from omni import aot
+from omni.stages import registry
 from omni.train import trainer
 
 
@@ -25,9 +25,9 @@ def test_train_step_compiles_for_two_v5e_slices_with_splash_attention():
     assert (slice_.name, slice_.chips, slice_.chip.hbm_gib) == ("v5e-4", 4, 16)
     devices = aot.topology_devices(slice_, num_slices=2)  # two slices joined by DCN: 8 chips
     assert len(devices) == 8 and devices[0].device_kind == "TPU v5 lite"
-    config = config_lib.validate(tiny_gpt3(dcn_data=2), len(devices))
+    config = registry.validate(tiny_gpt3(dcn_data=2), len(devices))
     assert config.mesh.data == 4
-    est = estimate.estimate(config)
+    est = registry.estimate(config)
     out = aot.compiled_report(config, devices, est, slice_)
     assert out["attention"] == "splash" and out["fits"]
     # The compiler's own peak against the hand count (params, gradients, Adam, Korthikanti's activations): the
@@ -44,13 +44,13 @@ def test_ppo_policy_and_value_step_compiles_for_a_slice():
     devices = aot.topology_devices(slice_)
     c = tiny_gpt3("ppo")
     c.ppo.update(rollout_batch=16, max_new_tokens=32)
-    config = config_lib.validate(c, len(devices))
+    config = registry.validate(c, len(devices))
     compiled = aot.compile_step(config, devices)
     assert "tpu_custom_call" in compiled.as_text()  # splash attention, compiled by Mosaic for the TPU
     # The arguments hold both trained models' params and Adam moments: 3/4 of the analytic train state, which
     # counts params, gradients and both moments of the policy and the value function.
     arguments = trainer.compiled_memory(compiled)["argument"] / 2 ** 30
-    assert 0.6 < arguments / estimate.estimate(config)["train_state_gib_per_device"] < 0.9
+    assert 0.6 < arguments / registry.estimate(config)["train_state_gib_per_device"] < 0.9
 
 
 def test_bad_topology_and_impossible_mesh_are_refused_by_name():

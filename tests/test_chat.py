@@ -152,10 +152,11 @@ def test_sample_stage_needs_init_from(tmp_path):
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(workdir, monkeypatch):
     import omni
-    from omni.generate import GenerationError, from_workdir
+    from omni.generate import GenerationError
+    from omni.workdir import Workdir
 
     config, params, tokenizer = omni.load(workdir)
     config.model.vocab_size = tokenizer.vocab_size - 1
-    monkeypatch.setattr(omni, "load", lambda path, step=None: (config, params, tokenizer))
+    monkeypatch.setattr(Workdir, "load", lambda self, step=None: (config, params, tokenizer))
     with pytest.raises(GenerationError, match=f"{tokenizer.vocab_size} pieces but the model's vocabulary is"):
-        from_workdir(workdir)
+        Workdir(workdir).generator()

@@ -17,6 +17,7 @@ from omni.config import ConfigError, base_config
 from omni.interop.hf import to_workdir
 from omni.models import GPT
 from omni.stages import compress, evaluate
+from omni.workdir import Workdir
 
 
 def _compress_config(source: str, **settings) -> ml_collections.ConfigDict:
@@ -57,20 +58,18 @@ def source(tmp_path_factory):
 
 def _load_with_local_data(monkeypatch, source):
     path, corpus, data_dir = source
-    load = omni.load
+    load = Workdir.load
 
-    def local(workdir, step=None):
-        config, params, tokenizer = load(workdir, step)
+    def local(self, step=None):
+        config, params, tokenizer = load(self, step)
         config.data.update(name="text", path=corpus, data_dir=data_dir)
         config.train.update(seq_len=32, batch_size=4, eval_batches=2)
         return config, params, tokenizer
 
-    monkeypatch.setattr(omni, "load", local)
+    monkeypatch.setattr(Workdir, "load", local)
 
 
 def test_sparsegpt_writes_a_workdir_that_generates(source, monkeypatch, tmp_path):
-    from omni.generate import from_workdir
-
     _load_with_local_data(monkeypatch, source)
     out = str(tmp_path / "pruned")
     summary = compress.run(_compress_config(source[0], method="sparsegpt", calibration_rows=16, block_size=16), out)
@@ -88,7 +87,7 @@ def test_sparsegpt_writes_a_workdir_that_generates(source, monkeypatch, tmp_path
     logits = model.apply({"params": dense}, tokens)
     error = lambda p: float(np.mean((np.asarray(model.apply({"params": p}, tokens)) - logits) ** 2))  # noqa: E731
     assert error(params) < 0.8 * error(prune.apply(dense, prune.magnitude(dense, 0.5)))
-    _, generator, tokenizer = from_workdir(out)
+    _, generator, tokenizer = Workdir(out).generator()
     assert generator.generate([tokenizer.encode("import")], 4).tokens.shape == (1, 4)
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["method"] == "sparsegpt"
@@ -112,8 +111,6 @@ def test_an_existing_workdir_is_refused_before_any_work(source, tmp_path):
 
 
 def test_int8_writes_a_quarter_size_workdir_that_generates(source, monkeypatch, tmp_path):
-    from omni.generate import from_workdir
-
     _load_with_local_data(monkeypatch, source)
     out = str(tmp_path / "int8")
     summary = compress.run(_compress_config(source[0], method="int8"), out)
@@ -123,7 +120,7 @@ def test_int8_writes_a_quarter_size_workdir_that_generates(source, monkeypatch, 
     config, params, _ = omni.load(out)  # restored as int8 values and float32 scales
     assert config.model.quant == "int8" and params["blocks"]["mlp"]["fc"]["kernel"].dtype == np.int8
     assert params["wte"]["embedding"].dtype == np.int8 and params["wte"]["scale"].dtype == np.float32
-    _, generator, tokenizer = from_workdir(out)
+    _, generator, tokenizer = Workdir(out).generator()
     assert generator.generate([tokenizer.encode("import")], 4).tokens.shape == (1, 4)
     # the eval stage reads it too, and measures what the compress stage reported
     c = base_config()

@@ -3,7 +3,8 @@ the distributed settings and the attention choice: each bad value is named in on
 import pytest
 
 from omni import config as config_lib
-from omni.config import ConfigError, base_config, validate
+from omni.config import ConfigError, base_config
+from omni.stages.registry import validate
 
 
 def config(**mesh):

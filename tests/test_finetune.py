@@ -62,7 +62,7 @@ def test_sft_summary_has_its_headline_metrics(pipeline):
 
 def test_reward_model_summary_and_zero_mean_on_demonstrations(pipeline):
     import omni
-    from omni.stages.reward import response_scores
+    from omni.losses import response_scores
 
     s = _summary(pipeline["rm"])
     assert 0.0 <= s["heldout_pairwise_accuracy"] <= 1.0 and np.isfinite(s["reward_bias"])
@@ -80,11 +80,12 @@ def test_reward_model_summary_and_zero_mean_on_demonstrations(pipeline):
 
 def test_reward_model_is_refused_by_generation_and_export(pipeline, tmp_path):
     import omni
-    from omni.generate import GenerationError, from_workdir
+    from omni.generate import GenerationError
+    from omni.workdir import Workdir
     from omni.interop.hf import HFError, to_hf
 
     with pytest.raises(GenerationError, match="scalar head"):
-        from_workdir(pipeline["rm"])
+        Workdir(pipeline["rm"]).generator()
     config, params, _ = omni.load(pipeline["rm"])
     with pytest.raises(HFError, match="model.head='scalar'"):
         to_hf(config.model, params, str(tmp_path / "hf"))
@@ -124,7 +125,7 @@ def _ppo_flags(pipeline, workdir, **extra):
 @pytest.mark.slow  # ~50 s on 2 cores: over the CI suite's budget; tests/test_ppo.py checks PPO's parts in CI
 def test_ppo_ptx_trains_and_reports(pipeline):
     import omni
-    from omni.generate import from_workdir
+    from omni.workdir import Workdir
 
     workdir = str(pipeline["root"] / "ppo")
     out = run_cli(_ppo_flags(pipeline, workdir))
@@ -144,7 +145,7 @@ def test_ppo_ptx_trains_and_reports(pipeline):
     # a PPO workdir serves its policy like any other stage's model
     config, params, _ = omni.load(workdir)
     assert config.stage == "ppo" and "wte" in params and "score_head" not in params
-    _, generator, tokenizer = from_workdir(workdir)
+    _, generator, tokenizer = Workdir(workdir).generator()
     assert generator.generate([tokenizer.encode("User: hi")], 3).tokens.shape == (1, 3)
 
 

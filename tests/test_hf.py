@@ -22,6 +22,7 @@ from omni.data import Tokenizer
 from omni.interop import hf
 from omni.models import GPT
 from omni.train import checkpoint
+from omni.workdir import Workdir
 
 TEXTS = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog.\n",
          "  tabs\tand\r\nunicode \u00fc\u4e2d\U0001f600 <|endoftext|> end"] * 20
@@ -226,7 +227,7 @@ def test_old_meta_with_only_a_sentencepiece_model_is_read(tmp_path):
     mngr.save(0, args=ocp.args.Composite(meta=ocp.args.JsonSave(
         {"config": {"name": "old"}, "tokenizer_model_b64": base64.b64encode(b"spm bytes").decode()})))
     mngr.wait_until_finished()
-    config, path, step = checkpoint.read_meta(str(tmp_path))
+    config, path, step = Workdir(str(tmp_path)).meta()
     assert (config.name, step, path) == ("old", 0, os.path.join(str(tmp_path), "tokenizer.model"))
     assert open(path, "rb").read() == b"spm bytes"
 

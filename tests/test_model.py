@@ -9,8 +9,8 @@ import pytest
 
 from conftest import load_config
 from omni.config import base_config
-from omni.estimate import abstract_params
 from omni.models import GPT, count_params, flops_per_token
+from omni.models.params import abstract_params
 
 PUBLISHED = {  # Brown et al. 2020 Table 2.1; Radford et al. 2018, 2019 (released weights)
     "gpt3_small": 125e6, "gpt3_medium": 350e6, "gpt3_large": 760e6, "gpt3_xl": 1.3e9, "gpt3_2_7b": 2.7e9,
@@ -208,7 +208,7 @@ def test_flops_per_token_counts_attention():
 
 def test_unembed_gradient_matches_autodiff():
     """The hand-written backward of the tied unembedding equals autodiff of x @ E^T."""
-    from omni.models.gpt import unembed
+    from omni.models.linear import unembed
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
     emb = jnp.asarray(rng.standard_normal((11, 8)), jnp.float32)

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from omni import losses
 from omni.config import base_config
 from omni.stages import ppo, rollout
 
@@ -48,11 +49,11 @@ def test_gae_matches_numpy_loop(gamma, lam):
 def test_whiten_shifts_advantages_but_keeps_reward_mean():
     x = jnp.asarray([[1.0, 2.0, 3.0, 100.0]])
     mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])
-    centred = ppo.whiten(x, mask)
+    centred = losses.whiten(x, mask)
     np.testing.assert_allclose(float(centred[0, :3].mean()), 0.0, atol=1e-6)
     np.testing.assert_allclose(float(centred[0, :3].std()), 1.0, atol=1e-4)
     assert float(centred[0, 3]) == 0.0
-    kept = ppo.whiten(x, mask, shift_mean=False)
+    kept = losses.whiten(x, mask, shift_mean=False)
     np.testing.assert_allclose(float(kept[0, :3].mean()), 2.0, atol=1e-5)
 
 
@@ -66,10 +67,10 @@ def test_episodes_mark_response_targets_and_the_last_token():
 
 
 def test_adaptive_kl_moves_beta_towards_the_target():
-    assert ppo.update_kl_coef(0.1, kl=12.0, episodes=64, target=6.0, horizon=10_000) > 0.1
-    assert ppo.update_kl_coef(0.1, kl=1.0, episodes=64, target=6.0, horizon=10_000) < 0.1
+    assert rollout.update_kl_coef(0.1, kl=12.0, episodes=64, target=6.0, horizon=10_000) > 0.1
+    assert rollout.update_kl_coef(0.1, kl=1.0, episodes=64, target=6.0, horizon=10_000) < 0.1
     # the error is clipped at 20%
-    np.testing.assert_allclose(ppo.update_kl_coef(0.1, 600.0, 10_000, 6.0, 10_000), 0.12)
+    np.testing.assert_allclose(rollout.update_kl_coef(0.1, 600.0, 10_000, 6.0, 10_000), 0.12)
 
 
 def _tiny_config() -> ml_collections.ConfigDict:

@@ -8,8 +8,8 @@ import flax.linen as nn
 
 from omni.compress import prune
 from omni.config import base_config
-from omni.generate import unrolled
 from omni.models import GPT
+from omni.models.params import unrolled
 
 
 def _model(scan: bool = True):

@@ -9,7 +9,7 @@ import pytest
 
 from omni.compress import quant
 from omni.config import base_config
-from omni.models import GPT
+from omni.models import GPT, linear
 
 
 def _kernel(shape, seed=0):
@@ -43,14 +43,14 @@ def test_an_all_zero_channel_quantizes_to_zero_without_nan():
 def test_w8a8_is_the_exact_int32_product_rescaled(transposed):
     w, x = _kernel((64, 32), 1), np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
     q = quant.quantize_kernel(w)
-    xq, xs = (np.asarray(a) for a in quant.quantize_rows(x))
+    xq, xs = (np.asarray(a) for a in linear.quantize_rows(x))
     exact = xq.astype(np.int64) @ np.asarray(q.values).astype(np.int64)  # int32 cannot overflow: 64 x 127^2
     expected = exact * xs[:, None] * np.asarray(q.scales)[None]
     values = q.values.T if transposed else q.values
-    out = np.asarray(quant.w8a8_matmul(x, values, q.scales, transposed))
+    out = np.asarray(linear.w8a8_matmul(x, values, q.scales, transposed))
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     # one row (batch-1 decoding, its own CPU path), with the leading axes of a decoding step
-    one = np.asarray(quant.w8a8_matmul(x[:1].reshape(1, 1, -1), values, q.scales, transposed))
+    one = np.asarray(linear.w8a8_matmul(x[:1].reshape(1, 1, -1), values, q.scales, transposed))
     np.testing.assert_allclose(one, expected[:1].reshape(1, 1, -1), rtol=1e-6)
     dense = x @ w
     assert np.linalg.norm(out - dense) / np.linalg.norm(dense) < 0.02

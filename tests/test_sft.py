@@ -6,8 +6,8 @@ import numpy as np
 from omni.config import base_config
 from omni.data import finetune
 from omni.data.template import encode_dialogue
+from omni.losses import token_nll
 from omni.models import GPT
-from omni.stages.pretrain import token_nll
 
 
 class ToyTokenizer:

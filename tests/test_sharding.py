@@ -9,8 +9,8 @@ import json, sys
 import flax.linen as nn, jax, numpy as np
 from omni import parallel
 from omni.config import base_config, validate
+from omni.losses import lm_loss
 from omni.models import GPT
-from omni.stages.pretrain import lm_loss
 from omni.train.trainer import abstract_state, make_train_step
 
 assert jax.device_count() == 8, jax.devices()

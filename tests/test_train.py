@@ -17,8 +17,8 @@ import pytest
 from conftest import ROOT, run_cli
 from omni import parallel
 from omni.config import ConfigError, base_config, cpu_devices, validate
+from omni.losses import lm_loss
 from omni.models import GPT
-from omni.stages.pretrain import lm_loss
 from omni.train import optim
 from omni.train.trainer import abstract_state, make_train_step
 

@@ -1,10 +1,8 @@
 """INT8 quantization of a GPT's weights: symmetric, one scale per output channel, stored as int8 values plus
 float32 scales (4x smaller than fp32 on disk and in memory).
 
-The model itself computes with them when config.model.quant is set (omni/models/gpt.py):
-- 'int8': weight-only. Each product runs on the int8 values converted inside the jit'd matmul and multiplies
-  the output channels by their scales afterwards (x @ (V s) = (x @ V) s), so no float copy of a kernel is kept.
-- 'w8a8': activations quantised too, one scale per token, and the product runs int8 x int8 -> int32.
+The model itself computes with them when config.model.quant is set ('int8': weight-only; 'w8a8': activations
+quantised per token too); omni/models/linear.py holds those products.
 
 `quantize_model` turns a trained model's params into that layout: every linear kernel of the blocks (named in
 omni.compress.prune.LINEAR) and the tied embedding (one scale per vocabulary row, which is both the lookup's
@@ -23,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from omni.compress.prune import LINEAR, blocks
-
-QMAX = 127  # symmetric: -127..127, so that negating a weight never overflows
+from omni.models.linear import QMAX, scale_name
 
 
 class QuantizedKernel(NamedTuple):
@@ -45,33 +42,6 @@ def quantize_kernel(kernel: jax.Array, in_axes: int = 1) -> QuantizedKernel:
 
 def dequantize(q: QuantizedKernel, dtype=jnp.float32) -> jax.Array:
     return (q.values.astype(jnp.float32) * q.scales).astype(dtype)
-
-
-def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Dynamic per-token INT8 of activations [..., in]: (int8 values, float32 scales [...])."""
-    x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=-1)
-    scales = jnp.where(amax > 0, amax / QMAX, 1.0)
-    return jnp.clip(jnp.round(x / scales[..., None]), -QMAX, QMAX).astype(jnp.int8), scales
-
-
-def w8a8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, transposed: bool = False) -> jax.Array:
-    """x [..., in] times the int8 matrix `values` [in, out] ([out, in] if transposed) with both sides in INT8:
-    an int8 x int8 dot accumulated in int32, rescaled by the token's and the output channel's scales. float32."""
-    xq, x_scales = quantize_rows(x)
-    if transposed and xq.size == xq.shape[-1] and jax.default_backend() == "cpu":
-        # One row (batch-1 decoding): XLA:CPU's int8 dot is a slow generic loop; a fused int32 multiply-sum over
-        # the kernel's rows streams it 4-5x faster (measured through the generation benchmark's weights).
-        acc = (values.astype(jnp.int32) * xq.reshape(1, -1).astype(jnp.int32)).sum(-1).reshape(xq.shape[:-1] + (-1,))
-    else:
-        acc = jax.lax.dot_general(xq, values, (((xq.ndim - 1,), (1 if transposed else 0,)), ((), ())),
-                                  preferred_element_type=jnp.int32)
-    return acc.astype(jnp.float32) * x_scales[..., None] * scales.reshape(-1)
-
-
-def scale_name(kernel_name: str) -> str:
-    """The parameter holding a quantized weight's scales: qkv_kernel -> qkv_scale; kernel, embedding -> scale."""
-    return kernel_name.replace("kernel", "scale") if "kernel" in kernel_name else "scale"
 
 
 def _quantized_weights(params: dict):

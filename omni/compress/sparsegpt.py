@@ -33,9 +33,9 @@ import numpy as np
 from jax import lax
 
 from omni.compress.prune import LINEAR  # the linear kernels and their input axes, shared with magnitude pruning
-from omni.generate import unrolled
 from omni.models import GPT
 from omni.models.gpt import Block, sparse_layers
+from omni.models.params import scanned, unrolled
 
 MAX_DAMP = 1e3  # relative to mean(diag H): far beyond this, SparseGPT degenerates to magnitude pruning anyway
 _HIGHEST = lax.Precision.HIGHEST  # fp32 matmuls stay fp32 on GPU (TF32) and TPU (bf16 passes)
@@ -297,8 +297,7 @@ def prune_model(model_config: Any, params: dict, calibration: np.ndarray, sparsi
         flat[f"blocks_{i}"] = layer
         inputs = [block(layer, x)[0][0] for x in inputs]
     if model_config.scan_layers:  # back to the stacked layout the caller gave
-        layers = [flat.pop(f"blocks_{i}") for i in range(config.num_layers)]
-        flat["blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+        flat = scanned(flat, config.num_layers)
     return flat, report
 
 

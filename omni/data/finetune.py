@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from omni.data.builders import DataError, validation_keys
+from omni.data import feedback
 from omni.data.feedback import parse_prompt, read_jsonl
 from omni.data.template import encode_dialogue, prompt_ids, response_ids
 
@@ -49,6 +50,16 @@ def suite_data(data: ml_collections.ConfigDict, kind: str) -> ml_collections.Con
     out = ml_collections.ConfigDict(data.to_dict())
     out.update(name="jsonl", path=paths[f"{kind}_train.jsonl"], eval_path=paths[f"{kind}_eval.jsonl"])
     return out
+
+
+def demonstrations(data: ml_collections.ConfigDict, split: str) -> Sequence[list[tuple[str, str]]]:
+    """The SFT demonstrations (dialogues) of `split` ('train' or 'validation'), the offline suite's included."""
+    return feedback.demonstrations(suite_data(data, "sft"), split)
+
+
+def preferences(data: ml_collections.ConfigDict, split: str) -> Sequence[tuple[str, list[str], list[int]]]:
+    """The K-way rankings (prompt, responses, ranks) of `split`, the offline suite's included."""
+    return feedback.preferences(suite_data(data, "prefs"), split)
 
 
 def prompts(data: ml_collections.ConfigDict, split: str) -> list[str]:

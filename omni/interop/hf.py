@@ -24,16 +24,20 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from omni.compress import quant
-from omni.config import ConfigError, base_config
+from omni.config import ConfigError, base_config, validate
+from omni.data import Tokenizer
+from omni.models.params import abstract_params
+from omni.train.checkpoint import CheckpointError
+from omni.workdir import Workdir
 
 # Every HF GPT-2 activation that is GELU's tanh approximation, i.e. omni's nn.gelu(approximate=True); they
 # differ only in rounding. Plain "gelu" is the exact erf form: a different function.
@@ -82,32 +86,14 @@ def _pairs(m: ml_collections.ConfigDict) -> Iterator[tuple[str, tuple[str, ...],
             yield f"h.{i}.{name}", ("blocks",) + path if m.scan_layers else (f"blocks_{i}",) + path, i
 
 
-def _flat(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    if not isinstance(tree, Mapping):  # dicts and flax FrozenDicts alike
-        return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, prefix + (key,)).items()}
-
-
-def _nest(flat: dict[tuple[str, ...], object]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return tree
-
-
 def _target(m: ml_collections.ConfigDict) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     """omni's own parameter shapes for `m` (jax.eval_shape: nothing is allocated)."""
-    from omni.estimate import abstract_params
-
-    return _flat(nn.unbox(abstract_params(m)))
+    return flatten_dict(nn.unbox(abstract_params(m)))
 
 
 def _check_tree(params, target: dict[tuple[str, ...], jax.ShapeDtypeStruct], what: str) -> None:
     """Raises unless `params` has exactly omni's parameter paths and shapes."""
-    got = {path: tuple(np.shape(leaf)) for path, leaf in _flat(params).items()}
+    got = {path: tuple(np.shape(leaf)) for path, leaf in flatten_dict(params).items()}
     want = {path: tuple(t.shape) for path, t in target.items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:6]
@@ -221,20 +207,8 @@ class _SafeTensors:
         if name not in self.where:
             raise HFError(f"{os.path.dirname(next(iter(self.files)))}: missing tensor {name!r}")
         path, key = self.where[name]
-        f = self.files[path]
-        if f.get_slice(key).get_dtype() == "BF16":  # numpy has no bfloat16: safetensors cannot hand it over
-            return _read_bf16(path, key)
-        return f.get_tensor(key).astype(np.float32)
-
-
-def _read_bf16(path: str, key: str) -> np.ndarray:
-    """One bfloat16 tensor read straight from the file: an 8-byte header length, a JSON header, the data."""
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        start, end = header[key]["data_offsets"]
-        f.seek(f.tell() + start)
-        raw = f.read(end - start)
-    return np.frombuffer(raw, jnp.bfloat16).reshape(header[key]["shape"]).astype(np.float32)
+        # bfloat16 arrives as ml_dtypes' numpy bfloat16, a dtype numpy knows by name once jax is imported.
+        return self.files[path].get_tensor(key).astype(np.float32)
 
 
 def _check_names(tensors: _SafeTensors, expected: set[str], hf_dir: str) -> None:
@@ -279,7 +253,7 @@ def from_hf(hf_dir: str, *, scan_layers: bool = True) -> tuple[ml_collections.Co
             flat[path] = x
     flat = {path: np.stack(x) if isinstance(x, list) else x for path, x in flat.items()}
     _check_head(tensors, cfg, flat[("wte", "embedding")], hf_dir)
-    params = _nest(flat)
+    params = unflatten_dict(flat)
     _check_tree(params, target, f"the tensors of {hf_dir}")
     return m, params
 
@@ -300,7 +274,7 @@ def to_hf(model_config: ml_collections.ConfigDict, params, hf_dir: str, tokenize
         params = quant.dequantize_model(dict(params))
         m = ml_collections.ConfigDict({**m.to_dict(), "quant": "none"})
     _check_tree(params, _target(m), "the params to export")
-    flat = {path: np.asarray(leaf, np.float32) for path, leaf in _flat(params).items()}
+    flat = {path: np.asarray(leaf, np.float32) for path, leaf in flatten_dict(params).items()}
     shapes = _hf_shapes(m)
     tensors = {}
     for name, path, layer in _pairs(m):
@@ -320,33 +294,28 @@ def to_hf(model_config: ml_collections.ConfigDict, params, hf_dir: str, tokenize
 def to_workdir(model_config: ml_collections.ConfigDict, params, tokenizer_path: str, workdir: str) -> int:
     """Writes an omni workdir that stages can init_from and omni.load reads: a step-0 checkpoint of params and
     meta, config.json (base_config() with this model) and the tokenizer. Returns the parameter count."""
-    from omni.config import validate
-    from omni.data import Tokenizer
-    from omni.train import checkpoint
-
     m, params = model_config, nn.unbox(params)
     tokenizer = _tokenizer(tokenizer_path)
     if tokenizer.vocab_size != m.vocab_size:
         raise HFError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces but model vocab_size "
                       f"{m.vocab_size}")
-    if checkpoint.latest_step(workdir) is not None:  # before any conversion work
+    if Workdir(workdir).latest_step() is not None:  # before any conversion work
         raise HFError(f"{workdir} already holds checkpoints; import into a new workdir")
     target = _target(m)
     _check_tree(params, target, "the params")
-    params = _nest({path: np.asarray(leaf, target[path].dtype) for path, leaf in _flat(params).items()})
+    params = unflatten_dict({path: np.asarray(leaf, target[path].dtype)
+                             for path, leaf in flatten_dict(params).items()})
     config = base_config()
     config.name = os.path.basename(os.path.normpath(workdir))
     config.model = ml_collections.ConfigDict(m.to_dict())
     config.train.seq_len = min(config.train.seq_len, m.max_len)
     validate(config, 1)  # a model config no run could use is refused here, not at the next stage
-    os.makedirs(workdir, exist_ok=True)
-    checkpoint.write_model(workdir, config, params, Tokenizer(tokenizer.save(workdir)).model_path)
+    out = Workdir(workdir).create()
+    out.write_model(config, params, Tokenizer(tokenizer.save(out.path)).model_path)
     return sum(int(np.prod(t.shape)) for t in target.values())
 
 
 def _tokenizer(path: str):
-    from omni.data import Tokenizer
-
     if not os.path.isfile(path):
         raise HFError(f"tokenizer {path}: no such file")
     try:
@@ -370,11 +339,9 @@ def _import(args: argparse.Namespace) -> str:
 
 
 def _export(args: argparse.Namespace) -> str:
-    import omni
-    from omni.train import checkpoint
-
-    step = checkpoint.latest_step(args.workdir) if args.step is None else args.step
-    config, params, tokenizer = omni.load(args.workdir, step)
+    source = Workdir(args.workdir)
+    step = source.latest_step() if args.step is None else args.step
+    config, params, tokenizer = source.load(step)
     to_hf(config.model, params, args.hf_dir, tokenizer)
     wrote = f"{CONFIG}, {WEIGHTS}" + (", tokenizer.json" if tokenizer.kind == "hf" else "")
     skipped = "" if tokenizer.kind == "hf" else " (its sentencepiece tokenizer has no HF GPT-2 form: not written)"
@@ -382,8 +349,6 @@ def _export(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from omni.train.checkpoint import CheckpointError
-
     parser = argparse.ArgumentParser(prog="python -m omni.interop.hf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF GPT-2 directory -> omni workdir")

@@ -1,4 +1,4 @@
-"""The GPT decoder family in one file: GPT-1 (post-LN), GPT-2 (pre-LN) and GPT-3 (GPT-2 with alternating
+"""The GPT decoder family: GPT-1 (post-LN), GPT-2 (pre-LN) and GPT-3 (GPT-2 with alternating
 dense and locally banded sparse attention).
 
 Every parameter carries logical axis names (batch, length, embed, heads, kv, mlp, vocab, layers); the one
@@ -6,8 +6,8 @@ table in omni/parallel.py maps them to mesh axes. Layers run under nn.scan so co
 with depth; config.model.scan_layers=False unrolls them.
 
 Generation passes a `KVCache`: the model then writes the new tokens' keys and values into it and returns
-`(logits, cache)`; omni/generate.py drives prefill and decoding with it. With model.quant the linear kernels and
-the embedding are int8 with per-channel scales (omni/compress/quant.py writes them) and every product uses them.
+`(logits, cache)`; omni/generate.py drives prefill and decoding with it. The linear layers and products
+(omni/models/linear.py) also compute with int8 weights (model.quant) and with decoding's transposed kernels.
 """
 from __future__ import annotations
 
@@ -21,22 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from omni.compress import quant as quant_lib
 from omni.models.attention import attention, cached_attention, resolve
-
-Dtype = jnp.dtype
-
-
-def _init(std: float, axes: tuple):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
-
-
-def _zeros(axes: tuple):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-def _ones(axes: tuple):
-    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+from omni.models.linear import Dense, Embed, init_normal, init_ones, init_zeros, kernel_param, matmul
 
 
 def _constrain(x: jax.Array, axes: tuple) -> jax.Array:
@@ -62,8 +48,8 @@ class KVCache(flax.struct.PyTreeNode):
 
 
 def layer_norm(m: ml_collections.ConfigDict, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-5, dtype=m.dtype, param_dtype=m.param_dtype, scale_init=_ones(("embed",)),
-                        bias_init=_zeros(("embed",)), name=name)
+    return nn.LayerNorm(epsilon=1e-5, dtype=m.dtype, param_dtype=m.param_dtype, scale_init=init_ones(("embed",)),
+                        bias_init=init_zeros(("embed",)), name=name)
 
 
 class Attention(nn.Module):
@@ -75,18 +61,18 @@ class Attention(nn.Module):
         m = self.config
         head_dim = m.d_model // m.num_heads
         # Kernels keep a separate heads axis so the rules table can shard attention by heads.
-        t = m.get("transposed_kernels", False)  # generation's layout (see Dense)
-        w_qkv, s_qkv = _kernel(self, "qkv_kernel", 0.02, (("embed",), (m.d_model,)),
-                               ((None, "heads", "kv"), (3, m.num_heads, head_dim)))
-        b_qkv = self.param("qkv_bias", _zeros((None, "heads", "kv")), (3, m.num_heads, head_dim), m.param_dtype)
-        w_out, s_out = _kernel(self, "out_kernel", _residual_std(m), (("heads", "kv"), (m.num_heads, head_dim)),
-                               (("embed",), (m.d_model,)))
-        b_out = self.param("out_bias", _zeros(("embed",)), (m.d_model,), m.param_dtype)
+        t = m.get("transposed_kernels", False)  # decoding's layout (omni/models/linear.py)
+        w_qkv, s_qkv = kernel_param(self, "qkv_kernel", 0.02, (("embed",), (m.d_model,)),
+                                    ((None, "heads", "kv"), (3, m.num_heads, head_dim)))
+        b_qkv = self.param("qkv_bias", init_zeros((None, "heads", "kv")), (3, m.num_heads, head_dim), m.param_dtype)
+        w_out, s_out = kernel_param(self, "out_kernel", _residual_std(m),
+                                    (("heads", "kv"), (m.num_heads, head_dim)), (("embed",), (m.d_model,)))
+        b_out = self.param("out_bias", init_zeros(("embed",)), (m.d_model,), m.param_dtype)
         batch, length, _ = x.shape
         self.sow("intermediates", "qkv_in", x)  # SparseGPT's calibration reads each product's inputs (no-op else)
         # Plain 2-D products of flattened kernels: the fastest lowering on CPU, identical math everywhere.
         w_qkv = w_qkv.reshape(-1, m.d_model) if t else w_qkv.reshape(m.d_model, -1)
-        qkv = _matmul(m, x, w_qkv, s_qkv).reshape(batch, length, 3, m.num_heads, head_dim)
+        qkv = matmul(m, x, w_qkv, s_qkv).reshape(batch, length, 3, m.num_heads, head_dim)
         qkv = qkv + b_qkv.astype(m.dtype)
         q, k, v = (_constrain(qkv[:, :, i], ("batch", "length", "heads", "kv")) for i in range(3))
         if kv is None:
@@ -98,7 +84,7 @@ class Attention(nn.Module):
             y, kv = _cached_attention(m, q, k, v, kv, slot_info, sparse, segment_ids)
         y = _constrain(y, ("batch", "length", "heads", "kv")).reshape(batch, length, m.d_model)
         self.sow("intermediates", "out_in", y)
-        y = _matmul(m, y, w_out.reshape(m.d_model, m.d_model), s_out)
+        y = matmul(m, y, w_out.reshape(m.d_model, m.d_model), s_out)
         y = y + b_out.astype(m.dtype)
         return y if kv is None else (y, kv)
 
@@ -134,96 +120,6 @@ class MLP(nn.Module):
         h = _constrain(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
         self.sow("intermediates", "proj_in", h)
         return Dense(m, m.d_model, ("mlp", "embed"), _residual_std(m), name="proj")(h)
-
-
-class Dense(nn.Module):
-    """A linear layer: kernel [in, out] and bias, as nn.Dense stores them (same names, same initial values).
-    Under model.transposed_kernels (generation's layout, set by omni.generate.Generator on a transposed copy of
-    the weights) the kernel is stored [out, in]: decoding multiplies a few rows by every kernel, and XLA:CPU runs
-    those products as (W^T x^T)^T about 30% faster when W^T is laid out in memory (measured: +29% decode
-    tokens/s at batch 8); transposing inside the decode loop would copy each token."""
-    config: ml_collections.ConfigDict
-    features: int
-    axes: tuple  # logical axes of the [in, out] kernel
-    std: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        m = self.config
-        w, scale = _kernel(self, "kernel", self.std, ((self.axes[0],), (x.shape[-1],)),
-                           ((self.axes[1],), (self.features,)))
-        b = self.param("bias", _zeros((self.axes[1],)), (self.features,), m.param_dtype)
-        return _matmul(m, x, w, scale) + b.astype(m.dtype)
-
-
-def _kernel(module: nn.Module, name: str, std: float, inputs: tuple, outputs: tuple):
-    """A linear kernel's parameter(s): (float kernel, None), or under model.quant (int8 values, float32 scales
-    per output channel). `inputs` and `outputs` are (logical axes, shape) pairs; the kernel is inputs + outputs,
-    or outputs + inputs under model.transposed_kernels."""
-    m = module.config
-    first, second = (outputs, inputs) if m.get("transposed_kernels", False) else (inputs, outputs)
-    axes, shape = first[0] + second[0], first[1] + second[1]
-    if m.get("quant", "none") == "none":
-        return module.param(name, _init(std, axes), shape, m.param_dtype), None
-    # Quantized weights come from omni.compress.quant.quantize_model; initialising them has no use beyond shapes.
-    values = module.param(name, _zeros(axes), shape, jnp.int8)
-    return values, module.param(quant_lib.scale_name(name), _ones(outputs[0]), outputs[1], jnp.float32)
-
-
-def _matmul(m: ml_collections.ConfigDict, x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    """x @ w for w [in, out], or for w stored transposed [out, in] (model.transposed_kernels); an int8 w (model.quant)
-    is converted inside the product and its output channels multiplied by `scale` after it, or, under 'w8a8',
-    multiplied by x quantised per token in int8 x int8 -> int32."""
-    transposed = m.get("transposed_kernels", False)
-    if m.get("quant", "none") == "w8a8":
-        return quant_lib.w8a8_matmul(x, w, scale, transposed).astype(m.dtype)
-    if not transposed:
-        y = x @ w.astype(m.dtype)
-    elif (rows := math.prod(x.shape[:-1])) <= DECODE_ROWS:
-        y = _few_rows_matmul(x.reshape(rows, -1), w).reshape(x.shape[:-1] + (w.shape[0],))
-    else:
-        y = x @ w.astype(m.dtype).T
-    return y if scale is None else y * scale.reshape(-1).astype(m.dtype)
-
-
-def _few_rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [rows, in] times w stored [out, in], for the few rows of a decoding step: (w x^T)^T, which contracts w's
-    rows in place. On CPU, 2-64 rows go faster as one fused multiply-and-sum that streams w once than as a GEMM,
-    whose kernels pack w for so few rows (measured through the 55 MB of the generation benchmark's weights:
-    7.3 vs 10.7 ms at 8 rows, 11.7 vs 13.9 at 32, even at 64); one row of float weights stays a matrix-vector
-    product. An int8 w is converted inside the fused loop, streaming a quarter of the bytes."""
-    if jax.default_backend() == "cpu":
-        if 1 < x.shape[0]:
-            return (w[None].astype(x.dtype) * x[:, None, :]).sum(-1, dtype=jnp.float32).astype(x.dtype)
-        if w.dtype == jnp.int8:
-            return (w.astype(x.dtype) * x).sum(-1, dtype=jnp.float32).astype(x.dtype)[None]
-    return (w.astype(x.dtype) @ x.T).T
-
-
-class Embed(nn.Module):
-    """The token embedding [vocab, embed], also the output layer (tied, as in GPT-1/2/3). Under model.quant its
-    rows are int8 with one scale each: a row's scale serves both the lookup and that token's logit."""
-    config: ml_collections.ConfigDict
-
-    def setup(self):
-        m = self.config
-        shape, axes = (m.vocab_size, m.d_model), ("vocab", "embed")
-        self.scale = None
-        if m.get("quant", "none") == "none":
-            self.embedding = self.param("embedding", _init(0.02, axes), shape, m.param_dtype)
-        else:
-            self.embedding = self.param("embedding", _zeros(axes), shape, jnp.int8)
-            self.scale = self.param("scale", _ones(axes[:1]), shape[:1], jnp.float32)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)
-        return x if self.scale is None else x * jnp.take(self.scale, tokens)[..., None].astype(x.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Logits x @ embedding^T."""
-        if self.scale is None:
-            return unembed(x, self.embedding.astype(self.config.dtype))
-        return _logits(x, self.embedding) * self.scale.astype(x.dtype)
 
 
 def _residual_std(m: ml_collections.ConfigDict) -> float:
@@ -292,7 +188,7 @@ class GPT(nn.Module):
                  positions: jax.Array | None = None, cache: KVCache | None = None):
         m = self.config
         wte = Embed(m, name="wte")
-        wpe = self.param("wpe", _init(0.01 if m.variant != "gpt1" else 0.02, (None, "embed")),
+        wpe = self.param("wpe", init_normal(0.01 if m.variant != "gpt1" else 0.02, (None, "embed")),
                          (m.max_len, m.d_model), m.param_dtype)
         tokens = _constrain(tokens, ("batch", "length"))
         slot_info = None
@@ -311,8 +207,9 @@ class GPT(nn.Module):
         if m.variant != "gpt1":
             x = layer_norm(m, "ln_f")(x)
         if m.get("head", "lm") == "scalar":  # reward model / value function: one number per position
-            score = nn.Dense(1, dtype=m.dtype, param_dtype=m.param_dtype, kernel_init=_init(0.02, ("embed", None)),
-                             bias_init=_zeros((None,)), name="score_head")(x)
+            score = nn.Dense(1, dtype=m.dtype, param_dtype=m.param_dtype,
+                             kernel_init=init_normal(0.02, ("embed", None)), bias_init=init_zeros((None,)),
+                             name="score_head")(x)
             return _constrain(score[..., 0].astype(jnp.float32), ("batch", "length"))
         logits = wte.attend(x).astype(jnp.float32)  # tied input/output embeddings
         logits = _constrain(logits, ("batch", "length", "vocab"))
@@ -342,41 +239,6 @@ class GPT(nn.Module):
                                                                      slot_info)
             new_kv.append(layer_kv)
         return x, None if kv is None else tuple(zip(*new_kv))
-
-
-# Below this many tokens per call (generation), XLA:CPU would copy the transposed [vocab, d_model] embedding on
-# every call for `x @ embedding.T`, which costs more than the product itself.
-DECODE_ROWS = 64
-
-
-@jax.custom_vjp
-def unembed(x: jax.Array, embedding: jax.Array) -> jax.Array:
-    """x @ embedding^T, with a hand-written backward pass. Autodiff's embedding gradient contracts the
-    [tokens, vocab] logit gradient over its leading axis, which XLA:CPU does by first transposing that whole
-    array; contracting a (small) transposed x against it instead is a plain matmul (+5-10% step speed)."""
-    return _logits(x, embedding)
-
-
-def _logits(x, embedding):
-    rows = math.prod(x.shape[:-1])
-    if rows <= DECODE_ROWS:  # decoding: contract the embedding's rows in place
-        return _few_rows_matmul(x.reshape(rows, -1), embedding).reshape(x.shape[:-1] + (-1,))
-    return x @ embedding.astype(x.dtype).T
-
-
-def _unembed_fwd(x, embedding):
-    return _logits(x, embedding), (x, embedding)
-
-
-def _unembed_bwd(residuals, d_logits):
-    x, embedding = residuals
-    x_t = x.reshape(-1, x.shape[-1]).T
-    # The barrier stops XLA from folding the transpose back into the dot (which restores the slow form).
-    d_embedding = jax.lax.optimization_barrier(x_t) @ d_logits.reshape(-1, d_logits.shape[-1])
-    return d_logits @ embedding, d_embedding.T
-
-
-unembed.defvjp(_unembed_fwd, _unembed_bwd)
 
 
 def count_params(params) -> int:

@@ -3,7 +3,7 @@ pruning (unstructured, N:M, whole heads or MLP channels), SparseGPT (unstructure
 of the model's own training data, or INT8 weights (int8: weight-only; w8a8: activations too), which the model
 then computes with (config.model.quant). A pruned workdir is also a float model that any stage can start from;
 an INT8 one is for inference. Not a training stage: it writes one checkpoint (step 0) and a summary
-with the model's held-out quality before and after (omni/stages/evaluate.py), its size in memory and on disk,
+with the model's held-out quality before and after (omni/stages/heldout.py), its size in memory and on disk,
 and the seconds it took.
 
     python -m omni.main --config=configs/compress.py --config.init_from=runs/tiny --config.method=sparsegpt
@@ -17,13 +17,12 @@ import jax
 import ml_collections
 import numpy as np
 
-import omni
 from omni.compress import prune, quant, sparsegpt
 from omni.config import ConfigError
-from omni.data import feedback, finetune, pipelines
+from omni.data import finetune, pipelines
 from omni.models import count_params
-from omni.stages.evaluate import evaluate, instruction_tuned
-from omni.train import checkpoint, metrics
+from omni.stages.heldout import instruction_tuned, model_quality
+from omni.workdir import CHECKPOINTS, Workdir, starting_point
 
 QUANTIZE = ("int8", "w8a8")  # methods that write INT8 weights (config.model.quant)
 METHODS = ("magnitude", "sparsegpt", "heads", "mlp_channels") + QUANTIZE
@@ -42,10 +41,9 @@ def _n_m(text: str) -> tuple[int, int] | None:
     return n, m
 
 
-def _check(config: ml_collections.ConfigDict, workdir: str) -> tuple[int, int] | None:
+def check(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """The method and its keys; returns compress.n_m parsed."""
     c = config.compress
-    if not config.init_from:
-        raise ConfigError("config.init_from is empty: give the workdir of the model to compress")
     if config.method not in METHODS:
         raise ConfigError(f"config.method={config.method!r}: expected one of {METHODS}")
     if not 0.0 <= c.sparsity < 1.0:
@@ -54,8 +52,6 @@ def _check(config: ml_collections.ConfigDict, workdir: str) -> tuple[int, int] |
         raise ConfigError(f"config.compress.scope={c.scope!r}: expected 'layer' or 'global'")
     if not isinstance(c.calibration_rows, int) or c.calibration_rows < 1:
         raise ConfigError(f"config.compress.calibration_rows={c.calibration_rows!r}: must be a positive int")
-    if checkpoint.latest_step(workdir) is not None:
-        raise ConfigError(f"{workdir} already holds a checkpoint: compress into a new --workdir")
     return _n_m(c.n_m)
 
 
@@ -63,7 +59,7 @@ def calibration_rows(config: ml_collections.ConfigDict, tokenizer, rows: int) ->
     """The first `rows` token rows of the model's own training data: its packed pretraining stream (the paper:
     128 segments of C4) or, for an instruction-tuned model, its packed training demonstrations."""
     if instruction_tuned(config):
-        train = feedback.demonstrations(finetune.suite_data(config.data, "sft"), "train")
+        train = finetune.demonstrations(config.data, "train")
         demos = [train[i] for i in range(len(train))]  # packed in order: the first rows are the first demos
         return finetune.pack_demonstrations(tokenizer, demos, config.train.seq_len)["inputs"][:rows]
     stream = pipelines.train_iterator(config, tokenizer)
@@ -88,8 +84,11 @@ def compress(source: ml_collections.ConfigDict, params, tokenizer, method: str, 
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    n_m = _check(config, workdir)
-    source, params, tokenizer = omni.load(config.init_from)
+    source_dir = starting_point(config, "give the workdir of the model to compress")
+    n_m = check(config)
+    if Workdir(workdir).latest_step() is not None:
+        raise ConfigError(f"{workdir} already holds a checkpoint: compress into a new --workdir")
+    source, params, tokenizer = source_dir.load()
     if source.model.get("head", "lm") != "lm":
         raise ConfigError(f"config.init_from={config.init_from} holds a scalar-head model; compress a language model")
     if source.model.quant != "none":
@@ -104,16 +103,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out.method, out.compress = config.method, config.compress
     if config.method in QUANTIZE:
         out.model.quant = config.method
-    checkpoint.write_model(workdir, out, compressed, tokenizer.model_path)
+    Workdir(workdir).write_model(out, compressed, tokenizer.model_path)
     summary = {"method": config.method, "n_m": config.compress.n_m, "seconds": seconds,
                "sparsity": prune.sparsity(compressed), "params": count_params(params),
                "before_weights_mb": _megabytes(params), "weights_mb": _megabytes(compressed),
                "disk_mb": _params_on_disk(workdir)}
-    summary.update({f"before_{k}": v for k, v in evaluate(source, params, tokenizer).items()})
-    summary.update({f"eval_{k}": v for k, v in evaluate(out, compressed, tokenizer).items()})
+    summary.update({f"before_{k}": v for k, v in model_quality(source, params, tokenizer).items()})
+    summary.update({f"eval_{k}": v for k, v in model_quality(out, compressed, tokenizer).items()})
     if report:
         summary["damp_raised"] = [r for r in report if r["damp"] != config.compress.damp]
-    metrics.write_json(os.path.join(workdir, "summary.json"), summary)
+    Workdir(workdir).write_summary(summary)
     print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                     if k != "damp_raised"), f"; workdir {workdir}", flush=True)
     return summary
@@ -125,5 +124,5 @@ def _megabytes(params) -> float:
 
 def _params_on_disk(workdir: str) -> float:
     """Megabytes of the params as Orbax stored them (compressed; tokenizer and config apart)."""
-    path = os.path.join(workdir, "checkpoints", "0", "params")
+    path = os.path.join(Workdir(workdir).file(CHECKPOINTS), "0", "params")
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 1e6

@@ -8,12 +8,27 @@ offline suite's) scores them:
   the k (Chen et al. 2021's estimators with n = k). RL raises pass@1 toward what the policy already samples
   at pass@k (Yue et al. 2025), so the pair says how much room a policy leaves;
 - `by_task`: the same per task of the suite.
+
+And of any language model: `model_quality` (held-out perplexity on its own data, and for an instruction-tuned one
+the greedy answers' exact match and labeler score), what the SFT stage's evaluations, the eval stage and the
+compress stage's before/after report.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import jax
+import ml_collections
 import numpy as np
+
+from omni import parallel
+from omni.data import finetune, pipelines
+from omni.data.instructions import labeler_score
+from omni.data.template import encode_dialogue
+from omni.generate import Generator, Sampling, stop_sequences, trim_at_stop
+from omni.losses import lm_loss
+from omni.models import GPT
+from omni.train import trainer
 
 
 def scores(prompts: Sequence[str], greedy: Sequence[str], sampled: Sequence[Sequence[str]],
@@ -55,3 +70,63 @@ def agreement(sample_scores: np.ndarray, rewards: np.ndarray) -> float:
     predicted = rewards[:, :, None] - rewards[:, None, :]
     pairs = true > 0
     return float((predicted[pairs] > 0).mean()) if pairs.any() else float("nan")
+
+
+STOP = ("\nUser:",)
+
+
+def answer_greedily(generator: Generator, tokenizer, dialogues: list[list[tuple[str, str]]], max_new: int
+                    ) -> list[str]:
+    """The model's greedy reply to the last user message of each dialogue (earlier turns as context)."""
+    prompts = [encode_dialogue(tokenizer, turns[:-1], turns[-1][0])[0] for turns in dialogues]
+    out = generator.generate(prompts, max_new, Sampling(temperature=0.0),
+                             stop=stop_sequences(tokenizer, STOP))
+    return [trim_at_stop(tokenizer.decode([t for t in out.row(i) if t != tokenizer.eos_id]), STOP).strip()
+            for i in range(len(prompts))]
+
+
+def sample_metrics(config: ml_collections.ConfigDict, tokenizer, dialogues: list[list[tuple[str, str]]], mesh):
+    """eval_extra for the trainer: greedy answers to held-out prompts, scored."""
+    suite = config.data.name == "instructions"
+    generator = None
+
+    def metrics(params, evals: dict) -> dict:
+        nonlocal generator
+        if generator is None:
+            generator = Generator(config.model, params, mesh, pad_id=tokenizer.pad_id)
+        else:
+            generator.set_params(params)
+        answers = answer_greedily(generator, tokenizer, dialogues, config.sft.eval_max_new_tokens)
+        if not suite:
+            return {"exact_match": float(np.mean([a == turns[-1][1].strip() for a, turns in zip(answers, dialogues)]))}
+        # The labeler's full marks: the reference, or any right answer of a task that has several.
+        scores = np.array([labeler_score(turns[-1][0], a) for a, turns in zip(answers, dialogues)])
+        return {"exact_match": float((scores == 1.0).mean()), "labeler_score": float(scores.mean())}
+
+    return metrics
+
+
+def instruction_tuned(config: ml_collections.ConfigDict) -> bool:
+    return config.data.name in ("instructions", "jsonl")  # the fine-tuning stages' data
+
+
+def model_quality(config: ml_collections.ConfigDict, params, tokenizer) -> dict[str, float]:
+    """perplexity, loss, accuracy and (instruction-tuned) exact_match, labeler_score of the model that `config`
+    (a workdir's resolved config) describes, with `params` on the default device."""
+    one = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1, dcn_data=1, dcn_fsdp=1))
+    mesh = parallel.make_mesh(one, jax.devices()[:1])
+    extra = None
+    if instruction_tuned(config):
+        held_out = finetune.demonstrations(config.data, "validation")
+        held_out = [held_out[i] for i in range(len(held_out))]
+        packed = finetune.pack_demonstrations(tokenizer, held_out, config.train.seq_len)
+        batches = finetune.fixed_batches(packed, config.train.batch_size, config.train.eval_batches,
+                                         list(range(config.train.batch_size)))
+        extra = sample_metrics(config, tokenizer, held_out[:config.sft.eval_prompts], mesh)
+    else:
+        batches = pipelines.eval_batches(config, tokenizer)
+    eval_fn = jax.jit(lambda p, batch: lm_loss(GPT(config.model))(p, batch, None)[1])
+    out = trainer.evaluate(eval_fn, params, batches, mesh)
+    if extra is not None:
+        out.update(extra(params, out))
+    return {k.removeprefix("eval_"): v for k, v in out.items()}

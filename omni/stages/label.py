@@ -23,8 +23,8 @@ import numpy as np
 from omni.config import ConfigError
 from omni.data import finetune, instructions
 from omni.data.template import prompt_ids
-from omni.generate import Sampling, from_workdir
-from omni.train import metrics
+from omni.generate import Sampling
+from omni.workdir import SAMPLES, Workdir, starting_point, write_atomic
 
 
 def _ranked(generator, tokenizer, config: ml_collections.ConfigDict, prompts: list[str], seed: int
@@ -50,18 +50,8 @@ def _ranked(generator, tokenizer, config: ml_collections.ConfigDict, prompts: li
     return records, scores
 
 
-def _write(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(tmp, path)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def check(config: ml_collections.ConfigDict) -> None:
     s = config.label
-    if not config.init_from:
-        raise ConfigError("config.init_from is empty: give the workdir of the policy to sample "
-                          "(e.g. --config.init_from=runs/sft_tiny)")
     if config.data.name != "instructions":
         raise ConfigError(f"config.data.name={config.data.name!r}: ranking samples needs the offline suite's "
                           "labeler ('instructions'); rank your own model's samples with your labelers instead")
@@ -70,20 +60,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ConfigError(f"config.label.{key}={s[key]!r}: must be an int >= {2 if key == 'responses' else 1}")
     if s.temperature <= 0:
         raise ConfigError(f"config.label.temperature={s.temperature!r}: must be > 0 (the samples must differ)")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Samples, ranks and writes <workdir>/train and <workdir>/eval; returns the summary."""
+    s = config.label
+    source = starting_point(config, "give the workdir of the policy to sample (e.g. --config.init_from=runs/sft_tiny)")
+    check(config)
     start = time.time()
-    _, generator, tokenizer = from_workdir(config.init_from)
+    _, generator, tokenizer = source.generator()
     summary = {"init_from": config.init_from}
     for split, name, count in (("train", "train", s.prompts), ("validation", "eval", s.eval_prompts)):
         prompts = finetune.prompts(config.data, split)[:count]
         records, scores = _ranked(generator, tokenizer, config, prompts, config.train.seed + (split == "validation"))
-        directory = os.path.join(workdir, name)
+        directory = Workdir(workdir).file(name)
         os.makedirs(directory, exist_ok=True)
-        _write(os.path.join(directory, "samples.jsonl"), records)
+        write_atomic(os.path.join(directory, SAMPLES),
+                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
         if s.include_suite:
             suite = finetune.suite_data(config.data, "prefs")
             shutil.copyfile(suite.path if name == "train" else suite.eval_path, os.path.join(directory, "suite.jsonl"))
         summary.update({f"{name}_ranked_prompts": len(records), f"{name}_sample_labeler_score": float(np.mean(scores))})
     summary["wall_s"] = time.time() - start
-    metrics.write_json(os.path.join(workdir, "summary.json"), summary)
+    Workdir(workdir).write_summary(summary)
     print(json.dumps(summary), flush=True)
     return summary

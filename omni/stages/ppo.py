@@ -4,8 +4,10 @@ per-token KL penalty keeps it near the SFT model.
 Four models: the policy (init_from, trained), its value function (a scalar head, started from the reward model
 as InstructGPT did, trained), the reference policy (the SFT model, frozen) and the reward model (frozen). The two
 trained ones live in one parameter tree {'policy', 'value'} (`ActorCritic`) that the trainer optimises as any
-other stage's. Each iteration (omni/stages/rollout.py) samples ppo.rollout_batch responses from the policy at
-ppo.temperature, scores them, and serves them as ppo.epochs passes of minibatches of train.batch_size episodes.
+other stage's (`ActorCritic`, omni/models/actor_critic.py). Each iteration (omni/stages/rollout.py, which also
+defines this batch layout)
+samples ppo.rollout_batch responses from the policy at ppo.temperature, scores them, and serves them as
+ppo.epochs passes of minibatches of train.batch_size episodes.
 
 Batch (per episode, [episodes, length], aligned with next-token targets): inputs, targets int32; mask float32,
 1 where the target is a response token (an action); old_logprobs, old_values, advantages, returns float32 from
@@ -17,95 +19,61 @@ over the minibatch's action tokens.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from omni import data, parallel
-from omni.config import ARCHITECTURE, ConfigError
+from omni.config import ARCHITECTURE, ConfigError, require
 from omni.data import DataError, finetune
+from omni.data.instructions import labeler_score, parse_prompt
 from omni.data.template import prompt_ids
 from omni.generate import Generator
+from omni.losses import entropy, lm_loss, token_logprobs, token_nll
+from omni.losses import gae  # noqa: F401 (other tools import PPO's advantage estimator from here)
 from omni.models import GPT, flops_per_token
-from omni.stages.pretrain import lm_loss, stage_tokenizer, token_nll
-from omni.train import checkpoint
+from omni.models.actor_critic import ActorCritic, value_config
+from omni.stages.rollout import HeldOut, Rollouts, batch_shapes
 from omni.train.trainer import Task, evaluate
+from omni.workdir import Workdir, starting_point
 
 
-def value_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The policy's architecture with a scalar head: the value function's and the reward model's."""
-    config = ml_collections.ConfigDict(model_config.to_dict())
-    config.head = "scalar"
-    return config
+def check(c: ml_collections.ConfigDict) -> None:
+    """PPO's own keys, before anything is built; derives train.steps from the iterations."""
+    p, t = c.ppo, c.train
+    require(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,
+             "must be a positive int")
+    for key in ("iterations", "rollout_batch", "samples_per_prompt", "epochs", "max_new_tokens", "eval_prompts",
+                "eval_samples", "sample_every", "ptx_batch"):
+        require(isinstance(p[key], int) and p[key] > 0, f"ppo.{key}", p[key], "must be a positive int")
+    require(p.ptx_eval_batches >= 0, "ppo.ptx_eval_batches", p.ptx_eval_batches, "must be >= 0")
+    require(p.max_new_tokens < t.seq_len, "ppo.max_new_tokens", p.max_new_tokens,
+             f"leaves no room for a prompt in train.seq_len={t.seq_len}")
+    require(p.rollout_batch % t.batch_size == 0, "ppo.rollout_batch", p.rollout_batch,
+             f"not divisible by train.batch_size={t.batch_size} (the minibatch, in episodes)")
+    require(p.rollout_batch % p.samples_per_prompt == 0, "ppo.rollout_batch", p.rollout_batch,
+             f"not divisible by ppo.samples_per_prompt={p.samples_per_prompt} (whole groups per batch)")
+    require(p.value_head in ("zero", "reward"), "ppo.value_head", p.value_head, "expected 'zero' or 'reward'")
+    require(p.temperature > 0, "ppo.temperature", p.temperature, "must be > 0 (rollouts sample)")
+    require(0 < p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma/lam", (p.gamma, p.lam), "need 0 < gamma <= 1, 0 <= lam <= 1")
+    for key in ("kl_coef", "target_kl", "clip", "value_clip", "value_coef", "entropy_coef", "reward_clip",
+                "missing_eos_penalty", "ptx_coef"):
+        require(p[key] >= 0, f"ppo.{key}", p[key], "must be >= 0")
+    require(p.kl_horizon > 0, "ppo.kl_horizon", p.kl_horizon, "must be positive")
+    require(not p.gold_reward or c.data.name == "instructions", "ppo.gold_reward", p.gold_reward,
+             "needs the instruction suite's labeler (data.name='instructions')")
+    require(c.model.dropout == 0.0, "model.dropout", c.model.dropout,
+             "PPO runs every model without dropout (its log-probabilities must match the rollout's)")
+    t.steps = p.iterations * p.epochs * (p.rollout_batch // t.batch_size)
+    require(c.model.head == "lm", "model.head", c.model.head, "the PPO policy needs 'lm'")
+    require(c.mesh.sequence == 1, "mesh.sequence", c.mesh.sequence, "PPO does not split length")
 
 
-class ActorCritic(nn.Module):
-    """The trained pair: params {'policy': GPT with the LM head, 'value': GPT with a scalar head}."""
-    config: ml_collections.ConfigDict  # the policy's model config
-
-    def setup(self):
-        self.policy = GPT(self.config)
-        self.value = GPT(value_config(self.config))
-
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(logits [batch, length, vocab], values [batch, length]); no dropout (PPO runs without it)."""
-        return self.policy(tokens), self.value(tokens)
-
-    def logits(self, tokens: jax.Array) -> jax.Array:
-        return self.policy(tokens)
-
-
-def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float
-        ) -> tuple[jax.Array, jax.Array]:
-    """Generalised advantage estimation over per-token [batch, length] arrays, mask 1 on response tokens:
-    delta_t = r_t + gamma V_{t+1} - V_t and A_t = delta_t + gamma lam A_{t+1}, where position t + 1 counts only
-    if it is a response token: no bootstrap past the last one. Returns (advantages, returns = A + V), 0 off mask."""
-    mask = mask.astype(jnp.float32)
-    next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1) * next_mask
-    deltas = rewards + gamma * next_values - values
-
-    def back(carry, xs):
-        delta, following = xs
-        advantage = delta + gamma * lam * following * carry
-        return advantage, advantage
-
-    _, advantages = jax.lax.scan(back, jnp.zeros(rewards.shape[0], jnp.float32), (deltas.T, next_mask.T),
-                                 reverse=True)
-    advantages = advantages.T * mask
-    return advantages, (advantages + values) * mask
-
-
-def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax.Array:
-    """x scaled to unit variance over the masked entries; centred too with shift_mean (advantages are, rewards
-    keep their mean: a shifted reward would change what ending a response early is worth)."""
-    count = jnp.maximum(mask.sum(), 1.0)
-    mean = (x * mask).sum() / count
-    var = (((x - mean) * mask) ** 2).sum() / count
-    out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
-
-
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(target) per position."""
-    return -token_nll(logits, targets)
-
-
-def entropy(logits: jax.Array) -> jax.Array:
-    """Entropy of the distribution at each position."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -(jnp.exp(logp) * logp).sum(-1)
-
-
-def update_kl_coef(kl_coef: float, kl: float, episodes: int, target: float, horizon: float) -> float:
-    """The adaptive KL controller of Ziegler et al. (2019): beta grows when the measured KL is above target and
-    shrinks below it, by at most 20% of the error per `horizon` episodes."""
-    error = float(np.clip(kl / target - 1.0, -0.2, 0.2))
-    return kl_coef * (1.0 + error * episodes / horizon)
+def models(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """What PPO trains and its checkpoints hold: the policy (the model it is for) and its value function."""
+    return {"policy": config.model, "value": value_config(config.model)}
 
 
 def ppo_loss(model: ActorCritic, p: ml_collections.ConfigDict):
@@ -142,19 +110,6 @@ def ppo_loss(model: ActorCritic, p: ml_collections.ConfigDict):
     return loss_fn
 
 
-# One episode's rows in a minibatch (this module's docstring); PPO-ptx adds PTX_KEYS.
-BATCH_KEYS = ("inputs", "targets", "mask", "old_logprobs", "old_values", "advantages", "returns")
-PTX_KEYS = ("ptx_inputs", "ptx_targets", "ptx_weights")
-
-
-def batch_shapes(config: ml_collections.ConfigDict, episodes: int, ptx_rows: int) -> dict[str, tuple]:
-    """Shapes and dtypes of a minibatch of `episodes` (plus `ptx_rows` pretraining rows with ppo.ptx_coef)."""
-    length = config.train.seq_len
-    keys = BATCH_KEYS + (PTX_KEYS if config.ppo.ptx_coef > 0 else ())
-    return {k: ((ptx_rows if k.startswith("ptx_") else episodes, length),
-                np.int32 if k in ("inputs", "targets", "ptx_inputs", "ptx_targets") else np.float32) for k in keys}
-
-
 def step(config: ml_collections.ConfigDict):
     """(model, loss_fn, global batch shapes) of the policy+value update from the config alone: what
     omni/aot.py compiles."""
@@ -165,7 +120,7 @@ def step(config: ml_collections.ConfigDict):
 def _frozen_params(config: ml_collections.ConfigDict, workdir: str, head: str, key: str, mesh) -> Any:
     """The params of the model in `workdir` (config key `key`), checked against the policy's architecture
     and `head`, placed as the trainer places the policy's (or value's)."""
-    source, _, _ = checkpoint.read_meta(workdir)
+    source, _, _ = Workdir(workdir).meta()
     if source.model.get("head", "lm") != head:
         raise ConfigError(f"config.{key}={workdir} holds a model with model.head={source.model.get('head', 'lm')!r}; "
                           f"PPO needs {head!r} there")
@@ -174,27 +129,42 @@ def _frozen_params(config: ml_collections.ConfigDict, workdir: str, head: str, k
         raise ConfigError(f"config.{key}={workdir} holds a model with {', '.join(f'{k}={source.model.get(k)!r}' for k in wrong)}"
                           f" but the policy (config.init_from={config.init_from}) has "
                           f"{', '.join(f'{k}={config.model.get(k)!r}' for k in wrong)}")
-    _, params, _, _ = checkpoint.model_params(workdir, lambda boxed: parallel.logical_shardings(boxed, mesh))
+    _, params, _, _ = Workdir(workdir).model_params(lambda boxed: parallel.logical_shardings(boxed, mesh))
     return params
 
 
-def _pretraining(config: ml_collections.ConfigDict, tokenizer, mesh):
-    """PPO-ptx's pretraining rows (iterator, this process's rows) and policy params -> held-out pretraining
-    perplexity (None without ppo.ptx_eval_batches)."""
+def _pretraining(config: ml_collections.ConfigDict, tokenizer, mesh) -> tuple:
+    """PPO-ptx's pretraining rows and pretraining perplexity (below): config with ppo.ptx_data in place of the
+    prompts."""
     p = config.ppo
     c = ml_collections.ConfigDict(config.to_dict())
     c.data.update(name=p.ptx_data, path=p.ptx_path)
     c.train.update(batch_size=p.ptx_batch, eval_batches=max(p.ptx_eval_batches, 1))
-    ptx = None
-    if p.ptx_coef > 0:
-        rows = parallel.process_rows(mesh, p.ptx_batch)
-        ptx = (data.train_iterator(c, tokenizer, rows), rows)
-    lm_eval = None
-    if p.ptx_eval_batches > 0:
-        batches = data.eval_batches(c, tokenizer, parallel.process_rows(mesh, p.ptx_batch))
-        eval_fn = jax.jit(lambda params, batch: lm_loss(GPT(config.model))(params, batch, None)[1])
-        lm_eval = lambda params: evaluate(eval_fn, params, batches, mesh)["eval_perplexity"]  # noqa: E731
-    return ptx, lm_eval
+    return _pretraining_rows(c, tokenizer, mesh), _pretraining_perplexity(c, tokenizer, mesh)
+
+
+def _pretraining_rows(ptx_config: ml_collections.ConfigDict, tokenizer, mesh) -> tuple | None:
+    """(iterator, this process's rows) of the pretraining rows each update adds; None without ppo.ptx_coef."""
+    p = ptx_config.ppo
+    if p.ptx_coef <= 0:
+        return None
+    rows = parallel.process_rows(mesh, p.ptx_batch)
+    return data.train_iterator(ptx_config, tokenizer, rows), rows
+
+
+def _pretraining_perplexity(ptx_config: ml_collections.ConfigDict, tokenizer, mesh) -> Callable | None:
+    """policy params -> held-out pretraining perplexity, by the trainer's evaluation loop; None without
+    ppo.ptx_eval_batches."""
+    p = ptx_config.ppo
+    if p.ptx_eval_batches <= 0:
+        return None
+    batches = data.eval_batches(ptx_config, tokenizer, parallel.process_rows(mesh, p.ptx_batch))
+    eval_fn = jax.jit(lambda params, batch: lm_loss(GPT(ptx_config.model))(params, batch, None)[1])
+
+    def perplexity(policy_params) -> float:
+        return evaluate(eval_fn, policy_params, batches, mesh)["eval_perplexity"]
+
+    return perplexity
 
 
 def _prompts(config: ml_collections.ConfigDict, tokenizer, split: str) -> list[str]:
@@ -211,54 +181,59 @@ def _prompts(config: ml_collections.ConfigDict, tokenizer, split: str) -> list[s
     return kept
 
 
-def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
-    from omni.stages import rollout  # rollout builds on this module's functions
+def _labeler(config: ml_collections.ConfigDict) -> tuple[Callable | None, Callable | None]:
+    """(labeler(prompt, response) -> score, task_of(prompt) -> its task) on the offline instruction suite, where
+    the true score is known; (None, None) elsewhere."""
+    if config.data.name != "instructions":
+        return None, None
+    return labeler_score, lambda prompt: parse_prompt(prompt).task
 
+
+def _initial_params(config: ml_collections.ConfigDict, mesh) -> Callable:
+    """initial_params for the trainer: the policy from init_from (SFT, or an earlier round's PPO), the value
+    function from the reward model (its head at zero with ppo.value_head='zero'), placed as the trainer would."""
     p = config.ppo
-    if not config.init_from:
-        raise ConfigError("config.init_from is empty: PPO starts from an SFT workdir (e.g. runs/sft_tiny)")
-    if not p.reward_from:
-        raise ConfigError("config.ppo.reward_from is empty: PPO needs a reward model workdir (e.g. runs/rm_tiny)")
-    if config.model.head != "lm":
-        raise ConfigError(f"config.model.head={config.model.head!r}: the PPO policy needs 'lm'")
-    if config.mesh.sequence != 1:
-        raise ConfigError(f"config.mesh.sequence={config.mesh.sequence}: PPO does not split length")
-    tokenizer = stage_tokenizer(config, workdir)
-    mesh = parallel.make_mesh(config.mesh)
-    ref_params = _frozen_params(config, p.reference_from or config.init_from,
-                                "lm", "ppo.reference_from" if p.reference_from else "init_from", mesh)
-    rm_params = _frozen_params(config, p.reward_from, "scalar", "ppo.reward_from", mesh)
-    train_prompts, eval_prompts = (_prompts(config, tokenizer, s) for s in ("train", "validation"))
-    labeler = task_of = None
-    if config.data.name == "instructions":
-        from omni.data.instructions import labeler_score as labeler, parse_prompt
-        task_of = lambda prompt: parse_prompt(prompt).task  # noqa: E731
-    ptx, lm_eval = _pretraining(config, tokenizer, mesh)
-    generator = Generator(config.model, ref_params, mesh, pad_id=tokenizer.pad_id)
-    rows = parallel.process_rows(mesh, config.train.batch_size)
-    rollouts = rollout.Rollouts(config, tokenizer, train_prompts, generator, (ref_params, rm_params), rows, ptx,
-                                labeler)
-    print(f"PPO: {len(train_prompts):,} prompts, {p.rollout_batch} episodes x {p.epochs} epoch(s) per iteration "
-          f"in minibatches of {config.train.batch_size}: {config.train.steps} updates; "
-          f"{len(eval_prompts[:p.eval_prompts]):,} held-out prompts", flush=True)
 
     def initial_params(target, fresh):
         del target, fresh
-        place = lambda boxed: parallel.logical_shardings(boxed, mesh)  # noqa: E731 (as the trainer places them)
-        _, policy, _, step = checkpoint.model_params(config.init_from, place)  # SFT, or an earlier round's PPO
-        _, value, _, rm_step = checkpoint.model_params(p.reward_from, place)
+        place = lambda boxed: parallel.logical_shardings(boxed, mesh)  # noqa: E731
+        _, policy, _, step = Workdir(config.init_from).model_params(place)
+        _, value, _, rm_step = Workdir(p.reward_from).model_params(place)
         if p.value_head == "zero":
             value = {**value, "score_head": jax.tree.map(jnp.zeros_like, value["score_head"])}
         print(f"policy from {config.init_from} step {step}; value function from {p.reward_from} step {rm_step}"
               f" ({'head at zero' if p.value_head == 'zero' else 'its head too'})", flush=True)
         return {"policy": policy, "value": value}
 
+    return initial_params
+
+
+def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
+    p = config.ppo
+    starting_point(config, "PPO starts from an SFT workdir (e.g. runs/sft_tiny)")
+    if not p.reward_from:
+        raise ConfigError("config.ppo.reward_from is empty: PPO needs a reward model workdir (e.g. runs/rm_tiny)")
+    tokenizer = Workdir(workdir).stage_tokenizer(config)
+    mesh = parallel.make_mesh(config.mesh)
+    ref_params = _frozen_params(config, p.reference_from or config.init_from,
+                                "lm", "ppo.reference_from" if p.reference_from else "init_from", mesh)
+    rm_params = _frozen_params(config, p.reward_from, "scalar", "ppo.reward_from", mesh)
+    train_prompts, eval_prompts = (_prompts(config, tokenizer, s) for s in ("train", "validation"))
+    labeler, task_of = _labeler(config)
+    ptx, lm_eval = _pretraining(config, tokenizer, mesh)
+    generator = Generator(config.model, ref_params, mesh, pad_id=tokenizer.pad_id)
+    rows = parallel.process_rows(mesh, config.train.batch_size)
+    rollouts = Rollouts(config, tokenizer, train_prompts, generator, (ref_params, rm_params), rows, ptx, labeler)
+    print(f"PPO: {len(train_prompts):,} prompts, {p.rollout_batch} episodes x {p.epochs} epoch(s) per iteration "
+          f"in minibatches of {config.train.batch_size}: {config.train.steps} updates; "
+          f"{len(eval_prompts[:p.eval_prompts]):,} held-out prompts", flush=True)
     model = ActorCritic(config.model)
     seq_len = config.train.seq_len
     return Task(model=model, loss_fn=ppo_loss(model, p), train_iter=rollouts, eval_batches=[],
                 tokenizer_path=tokenizer.model_path, example_batch=rollouts.example(),
                 flops_per_token=flops_per_token(config.model, seq_len) + flops_per_token(value_config(config.model),
                                                                                        seq_len),
-                eval_extra=rollout.HeldOut(rollouts, eval_prompts[:p.eval_prompts], lm_eval, task_of),
-                before_step=rollouts.before_step, initial_params=initial_params, language_model=False,
+                eval_extra=HeldOut(rollouts, eval_prompts[:p.eval_prompts], lm_eval, task_of),
+                before_step=rollouts.before_step, initial_params=_initial_params(config, mesh), language_model=False,
+                checkpoint_models=models(config),
                 summary_extras={"prompts": len(train_prompts), "episodes": p.iterations * p.rollout_batch})

@@ -21,56 +21,24 @@ import numpy as np
 
 from omni import parallel
 from omni.config import ConfigError
-from omni.data import feedback, finetune
+from omni.data import finetune
+from omni.losses import ranked_pairs, ranking_loss_sum, ranking_terms, response_scores
+from omni.losses import ranking_loss  # noqa: F401 (the documented loss: other tools import it from here)
 from omni.models import GPT, flops_per_token
-from omni.stages.pretrain import stage_tokenizer
 from omni.train.trainer import Task
-
-
-def _pairs(ranks: jax.Array, mask: jax.Array) -> jax.Array:
-    """[prompts, K, K]: 1 where response i is ranked strictly better than response j and both exist."""
-    exists = mask.astype(bool)
-    return (ranks[:, :, None] < ranks[:, None, :]) & exists[:, :, None] & exists[:, None, :]
-
-
-def ranking_terms(scores: jax.Array, ranks: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Per prompt: 'loss' (-1/pairs * sum of log sigmoid(r_better - r_worse), 0 without pairs), 'pairs' (untied
-    comparisons) and 'correct' (comparisons the scores order as the ranking does)."""
-    pairs = _pairs(ranks, mask).astype(jnp.float32)
-    margin = scores[:, :, None] - scores[:, None, :]
-    count = pairs.sum((1, 2))
-    loss = -(jax.nn.log_sigmoid(margin) * pairs).sum((1, 2)) / jnp.maximum(count, 1.0)
-    return {"loss": loss, "pairs": count, "correct": ((margin > 0) * pairs).sum((1, 2))}
-
-
-def ranking_loss(scores: jax.Array, ranks: jax.Array, mask: jax.Array) -> jax.Array:
-    """InstructGPT's loss for `scores` [prompts, K] of K responses ranked `ranks` [prompts, K] (0 = best, equal =
-    tie: no pair), `mask` [prompts, K] marking the responses that exist: the mean over prompts (those with at
-    least one untied pair) of -1/pairs * sum over untied pairs of log sigmoid(r_better - r_worse)."""
-    terms = ranking_terms(scores, ranks, mask)
-    has_pairs = terms["pairs"] > 0
-    return (terms["loss"] * has_pairs).sum() / jnp.maximum(has_pairs.sum(), 1)
-
-
-def response_scores(model: GPT, params, inputs: jax.Array, last: jax.Array, rng: jax.Array | None = None
-                    ) -> jax.Array:
-    """The score of each response [..., K] of `inputs` [..., K, length], read at its `last` token."""
-    flat = inputs.reshape(-1, inputs.shape[-1])
-    train = rng is not None
-    per_token = model.apply({"params": params}, flat, deterministic=not train,
-                            rngs={"dropout": rng} if train else None)
-    per_token = per_token.reshape(inputs.shape)
-    return jnp.take_along_axis(per_token, last[..., None], axis=-1)[..., 0]
+from omni.workdir import Workdir, starting_point
 
 
 def rm_loss(model: GPT):
+    """loss_fn of the ranking loss (this module's docstring): summed over prompts, weighed by the prompts with
+    an untied pair; also pairwise accuracy and the scores' first two moments."""
+
     def loss_fn(params, batch: dict, rng: jax.Array | None):
         scores = response_scores(model, params, batch["inputs"], batch["last"], rng)
         terms = ranking_terms(scores, batch["ranks"], batch["exists"])
-        has_pairs = (terms["pairs"] > 0).astype(jnp.float32)
-        loss = (terms["loss"] * has_pairs).sum()
+        loss, prompts = ranking_loss_sum(terms)
         exists = batch["exists"]
-        sums = {"loss": loss, "weight": has_pairs.sum(),
+        sums = {"loss": loss, "weight": prompts,
                 "pairwise_accuracy": terms["correct"].sum(), "pairwise_accuracy_weight": terms["pairs"].sum(),
                 "reward": (scores * exists).sum(), "reward_weight": exists.sum(),
                 "reward_sq": (scores ** 2 * exists).sum(), "reward_sq_weight": exists.sum()}
@@ -111,7 +79,7 @@ def _bias_demonstrations(config: ml_collections.ConfigDict, prefs: list) -> list
     response of each training prompt."""
     n = config.rm.bias_demonstrations
     if config.data.name == "instructions":
-        dialogues = feedback.demonstrations(finetune.suite_data(config.data, "sft"), "train")
+        dialogues = finetune.demonstrations(config.data, "train")
         return [dialogues[i][-1] for i in range(min(n, len(dialogues)))]
     return [(prompt, responses[int(np.argmin(ranks))]) for prompt, responses, ranks in prefs[:n]]
 
@@ -126,18 +94,17 @@ def step(config: ml_collections.ConfigDict):
     return model, rm_loss(model), batch
 
 
-def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
-    if not config.init_from:
-        raise ConfigError("config.init_from is empty: the reward model starts from an SFT workdir "
-                          "(e.g. --config.init_from=runs/sft_tiny)")
+def check(config: ml_collections.ConfigDict) -> None:
     if config.model.head != "scalar":
         raise ConfigError(f"config.model.head={config.model.head!r}: the reward model needs 'scalar'")
     if config.mesh.sequence != 1:
         raise ConfigError(f"config.mesh.sequence={config.mesh.sequence}: the reward model does not split length")
-    tokenizer = stage_tokenizer(config, workdir)
-    source = finetune.suite_data(config.data, "prefs")
-    train = list(feedback.preferences(source, "train"))
-    held_out = list(feedback.preferences(source, "validation"))
+
+
+def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
+    starting_point(config, "the reward model starts from an SFT workdir (e.g. --config.init_from=runs/sft_tiny)")
+    tokenizer = Workdir(workdir).stage_tokenizer(config)
+    train, held_out = (list(finetune.preferences(config.data, split)) for split in ("train", "validation"))
     num_responses = max(len(r) for _, r, _ in train + held_out)
     seq_len = config.train.seq_len
     mesh = parallel.make_mesh(config.mesh)
@@ -145,7 +112,7 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     train_groups = finetune.preference_groups(tokenizer, train, seq_len, num_responses)
     eval_batches = finetune.fixed_batches(finetune.preference_groups(tokenizer, held_out, seq_len, num_responses),
                                           config.train.batch_size, config.train.eval_batches, rows, ("exists",))
-    pairs = int(np.asarray(_pairs(train_groups["ranks"], train_groups["exists"])).sum())
+    pairs = int(np.asarray(ranked_pairs(train_groups["ranks"], train_groups["exists"])).sum())
     print(f"reward model: {len(train_groups['inputs']):,} ranked prompts ({pairs:,} comparisons, up to "
           f"{num_responses} responses each); {len(held_out):,} held out", flush=True)
     model = GPT(config.model)

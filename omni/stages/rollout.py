@@ -1,5 +1,6 @@
 """PPO's experience: rollouts sampled from the policy, scored, turned into advantages and served as minibatches;
-and the held-out evaluation of a policy against the reference (SFT) policy.
+and the held-out evaluation of a policy against the reference (SFT) policy. Also the minibatch layout
+(omni/stages/ppo.py's docstring), which both sides share.
 
 Generation reuses one `Generator` (omni/generate.py) whose compiled prefill/decode programs are kept across
 iterations: each rollout only hands it the new parameters. Rollouts sample purely (temperature only: top-k,
@@ -8,6 +9,7 @@ top-p or a minimum length would make the KL estimate biased and exploitable) and
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import time
@@ -19,9 +21,13 @@ import numpy as np
 
 from omni.data.template import prompt_ids
 from omni.generate import Generator, Sampling
+from omni.losses import explained_variance, gae, response_scores, token_logprobs, whiten
 from omni.models import GPT
-from omni.stages import heldout, ppo
-from omni.stages.reward import response_scores
+from omni.models.actor_critic import ActorCritic, value_config
+from omni.stages import heldout
+
+
+# ----- episodes: sampled and scored
 
 
 def episodes(prompts: Sequence[list[int]], responses: Sequence[list[int]], length: int, pad_id: int
@@ -59,14 +65,14 @@ def scorer(config: ml_collections.ConfigDict) -> Callable:
     """jit'd score(params, ref_params, rm_params, inputs, targets, mask, last) -> (log-probs of the policy and
     of the reference at temperature T, values, reward-model scores), each per token (0 off mask) or per row."""
     m = config.model
-    model, reference, reward = ppo.ActorCritic(m), GPT(m), GPT(ppo.value_config(m))
+    model, reference, reward = ActorCritic(m), GPT(m), GPT(value_config(m))
     temperature = config.ppo.temperature
 
     @jax.jit
     def score(params, ref_params, rm_params, inputs, targets, mask, last):
         logits, values = model.apply({"params": params}, inputs)
-        logp = ppo.token_logprobs(logits / temperature, targets)
-        ref_logp = ppo.token_logprobs(reference.apply({"params": ref_params}, inputs) / temperature, targets)
+        logp = token_logprobs(logits / temperature, targets)
+        ref_logp = token_logprobs(reference.apply({"params": ref_params}, inputs) / temperature, targets)
         scores = response_scores(reward, rm_params, inputs[:, None], last[:, None])[:, 0]
         return logp * mask, ref_logp * mask, values * mask, scores
 
@@ -86,6 +92,26 @@ def score_rows(score: Callable, params, ref_params, rm_params, rows: dict[str, n
     return pad(logp), pad(ref_logp), pad(values), scores
 
 
+def summed_log_ratio(logp: np.ndarray, ref_logp: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per episode, the policy's log-ratio to the reference summed over the response: its KL estimate."""
+    return ((logp - ref_logp) * mask).sum(1)
+
+
+# ----- rewards and advantages
+
+
+def shaped_scores(p: ml_collections.ConfigDict, normalised: np.ndarray, stopped: np.ndarray) -> np.ndarray:
+    """The per-episode scores that GAE is given, from config.ppo `p`: the normalised rewards less
+    ppo.missing_eos_penalty for a response cut at the length limit, clipped to +-ppo.reward_clip, and divided
+    by their batch std with ppo.whiten_rewards."""
+    scores = normalised - p.missing_eos_penalty * (~stopped)
+    if p.reward_clip > 0:
+        scores = np.clip(scores, -p.reward_clip, p.reward_clip)
+    if p.whiten_rewards:
+        scores = scores / (scores.std() + 1e-8)
+    return scores
+
+
 def _advantages(p: ml_collections.ConfigDict) -> Callable:
     @jax.jit
     def advantages(logp, ref_logp, values, scores, mask, last, kl_coef):
@@ -93,17 +119,58 @@ def _advantages(p: ml_collections.ConfigDict) -> Callable:
         whitened advantages."""
         rewards = -kl_coef * (logp - ref_logp) * mask
         rewards = rewards + jax.nn.one_hot(last - 1, mask.shape[1]) * scores[:, None]
-        adv, returns = ppo.gae(rewards, values, mask, p.gamma, p.lam)
-        return ppo.whiten(adv, mask, shift_mean=True), returns
+        adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
+        return whiten(adv, mask, shift_mean=True), returns
 
     return advantages
 
 
-def explained_variance(values: np.ndarray, returns: np.ndarray, mask: np.ndarray) -> float:
-    """1 - Var(returns - values) / Var(returns) over response tokens: 1 is a perfect value function."""
-    sel = mask > 0
-    var = np.var(returns[sel])
-    return float(1.0 - np.var(returns[sel] - values[sel]) / var) if var > 0 else float("nan")
+def update_kl_coef(kl_coef: float, kl: float, episodes: int, target: float, horizon: float) -> float:
+    """The adaptive KL controller of Ziegler et al. (2019): beta grows when the measured KL is above target and
+    shrinks below it, by at most 20% of the error per `horizon` episodes."""
+    error = float(np.clip(kl / target - 1.0, -0.2, 0.2))
+    return kl_coef * (1.0 + error * episodes / horizon)
+
+
+@dataclasses.dataclass
+class Scored:
+    """A rollout batch as scored: per token [episodes, length] (0 off the response) or per episode."""
+    texts: list[str]  # the responses, decoded
+    logprobs: np.ndarray  # the policy's, at the rollout temperature
+    ref_logprobs: np.ndarray  # the reference policy's
+    values: np.ndarray
+    raw: np.ndarray  # the reward before normalisation
+    true: np.ndarray | None  # the labeler's scores, where there is a labeler
+    advantages: np.ndarray
+    returns: np.ndarray
+
+
+def score_metrics(raw: np.ndarray, true: np.ndarray | None, group_size: int) -> dict[str, float]:
+    """`zero_spread_groups` and, with a labeler, its mean score and share of exact answers."""
+    # Groups whose samples all score the same teach nothing about that prompt (trl's frac_reward_zero_std):
+    # judged by the labeler's true score where there is one, the reward model's never ties.
+    judged = true if true is not None else raw
+    groups = judged.reshape(-1, group_size)
+    out = {"zero_spread_groups": float((groups.max(1) - groups.min(1) < 1e-6).mean())}
+    if true is not None:
+        out.update(rollout_labeler_score=float(true.mean()), rollout_exact=float((true == 1.0).mean()))
+    return out
+
+
+# ----- minibatches
+
+
+# One episode's rows in a minibatch (omni/stages/ppo.py's docstring); PPO-ptx adds PTX_KEYS.
+BATCH_KEYS = ("inputs", "targets", "mask", "old_logprobs", "old_values", "advantages", "returns")
+PTX_KEYS = ("ptx_inputs", "ptx_targets", "ptx_weights")
+
+
+def batch_shapes(config: ml_collections.ConfigDict, episodes: int, ptx_rows: int) -> dict[str, tuple]:
+    """Shapes and dtypes of a minibatch of `episodes` (plus `ptx_rows` pretraining rows with ppo.ptx_coef)."""
+    length = config.train.seq_len
+    keys = BATCH_KEYS + (PTX_KEYS if config.ppo.ptx_coef > 0 else ())
+    return {k: ((ptx_rows if k.startswith("ptx_") else episodes, length),
+                np.int32 if k in ("inputs", "targets", "ptx_inputs", "ptx_targets") else np.float32) for k in keys}
 
 
 def _pack(arrays: dict[str, np.ndarray]) -> str:
@@ -151,7 +218,7 @@ class Rollouts:
         order = np.random.default_rng([self.config.train.seed, self.iteration, epoch]).permutation(self.p.rollout_batch)
         b = self.config.train.batch_size
         picked = order[j * b:(j + 1) * b][self.rows]
-        batch = {k: self.buffer[k][picked] for k in ppo.BATCH_KEYS}
+        batch = {k: self.buffer[k][picked] for k in BATCH_KEYS}
         self.position += 1
         if self.ptx_iter is not None:
             batch.update({f"ptx_{k}": v for k, v in next(self.ptx_iter).items() if k in ("inputs", "targets", "weights")})
@@ -159,7 +226,7 @@ class Rollouts:
 
     def example(self) -> dict[str, np.ndarray]:
         """A batch of the right shapes (zeros) for compiling the train step before any rollout."""
-        shapes = ppo.batch_shapes(self.config, len(self.rows), len(self.ptx_rows))
+        shapes = batch_shapes(self.config, len(self.rows), len(self.ptx_rows))
         return {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
     # ----- sampling
@@ -190,6 +257,47 @@ class Rollouts:
             out += [int(orders[epoch][i])] * k
         return out
 
+    def _rollout(self, params) -> dict[str, float]:
+        """Samples and scores this iteration's rollout batch with `params`, keeps it as the buffer the coming
+        minibatches are drawn from; its metrics."""
+        indices = self._batch_prompts()
+        prompts = [self.prompts[i] for i in indices]
+        start = time.perf_counter()
+        rows, out = sample(self.generator, self.tokenizer, self.config, params["policy"],
+                           [self.prompt_ids[i] for i in indices], self.config.train.seed * 1_000_003 + self.iteration,
+                           self.p.temperature)
+        generate_s = time.perf_counter() - start
+        start = time.perf_counter()
+        s = self._score(params, prompts, rows, out)
+        score_s = time.perf_counter() - start
+        kl = float(summed_log_ratio(s.logprobs, s.ref_logprobs, rows["mask"]).mean())
+        metrics = {"reward": float(s.raw.mean()), "kl": kl, "kl_coef": self.kl_coef,
+                   "response_length": float(out.lengths.mean()), "no_eos": float(1 - out.stopped.mean()),
+                   "explained_variance": explained_variance(s.values, s.returns, rows["mask"]),
+                   "rollout_tokens_per_s": float(out.lengths.sum()) / generate_s, "generate_s": generate_s,
+                   "score_s": score_s, "iteration": self.iteration + 1}
+        metrics.update(score_metrics(s.raw, s.true, self.p.samples_per_prompt))
+        self._show_samples(prompts, s.texts, s.raw)
+        self._adapt_kl_coef(kl)
+        self.buffer = {"inputs": rows["inputs"], "targets": rows["targets"], "mask": rows["mask"],
+                       "old_logprobs": s.logprobs, "old_values": s.values, "advantages": s.advantages,
+                       "returns": s.returns}
+        return metrics
+
+    # ----- scoring
+    def _score(self, params, prompts: list[str], rows: dict[str, np.ndarray], out) -> Scored:
+        """The episodes `rows` (Generation `out`) through the policy, the reference, the value function and the
+        reward, and their advantages under the current KL coefficient."""
+        logp, ref_logp, values, rm_scores = score_rows(self.score, params, self.ref_params, self.rm_params, rows)
+        texts = [response_text(self.tokenizer, out, i) for i in range(len(prompts))]
+        true = (np.array([self.labeler(q, t) for q, t in zip(prompts, texts)], np.float32)
+                if self.labeler is not None else None)
+        raw = self._raw_rewards(prompts, texts, rm_scores, true)
+        scores = shaped_scores(self.p, self._normalised(raw), out.stopped)
+        adv, returns = jax.device_get(self.advantages(logp, ref_logp, values, scores, rows["mask"], rows["last"],
+                                                      np.float32(self.kl_coef)))
+        return Scored(texts, logp, ref_logp, values, raw, true, adv, returns)
+
     def _raw_rewards(self, prompts: list[str], texts: list[str], rm_scores: np.ndarray,
                      true: np.ndarray | None) -> np.ndarray:
         """The reward before normalisation: the reward model's score, the labeler's true one (gold_reward) or
@@ -213,51 +321,17 @@ class Rollouts:
         mean, std = self.reward_stats
         return (raw - mean) / std
 
-    def _rollout(self, params) -> dict[str, float]:
-        p = self.p
-        indices = self._batch_prompts()
-        prompts = [self.prompts[i] for i in indices]
-        start = time.perf_counter()
-        rows, out = sample(self.generator, self.tokenizer, self.config, params["policy"],
-                           [self.prompt_ids[i] for i in indices], self.config.train.seed * 1_000_003 + self.iteration,
-                           p.temperature)
-        generate_s = time.perf_counter() - start
-        start = time.perf_counter()
-        logp, ref_logp, values, rm_scores = score_rows(self.score, params, self.ref_params, self.rm_params, rows)
-        texts = [response_text(self.tokenizer, out, i) for i in range(len(indices))]
-        true = (np.array([self.labeler(q, t) for q, t in zip(prompts, texts)], np.float32)
-                if self.labeler is not None else None)
-        raw = self._raw_rewards(prompts, texts, rm_scores, true)
-        scores = self._normalised(raw) - p.missing_eos_penalty * (~out.stopped)
-        if p.reward_clip > 0:
-            scores = np.clip(scores, -p.reward_clip, p.reward_clip)
-        if p.whiten_rewards:
-            scores = scores / (scores.std() + 1e-8)
-        adv, returns = jax.device_get(self.advantages(logp, ref_logp, values, scores, rows["mask"], rows["last"],
-                                                      np.float32(self.kl_coef)))
-        score_s = time.perf_counter() - start
-        kl = float(((logp - ref_logp) * rows["mask"]).sum(1).mean())
-        metrics = {"reward": float(raw.mean()), "kl": kl, "kl_coef": self.kl_coef,
-                   "response_length": float(out.lengths.mean()), "no_eos": float(1 - out.stopped.mean()),
-                   "explained_variance": explained_variance(values, returns, rows["mask"]),
-                   "rollout_tokens_per_s": float(out.lengths.sum()) / generate_s, "generate_s": generate_s,
-                   "score_s": score_s, "iteration": self.iteration + 1}
-        # Groups whose samples all score the same teach nothing about that prompt (trl's frac_reward_zero_std):
-        # judged by the labeler's true score where there is one, the reward model's never ties.
-        judged = true if true is not None else raw
-        groups = judged.reshape(-1, p.samples_per_prompt)
-        metrics["zero_spread_groups"] = float((groups.max(1) - groups.min(1) < 1e-6).mean())
-        if true is not None:
-            metrics.update(rollout_labeler_score=float(true.mean()), rollout_exact=float((true == 1.0).mean()))
-        if self.iteration % p.sample_every == 0 and jax.process_index() == 0:
-            for i in (0, len(indices) - 1):
+    def _adapt_kl_coef(self, kl: float) -> None:
+        """With ppo.target_kl, the adaptive controller sets the next rollout's KL coefficient."""
+        if self.p.target_kl > 0:
+            self.kl_coef = update_kl_coef(self.kl_coef, kl, self.p.rollout_batch, self.p.target_kl, self.p.kl_horizon)
+
+    def _show_samples(self, prompts: list[str], texts: list[str], raw: np.ndarray) -> None:
+        """Every ppo.sample_every iterations, the batch's first and last episode, on process 0."""
+        if self.iteration % self.p.sample_every == 0 and jax.process_index() == 0:
+            for i in (0, len(prompts) - 1):
                 print(f"  sample (iteration {self.iteration + 1}): {prompts[i]!r} -> {texts[i]!r} "
                       f"(reward {raw[i]:.3f})", flush=True)
-        if p.target_kl > 0:
-            self.kl_coef = ppo.update_kl_coef(self.kl_coef, kl, p.rollout_batch, p.target_kl, p.kl_horizon)
-        self.buffer = {"inputs": rows["inputs"], "targets": rows["targets"], "mask": rows["mask"],
-                       "old_logprobs": logp, "old_values": values, "advantages": adv, "returns": returns}
-        return metrics
 
     # ----- checkpointing (grain's Orbax handler: bytes for an iterator that is not grain's own)
     def get_state(self) -> bytes:
@@ -295,48 +369,10 @@ class HeldOut:
         self.ids = [prompt_ids(rollouts.tokenizer, t) for t in prompts]
         self.sft: dict | None = None
 
-    def _generate(self, policy_params, params, ids: list[list[int]], temperature: float):
-        """(texts, summed log-ratio to the reference, reward-model scores) of responses to `ids`, in chunks of the
-        rollout batch: the compiled programs serve."""
-        size, texts, kls, rewards = self.r.p.rollout_batch, [], [], []
-        for start in range(0, len(ids), size):
-            chunk = ids[start:start + size]
-            real = len(chunk)
-            rows, out = sample(self.r.generator, self.r.tokenizer, self.r.config, policy_params,
-                               chunk + [chunk[0]] * (size - real), 12345 + start, temperature)
-            logp, ref_logp, _, scores = score_rows(self.r.score, params, self.r.ref_params, self.r.rm_params, rows)
-            kls += ((logp - ref_logp) * rows["mask"]).sum(1)[:real].tolist()
-            rewards += scores[:real].tolist()
-            texts += [response_text(self.r.tokenizer, out, i) for i in range(real)]
-        return texts, np.array(kls), np.array(rewards)
-
-    def _measure(self, policy_params, params) -> dict:
-        """The held-out measures of one policy; `greedy` and `greedy_scores` kept for the comparison."""
-        k = self.r.p.eval_samples
-        greedy, _, _ = self._generate(policy_params, params, self.ids, 0.0)
-        texts, kls, rewards = self._generate(policy_params, params, [i for i in self.ids for _ in range(k)],
-                                             self.r.p.temperature)
-        out = {"greedy": greedy, "kl_to_sft": float(kls.mean()), "eval_reward": float(rewards.mean())}
-        if self.r.labeler is None:
-            return out
-        sampled = [texts[j * k:(j + 1) * k] for j in range(len(self.prompts))]
-        greedy_scores, sample_scores = heldout.scores(self.prompts, greedy, sampled, self.r.labeler)
-        tasks = [self.task_of(p) for p in self.prompts] if self.task_of is not None else None
-        q = heldout.quality(greedy_scores, sample_scores, tasks)
-        for task, measures in q.pop("by_task", {}).items():
-            out.update({f"{name}/{task}": v for name, v in measures.items() if name != "prompts"})
-        del q["prompts"]
-        out.update(q, greedy_scores=greedy_scores)
-        out[f"best_of_{k}"] = heldout.best_of(sample_scores, rewards.reshape(-1, k))
-        out["rm_agreement"] = heldout.agreement(sample_scores, rewards.reshape(-1, k))
-        return out
-
     def __call__(self, params, evals: dict) -> dict[str, float]:
         del evals
         if self.sft is None:  # the reference policy's own numbers, once
-            self.sft = self._measure(self.r.ref_params, params)
-            if self.lm_eval is not None:
-                self.sft["pretrain_perplexity"] = self.lm_eval(self.r.ref_params)
+            self.sft = self._reference(params)
         policy = self._measure(params["policy"], params)
         out = {k: v for k, v in policy.items() if k not in ("greedy", "greedy_scores")}
         out.update({f"sft_{k}": v for k, v in self.sft.items() if k not in ("greedy", "greedy_scores", "kl_to_sft")})
@@ -347,3 +383,53 @@ class HeldOut:
         if self.lm_eval is not None:
             out["pretrain_perplexity"] = self.lm_eval(params["policy"])
         return out
+
+    def _reference(self, params) -> dict:
+        """The reference policy's measures, and its pretraining perplexity where PPO-ptx evaluates one."""
+        sft = self._measure(self.r.ref_params, params)
+        if self.lm_eval is not None:
+            sft["pretrain_perplexity"] = self.lm_eval(self.r.ref_params)
+        return sft
+
+    def _measure(self, policy_params, params) -> dict:
+        """The held-out measures of one policy; `greedy` and `greedy_scores` kept for the comparison."""
+        k = self.r.p.eval_samples
+        greedy, _, _ = self._generate(policy_params, params, self.ids, 0.0)
+        texts, kls, rewards = self._generate(policy_params, params, [i for i in self.ids for _ in range(k)],
+                                             self.r.p.temperature)
+        out = {"greedy": greedy, "kl_to_sft": float(kls.mean()), "eval_reward": float(rewards.mean())}
+        if self.r.labeler is not None:
+            out.update(self._labeler_measures(greedy, texts, rewards.reshape(-1, k)))
+        return out
+
+    def _labeler_measures(self, greedy: list[str], texts: list[str], rewards: np.ndarray) -> dict:
+        """heldout.quality's measures (per task too) of the greedy answers and the samples `texts` (k per
+        prompt, reward-model scores `rewards` [prompts, k]), `greedy_scores`, best-of-k and `rm_agreement`."""
+        k = rewards.shape[1]
+        sampled = [texts[j * k:(j + 1) * k] for j in range(len(self.prompts))]
+        greedy_scores, sample_scores = heldout.scores(self.prompts, greedy, sampled, self.r.labeler)
+        tasks = [self.task_of(p) for p in self.prompts] if self.task_of is not None else None
+        q = heldout.quality(greedy_scores, sample_scores, tasks)
+        out = {}
+        for task, measures in q.pop("by_task", {}).items():
+            out.update({f"{name}/{task}": v for name, v in measures.items() if name != "prompts"})
+        del q["prompts"]
+        out.update(q, greedy_scores=greedy_scores)
+        out[f"best_of_{k}"] = heldout.best_of(sample_scores, rewards)
+        out["rm_agreement"] = heldout.agreement(sample_scores, rewards)
+        return out
+
+    def _generate(self, policy_params, params, ids: list[list[int]], temperature: float):
+        """(texts, summed log-ratio to the reference, reward-model scores) of responses to `ids`, in chunks of the
+        rollout batch: the compiled programs serve."""
+        size, texts, kls, rewards = self.r.p.rollout_batch, [], [], []
+        for start in range(0, len(ids), size):
+            chunk = ids[start:start + size]
+            real = len(chunk)
+            rows, out = sample(self.r.generator, self.r.tokenizer, self.r.config, policy_params,
+                               chunk + [chunk[0]] * (size - real), 12345 + start, temperature)
+            logp, ref_logp, _, scores = score_rows(self.r.score, params, self.r.ref_params, self.r.rm_params, rows)
+            kls += summed_log_ratio(logp, ref_logp, rows["mask"])[:real].tolist()
+            rewards += scores[:real].tolist()
+            texts += [response_text(self.r.tokenizer, out, i) for i in range(real)]
+        return texts, np.array(kls), np.array(rewards)

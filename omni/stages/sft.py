@@ -10,52 +10,14 @@ instruction suite: the labeler's full marks, any right answer of an open task) a
 from __future__ import annotations
 
 import ml_collections
-import numpy as np
 
 from omni import parallel
-from omni.config import ConfigError
-from omni.data import feedback, finetune
-from omni.data.template import encode_dialogue
-from omni.generate import Generator, Sampling, stop_sequences, trim_at_stop
+from omni.data import finetune
+from omni.losses import lm_batch_shapes, lm_loss
 from omni.models import GPT, flops_per_token
-from omni.stages.pretrain import lm_batch_shapes, lm_loss, stage_tokenizer
+from omni.stages.heldout import sample_metrics
 from omni.train.trainer import Task
-
-STOP = ("\nUser:",)
-
-
-def answer_greedily(generator: Generator, tokenizer, dialogues: list[list[tuple[str, str]]], max_new: int
-                    ) -> list[str]:
-    """The model's greedy reply to the last user message of each dialogue (earlier turns as context)."""
-    prompts = [encode_dialogue(tokenizer, turns[:-1], turns[-1][0])[0] for turns in dialogues]
-    out = generator.generate(prompts, max_new, Sampling(temperature=0.0),
-                             stop=stop_sequences(tokenizer, STOP))
-    return [trim_at_stop(tokenizer.decode([t for t in out.row(i) if t != tokenizer.eos_id]), STOP).strip()
-            for i in range(len(prompts))]
-
-
-def sample_metrics(config: ml_collections.ConfigDict, tokenizer, dialogues: list[list[tuple[str, str]]], mesh):
-    """eval_extra for the trainer: greedy answers to held-out prompts, scored."""
-    suite = config.data.name == "instructions"
-    if suite:
-        from omni.data.instructions import labeler_score
-    generator = None
-
-    def metrics(params, evals: dict) -> dict:
-        nonlocal generator
-        if generator is None:
-            generator = Generator(config.model, params, mesh, pad_id=tokenizer.pad_id)
-        else:
-            generator.set_params(params)
-        answers = answer_greedily(generator, tokenizer, dialogues, config.sft.eval_max_new_tokens)
-        if not suite:
-            return {"exact_match": float(np.mean([a == turns[-1][1].strip() for a, turns in zip(answers, dialogues)]))}
-        # The labeler's full marks: the reference, or any right answer of a task that has several.
-        scores = np.array([labeler_score(turns[-1][0], a) for a, turns in zip(answers, dialogues)])
-        return {"exact_match": float((scores == 1.0).mean()), "labeler_score": float(scores.mean())}
-
-    return metrics
-
+from omni.workdir import Workdir, starting_point
 
 def step(config: ml_collections.ConfigDict):
     """(model, loss_fn, global batch shapes) from the config alone: what omni/aot.py compiles."""
@@ -64,13 +26,9 @@ def step(config: ml_collections.ConfigDict):
 
 
 def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
-    if not config.init_from:
-        raise ConfigError("config.init_from is empty: SFT starts from a pretrained workdir "
-                          "(e.g. --config.init_from=runs/tiny)")
-    tokenizer = stage_tokenizer(config, workdir)
-    source = finetune.suite_data(config.data, "sft")
-    train = list(feedback.demonstrations(source, "train"))
-    held_out = list(feedback.demonstrations(source, "validation"))
+    starting_point(config, "SFT starts from a pretrained workdir (e.g. --config.init_from=runs/tiny)")
+    tokenizer = Workdir(workdir).stage_tokenizer(config)
+    train, held_out = (list(finetune.demonstrations(config.data, split)) for split in ("train", "validation"))
     seq_len = config.train.seq_len
     mesh = parallel.make_mesh(config.mesh)
     rows = parallel.process_rows(mesh, config.train.batch_size)

@@ -51,14 +51,14 @@ def _measured_matmul_flops(n: int = 1024, reps: int = 10) -> float:
 class MetricsWriter:
     """Writes on process 0 only; every process may call it."""
 
-    def __init__(self, workdir: str, total_steps: int, start_step: int):
+    def __init__(self, jsonl_path: str, tensorboard_dir: str, total_steps: int, start_step: int):
         self.active = jax.process_index() == 0
         if not self.active:
             return
         from tensorboardX import SummaryWriter  # heavy import, process 0 only
 
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self.jsonl = open(jsonl_path, "a")
+        self.tb = SummaryWriter(tensorboard_dir)
         self.total = total_steps
         # A live bar on a terminal; plain lines when piped to a log file (CI, TPU launch logs).
         self.bar = (tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, file=sys.stdout)
@@ -104,10 +104,3 @@ def _fmt(v: float) -> str:
 
 def to_host(tree) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
-
-
-def write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=lambda x: float(x) if np.isscalar(x) else str(x))
-    os.replace(tmp, path)

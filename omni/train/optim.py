@@ -8,12 +8,10 @@ import optax
 
 
 def lr_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
-    """0 -> lr over warmup_steps, cosine lr -> min_lr_ratio*lr until decay_steps, then constant."""
-    cosine = optax.cosine_decay_schedule(o.lr, o.decay_steps - o.warmup_steps, alpha=o.min_lr_ratio)
-    if o.warmup_steps == 0:
-        return cosine
-    warmup = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
-    return optax.join_schedules([warmup, cosine], [o.warmup_steps])
+    """0 -> lr over warmup_steps, cosine lr -> min_lr_ratio*lr until decay_steps, then constant. optax's
+    decay_steps counts the warmup, as omni's does; with warmup_steps=0 it starts at lr, on the cosine."""
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, o.decay_steps,
+                                              end_value=o.min_lr_ratio * o.lr)
 
 
 def _is_kernel(path) -> bool:

@@ -22,10 +22,11 @@ import optax
 from jax.experimental import multihost_utils
 
 from omni import parallel
-from omni.estimate import abstract_params
 from omni.models import count_params
+from omni.models.params import abstract_params
 from omni.train import checkpoint, metrics
 from omni.train.optim import lr_schedule, optimizer
+from omni.workdir import METRICS, TENSORBOARD, Workdir
 
 # loss_fn(params, batch, dropout_rng or None) -> (loss_sum, sums). `sums` holds per-batch sums, among them
 # 'loss' and 'weight' (the loss's denominator, e.g. the number of target tokens); the trainer divides every
@@ -55,6 +56,9 @@ class Task:
     before_step: Callable[[Any, int], dict] | None = None
     # initial_params(target, fresh) -> params of a new run, in place of restoring config.init_from's params.
     initial_params: Callable[[Any, Any], Any] | None = None
+    # A params tree of several models (PPO's {'policy', 'value'}): name -> model config of each, the one the stage
+    # trains for use first. Recorded in every checkpoint so that omni.load finds its model; None: one model.
+    checkpoint_models: dict[str, ml_collections.ConfigDict] | None = None
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -175,8 +179,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     tokens_shape = (t.batch_size // t.grad_accum, task.example_batch["inputs"].shape[-1])
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
         abstract, shardings, init_fn = abstract_state(config, task.model, tokens_shape, mesh)
-        mngr = checkpoint.manager(workdir, t.keep_checkpoints)
-        meta = checkpoint.meta(config, task.tokenizer_path)
+        mngr = Workdir(workdir).writer(t.keep_checkpoints)
+        meta = checkpoint.meta(config, task.tokenizer_path, task.checkpoint_models)
         batch_sharding = parallel.batch_sharding(mesh)
         # Global shapes: every key's local rows scaled as 'inputs' are (PPO-ptx's pretraining rows differ in number).
         scale = t.batch_size // task.example_batch["inputs"].shape[0]
@@ -189,7 +193,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         check_fits(memory, jax.local_devices()[0])  # every process checks its own (memory_stats is local)
         state = _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task)
         eval_fn = jax.jit(lambda p, b: task.loss_fn(p, b, None)[1], in_shardings=(shardings.params, batch_sharding))
-        return _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn)
+        start = int(jax.device_get(state.step))
+        return _Loop(config, workdir, task, mesh, mngr, meta, step_fn, eval_fn, start).run(state)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, loss_fn: LossFn, abstract: TrainState,
@@ -237,7 +242,8 @@ def _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task) ->
 def _params_from(config, target_params, fresh_params):
     """The parameters of config.init_from's latest checkpoint, onto this run's shardings. Parameters this model
     has and the source does not (a new reward/value head) keep their fresh initialisation."""
-    source, _, step = checkpoint.read_meta(config.init_from)
+    source_dir = Workdir(config.init_from)
+    source, _, step = source_dir.meta()
     source_keys = set(abstract_params(source.model))
     extra = sorted(source_keys - set(target_params))
     if extra:
@@ -247,80 +253,144 @@ def _params_from(config, target_params, fresh_params):
             f"{config.model.head!r} cannot start from")
     print(f"initialising parameters from {config.init_from} step {step}"
           + "".join(f"; {k} initialised fresh" for k in sorted(set(target_params) - source_keys)), flush=True)
-    restored = checkpoint.restore_params(config.init_from, step, {k: target_params[k] for k in source_keys})
+    restored = source_dir.restore_params(step, {k: target_params[k] for k in source_keys})
     return {**fresh_params, **restored}
 
 
-def _loop(config, workdir, task, mesh, mngr, meta, state, step_fn, eval_fn) -> dict:
-    t = config.train
-    start = int(jax.device_get(state.step))
-    num_params = count_params(state.params)
-    tokens_per_step = t.batch_size * math.prod(task.example_batch["inputs"].shape[1:])
-    peak, peak_source = metrics.peak_flops_per_device()
-    peak_total = peak * jax.device_count()
-    writer = metrics.MetricsWriter(workdir, t.steps, start)
-    writer.message(f"{num_params:,} parameters; {tokens_per_step:,} tokens/step; peak {peak / 1e9:,.0f} "
-                   f"GFLOP/s per device ({peak_source}); steps {start}..{t.steps}")
-    preemption = Preemption()
-    window_start, window_tokens, timed_tokens, timed_s, last_done = None, 0, 0, 0.0, start
-    last, evals, pending = {}, {}, {}
-    if start >= t.steps:  # already finished: report the final evaluation again
-        evals = _evaluate(task, eval_fn, state.params, mesh)
-    try:
-        for step in range(start, t.steps):
-            if task.before_step is not None:
-                pending.update(task.before_step(state.params, step))
-            batch = parallel.global_batch(next(task.train_iter), mesh)
-            state, step_metrics = step_fn(state, batch)
-            done = step + 1
-            stop = preemption.should_stop(done, t.log_every)
-            boundary = (done % t.log_every == 0 or done % t.eval_every == 0 or done % t.checkpoint_every == 0
-                        or done == t.steps or stop)
-            if not boundary and done != start + 1:
-                continue
-            last = metrics.to_host(step_metrics)  # waits for this step: timings below are real
-            if not math.isfinite(last["loss"]):
-                raise NonFiniteLoss(f"non-finite loss {last['loss']} at step {done}; last good checkpoint: "
-                                    f"{mngr.latest_step()} in {mngr.directory}")
-            now = time.perf_counter()
-            if window_start is None:  # the first step includes compilation: time from its end
-                window_start, window_tokens = now, 0
-            else:
-                window_tokens += tokens_per_step * (done - last_done)
-            last_done = done
-            if done % t.log_every == 0 or done == t.steps:
-                elapsed = now - window_start
-                tps = window_tokens / elapsed if elapsed > 0 and window_tokens else float("nan")
-                if window_tokens:
-                    timed_tokens, timed_s = timed_tokens + window_tokens, timed_s + elapsed
-                last.update(tokens_per_s=tps, mfu=tps * task.flops_per_token / peak_total, **pending)
-                pending = {}
-                writer.write(done, last)
-                writer.progress(done, {"loss": last["loss"], "tok/s": tps, "mfu": last["mfu"]})
-                window_start, window_tokens = now, 0
-            if done == t.steps and task.finalize is not None:
-                params, final = task.finalize(state.params)
-                state = state.replace(params=jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params)))
-                writer.message(" ".join(f"{k} {v:.4g}" for k, v in final.items()))
-                last.update(final)
-            if done % t.eval_every == 0 or done == t.steps:
-                evals = _evaluate(task, eval_fn, state.params, mesh)
-                writer.write(done, evals)
-                writer.message(f"step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in evals.items()))
-            if done % t.checkpoint_every == 0 or done == t.steps or stop:
-                checkpoint.save(mngr, done, state, task.train_iter, meta)
-            if stop:
-                mngr.wait_until_finished()
-                writer.message(f"preempted: saved step {done}; rerun the same command to resume")
-                return {"preempted": done}
-    finally:
-        mngr.wait_until_finished()
-        preemption.restore()
-        writer.close()
-    tps = timed_tokens / timed_s if timed_s else float("nan")
-    return {"step": t.steps, **last, **evals, "params": num_params, "tokens_per_s": tps,
-            "mfu": tps * task.flops_per_token / peak_total, "peak_flops_per_device": peak,
-            "peak_flops_source": peak_source, **task.summary_extras}
+class _Throughput:
+    """Tokens per second in windows between log lines, timed at synced steps (metrics on the host). The first
+    step includes compilation: it starts the first window instead of counting in it."""
+
+    def __init__(self, tokens_per_step: int, start: int):
+        self.tokens_per_step, self.last_done = tokens_per_step, start
+        self.window_start: float | None = None
+        self.window_tokens, self.timed_tokens, self.timed_s = 0, 0, 0.0
+
+    def synced(self, done: int, now: float) -> None:
+        """Step `done` has finished at `now`."""
+        if self.window_start is None:
+            self.window_start, self.window_tokens = now, 0
+        else:
+            self.window_tokens += self.tokens_per_step * (done - self.last_done)
+        self.last_done = done
+
+    def close_window(self, now: float) -> float:
+        """The window's tokens per second (nan if it timed none); the next window starts at `now`."""
+        elapsed = now - self.window_start
+        tps = self.window_tokens / elapsed if elapsed > 0 and self.window_tokens else float("nan")
+        if self.window_tokens:
+            self.timed_tokens, self.timed_s = self.timed_tokens + self.window_tokens, self.timed_s + elapsed
+        self.window_start, self.window_tokens = now, 0
+        return tps
+
+    def overall(self) -> float:
+        """Tokens per second over every timed window."""
+        return self.timed_tokens / self.timed_s if self.timed_s else float("nan")
+
+
+class _Loop:
+    """The steps of one train() call and the work between them. The host waits for a step only at a boundary
+    (a log, evaluation or checkpoint step, the last step, a preemption stop, and the first step, which ends
+    compilation); other steps are dispatched without waiting."""
+
+    def __init__(self, config, workdir, task: Task, mesh, mngr, meta, step_fn, eval_fn, start: int):
+        self.t, self.task, self.mesh, self.mngr, self.meta = config.train, task, mesh, mngr, meta
+        self.step_fn, self.eval_fn, self.start = step_fn, eval_fn, start
+        self.tokens_per_step = self.t.batch_size * math.prod(task.example_batch["inputs"].shape[1:])
+        self.peak, self.peak_source = metrics.peak_flops_per_device()
+        self.peak_total = self.peak * jax.device_count()
+        run = Workdir(workdir)
+        self.writer = metrics.MetricsWriter(run.file(METRICS), run.file(TENSORBOARD), self.t.steps, start)
+        self.throughput = _Throughput(self.tokens_per_step, start)
+        # the last boundary's metrics, the last evaluation's, before_step's waiting for the next log line
+        self.last, self.evals, self.pending = {}, {}, {}
+
+    def run(self, state: TrainState) -> dict:
+        """Steps to config.train.steps: the run's summary, or {'preempted': step} if stopped."""
+        num_params = count_params(state.params)
+        self.writer.message(f"{num_params:,} parameters; {self.tokens_per_step:,} tokens/step; peak "
+                            f"{self.peak / 1e9:,.0f} GFLOP/s per device ({self.peak_source}); "
+                            f"steps {self.start}..{self.t.steps}")
+        preemption = Preemption()
+        if self.start >= self.t.steps:  # already finished: report the final evaluation again
+            self.evals = _evaluate(self.task, self.eval_fn, state.params, self.mesh)
+        try:
+            for step in range(self.start, self.t.steps):
+                state, step_metrics = self._step(state, step)
+                done = step + 1
+                stop = preemption.should_stop(done, self.t.log_every)
+                if self._is_boundary(done, stop):
+                    state = self._at_boundary(state, step_metrics, done, stop)
+                if stop:
+                    self.mngr.wait_until_finished()
+                    self.writer.message(f"preempted: saved step {done}; rerun the same command to resume")
+                    return {"preempted": done}
+        finally:
+            self.mngr.wait_until_finished()
+            preemption.restore()
+            self.writer.close()
+        return self._summary(num_params)
+
+    def _step(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
+        """The task's before_step (its metrics wait for the next log line), then one update on the next batch."""
+        if self.task.before_step is not None:
+            self.pending.update(self.task.before_step(state.params, step))
+        batch = parallel.global_batch(next(self.task.train_iter), self.mesh)
+        return self.step_fn(state, batch)
+
+    def _is_boundary(self, done: int, stop: bool) -> bool:
+        t = self.t
+        return (done % t.log_every == 0 or done % t.eval_every == 0 or done % t.checkpoint_every == 0
+                or done == t.steps or stop or done == self.start + 1)
+
+    def _at_boundary(self, state: TrainState, step_metrics: dict, done: int, stop: bool) -> TrainState:
+        """Waits for step `done`, checks its loss, then logs, finalizes, evaluates and checkpoints where due."""
+        self.last = metrics.to_host(step_metrics)  # waits for this step: timings below are real
+        self._check_finite(done)
+        now = time.perf_counter()
+        self.throughput.synced(done, now)
+        t = self.t
+        if done % t.log_every == 0 or done == t.steps:
+            self._log_step(done, now)
+        if done == t.steps and self.task.finalize is not None:
+            state = self._finalize(state)
+        if done % t.eval_every == 0 or done == t.steps:
+            self._evaluate_and_log(state, done)
+        if done % t.checkpoint_every == 0 or done == t.steps or stop:
+            checkpoint.save(self.mngr, done, state, self.task.train_iter, self.meta)
+        return state
+
+    def _check_finite(self, done: int) -> None:
+        if not math.isfinite(self.last["loss"]):
+            raise NonFiniteLoss(f"non-finite loss {self.last['loss']} at step {done}; last good checkpoint: "
+                                f"{self.mngr.latest_step()} in {self.mngr.directory}")
+
+    def _log_step(self, done: int, now: float) -> None:
+        """Step `done`'s metrics line: with throughput and MFU since the last line, and before_step's metrics."""
+        tps = self.throughput.close_window(now)
+        self.last.update(tokens_per_s=tps, mfu=tps * self.task.flops_per_token / self.peak_total, **self.pending)
+        self.pending = {}
+        self.writer.write(done, self.last)
+        self.writer.progress(done, {"loss": self.last["loss"], "tok/s": tps, "mfu": self.last["mfu"]})
+
+    def _finalize(self, state: TrainState) -> TrainState:
+        """The task's finalize on the last step's params, placed as they were; its metrics join the last ones."""
+        params, final = self.task.finalize(state.params)
+        state = state.replace(params=jax.device_put(params, jax.tree.map(lambda a: a.sharding, state.params)))
+        self.writer.message(" ".join(f"{k} {v:.4g}" for k, v in final.items()))
+        self.last.update(final)
+        return state
+
+    def _evaluate_and_log(self, state: TrainState, done: int) -> None:
+        self.evals = _evaluate(self.task, self.eval_fn, state.params, self.mesh)
+        self.writer.write(done, self.evals)
+        self.writer.message(f"step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in self.evals.items()))
+
+    def _summary(self, num_params: int) -> dict:
+        tps = self.throughput.overall()
+        return {"step": self.t.steps, **self.last, **self.evals, "params": num_params, "tokens_per_s": tps,
+                "mfu": tps * self.task.flops_per_token / self.peak_total, "peak_flops_per_device": self.peak,
+                "peak_flops_source": self.peak_source, **self.task.summary_extras}
 
 
 def _evaluate(task: Task, eval_fn, params, mesh) -> dict[str, float]:

@@ -1,0 +1,32 @@
+"""The model pair PPO trains: a policy (the GPT with its language-model head) and its value function (the same
+architecture with a scalar head, as the reward model has)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from omni.models.gpt import GPT
+
+
+def value_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The policy's architecture with a scalar head: the value function's and the reward model's."""
+    config = ml_collections.ConfigDict(model_config.to_dict())
+    config.head = "scalar"
+    return config
+
+
+class ActorCritic(nn.Module):
+    """The trained pair: params {'policy': GPT with the LM head, 'value': GPT with a scalar head}."""
+    config: ml_collections.ConfigDict  # the policy's model config
+
+    def setup(self):
+        self.policy = GPT(self.config)
+        self.value = GPT(value_config(self.config))
+
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(logits [batch, length, vocab], values [batch, length]); no dropout (PPO runs without it)."""
+        return self.policy(tokens), self.value(tokens)
+
+    def logits(self, tokens: jax.Array) -> jax.Array:
+        return self.policy(tokens)

@@ -1,0 +1,112 @@
+"""The Workdir owns a run's directory, and the stage registry owns the list of stages."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from omni import data
+from omni.config import ConfigError, base_config
+from omni.models import GPT
+from omni.models.actor_critic import ActorCritic
+from omni.stages import registry
+from omni.train import checkpoint
+from omni.workdir import Workdir, starting_point, write_json
+
+
+def test_json_files_summary_and_metrics(tmp_path):
+    run = Workdir(str(tmp_path / "run"))
+    assert not run.finished and run.summary() is None and run.metrics() == [] and run.saved_config() is None
+    run.write_config(base_config())
+    os.makedirs(run.path, exist_ok=True)
+    with open(run.file("metrics.jsonl"), "w") as f:
+        f.write('{"step": 1, "loss": 2.5}\n\n{"step": 2, "eval_loss": 2.0}\n')
+    run.write_summary({"eval_loss": np.float32(2.0), "steps": 2})
+    assert run.finished and run.summary() == {"eval_loss": 2.0, "steps": 2}
+    assert [r["step"] for r in run.metrics()] == [1, 2]
+    assert run.saved_config()["model"] == base_config().model.to_dict()
+    assert sorted(os.listdir(run.path)) == ["config.json", "metrics.jsonl", "summary.json"]  # no temporaries left
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path):
+    path = str(tmp_path / "summary.json")
+    write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object.__new__(type("Opaque", (), {"__str__": None}))})
+    assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_starting_point_names_what_the_stage_needs():
+    c = base_config()
+    with pytest.raises(ConfigError, match="config.init_from is empty: an SFT workdir"):
+        starting_point(c, "an SFT workdir")
+    c.init_from = "runs/x"
+    assert starting_point(c, "an SFT workdir").path == "runs/x"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    folder = os.path.dirname(json.__file__)
+    texts = [open(os.path.join(folder, f), encoding="utf-8").read() for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+    return data.train_tokenizer(texts, 512, str(tmp_path_factory.mktemp("tok") / "t.model")).model_path
+
+
+def _tiny():
+    c = base_config()
+    c.model.update(num_layers=1, num_heads=2, d_model=16, d_ff=32, vocab_size=512, max_len=16)
+    return c
+
+
+def test_a_checkpoint_of_several_models_loads_the_one_it_is_for(tmp_path, tokenizer_path):
+    """PPO's checkpoints hold {'policy', 'value'}; their meta names both, and omni.load gives the policy."""
+    c = _tiny()
+    c.stage = "ppo"
+    shapes = jax.eval_shape(ActorCritic(c.model).init, jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    rng = np.random.default_rng(0)  # values, not an init: nothing to compile
+    params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), nn.unbox(shapes))
+    run = Workdir(str(tmp_path / "ppo"))
+    mngr = run.create().writer(keep=1)
+    meta = checkpoint.meta(c, tokenizer_path, registry.get("ppo").models(c))
+    assert list(meta["models"]) == ["policy", "value"] and meta["models"]["value"]["head"] == "scalar"
+    mngr.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+    config, loaded, tokenizer = run.load()
+    assert config.stage == "ppo" and tokenizer.vocab_size == 512
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params["policy"])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert jax.tree.structure(loaded) == jax.tree.structure(params["policy"])
+
+
+def test_a_model_only_workdir_round_trips(tmp_path, tokenizer_path):
+    c = _tiny()
+    shapes = jax.eval_shape(GPT(c.model).init, jax.random.key(1), np.zeros((1, 4), np.int32))["params"]
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), nn.unbox(shapes))
+    run = Workdir(str(tmp_path / "model"))
+    run.write_model(c, params, tokenizer_path)
+    assert run.latest_step() == 0 and run.meta()[0].model.d_model == 16
+    _, loaded, _ = run.load()
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    config, generator, tokenizer = run.generator()
+    assert generator.config.d_model == 16 and tokenizer.vocab_size == config.model.vocab_size
+    with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints"):
+        run.write_model(c, params, tokenizer_path)
+
+
+def test_the_registry_is_the_one_list_of_stages():
+    assert set(registry.STAGES) == {"pretrain", "sft", "rm", "ppo", "sample", "label", "compress", "eval"}
+    for stage in registry.STAGES.values():
+        assert (stage.step is not None) == stage.trains  # every training stage can be compiled by a dry run
+    c = base_config()
+    c.stage = "dpo-someday"
+    with pytest.raises(ConfigError, match="config.stage='dpo-someday': expected one of \\('pretrain'"):
+        registry.validate(c, 1)
+    c.stage = "ppo"
+    c.model.dropout = 0.0
+    c.ppo.update(iterations=3, epochs=2, rollout_batch=16)
+    c.train.batch_size = 8
+    assert registry.validate(c, 1).train.steps == 3 * 2 * 16 // 8  # PPO's own check derives train.steps
