@@ -1,4 +1,5 @@
 """The `omni` console script (omni/cli.py, setup.py's entry point): each command is its `python -m` form."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_cli
+from omni import cli
 
 # The script pip installs beside this interpreter; `python -m omni.cli` where it is not installed.
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "omni")
@@ -41,15 +43,22 @@ def test_train_is_python_m_omni_main():
     (["sample", "--config.init_from=runs/none"],
      ["omni.main", "--config=configs/sample.py", "--config.init_from=runs/none"]),
     (["hf", "import", "/no/such/dir", "runs/none"], ["omni.interop.hf", "import", "/no/such/dir", "runs/none"]),
-    (["chat"], ["omni.chat"]),
-    (["sweep"], ["omni.sweep"]),
     (["tpu", "create", "--name", "x"], ["tpu/tpu.py", "create", "--name", "x"]),  # a script, not a module
 ])
 def test_other_commands_answer_as_their_modules(command, module_args):
-    """Arguments that each program refuses at its first check: the same message and exit code either way."""
+    """Arguments that each program refuses at its first check: the same message and exit code either way
+    (a module command with arguments before the user's, one without, and a script)."""
     ours = omni(*command)
     python = [sys.executable] if module_args[0].endswith(".py") else [sys.executable, "-m"]
     theirs = subprocess.run([*python, *module_args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ours.returncode == theirs.returncode != 0
     assert ours.stdout == theirs.stdout
     assert ours.stderr.splitlines()[-1] == theirs.stderr.splitlines()[-1]
+
+
+def test_every_command_runs_a_program_that_exists():
+    """The commands not run above (chat, sweep) run the same way; their modules and scripts must exist."""
+    for name, command in cli.COMMANDS.items():
+        found = os.path.isfile(command.module) if command.module.endswith(".py") else importlib.util.find_spec(
+            command.module) is not None
+        assert found, f"omni {name}: {command.module} not found"
