@@ -1,6 +1,6 @@
 """Held-out quality of a workdir's model (omni/stages/evaluate.py):
 
-    python -m omni.main --config=configs/eval.py --config.init_from=runs/tiny_int8 [--workdir=runs/eval]
+    python -m omni.main --config=configs/eval.py --config.init_from=runs/tiny_int8 [--workdir=runs/eval_tiny_int8]
 
 Perplexity, loss and accuracy on the model's own held-out data; for an SFT or PPO model also the exact match and
 labeler score of its greedy answers to held-out prompts. The model, tokenizer and data config come from

@@ -3,23 +3,27 @@
     python -m omni.chat --workdir=runs/tiny [--temperature=0.7 --top_p=0.9 --max_new_tokens=128 --seed=0]
     printf 'hello\\nwhat is a list?\\n' | python -m omni.chat --workdir=runs/tiny
 
-Each input line is one user message (`/reset` forgets the dialogue, `/quit` ends); each reply is printed as
-one "Assistant: ..." block. The whole dialogue is the model's context: when it would not leave room for the
-reply, the oldest turns are dropped (said on stderr), and a message that cannot fit even alone is refused
-with a notice, never a crash.
+Each input line is one user message (`/reset` forgets the dialogue, `/quit` or the end of the input ends it);
+each message gets one line "Assistant: ..." on stdout, a reply's line breaks shown as `\\n` (and a backslash as
+`\\\\`, so the line reads back exactly). Input is UTF-8: a line that is not is skipped with a notice on stderr and
+the dialogue goes on. The whole dialogue is the model's context: when it would not leave room for the reply,
+the oldest turns are dropped (said on stderr), and a message that cannot fit even alone is refused with a
+notice and a fixed answer, never a crash.
 
 The chat template is omni/data/template.py, the one supervised fine-tuning, the reward model and PPO use.
 Replies are post-processed (cut at a stop sequence, repeated lines and looping phrases removed) and a
 safety filter checks both the message and the reply: a blocklist of phrases (--blocklist=FILE, one per line,
-or the built-in one) and an optional classifier hook (--classifier=module:function, True or a score above
-0.5 = unsafe).
+or the built-in one; they match in any case and spacing, and with plural words) and an optional classifier
+hook (--classifier=module:function, True or a score above 0.5 = unsafe); either one refuses with a fixed answer.
 """
 from __future__ import annotations
 
 import importlib
+import itertools
+import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from absl import app, flags, logging
 
@@ -30,8 +34,9 @@ from omni.workdir import Workdir
 
 STOP_STRINGS = ("\nUser:",)  # a model that was never taught to emit EOS would go on to write the user's turn
 REFUSAL = "Sorry, I can't help with that."
+TOO_LONG = "Sorry, your message is too long for me; please shorten it."
 
-# The built-in blocklist: requests for serious harm. Phrases match case-insensitively at word boundaries.
+# The built-in blocklist: requests for serious harm (SafetyFilter says how a phrase matches).
 DEFAULT_BLOCKLIST = (
     "build a bomb", "make a bomb", "make explosives", "make a pipe bomb", "synthesize nerve agent",
     "make nerve gas", "make ricin", "weaponize anthrax", "buy a gun illegally", "make meth",
@@ -75,14 +80,22 @@ def postprocess(text: str, stop: Sequence[str] = STOP_STRINGS, ngram: int = 4, m
     return text.strip()
 
 
+def _phrase_pattern(phrase: str) -> str:
+    """A blocklist phrase as a regex: its words in any spacing (spaces, tabs, newlines), each also with a plural
+    "s" or "es", and the whole never part of a longer word ("make a bomb" matches "Make  a\\tBOMBS", not
+    "make a bombastic")."""
+    words = (re.escape(word) + "(?:e?s)?" for word in phrase.split())
+    return r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)"
+
+
 class SafetyFilter:
-    """Blocklist phrases (case-insensitive, whole words) and an optional classifier(text) -> bool or score."""
+    """Blocklist phrases (any case, spacing and plural, whole words) and an optional classifier(text) -> bool or
+    score."""
 
     def __init__(self, blocklist: Sequence[str] = DEFAULT_BLOCKLIST,
                  classifier: Callable[[str], object] | None = None):
-        phrases = [p.strip() for p in blocklist if p.strip()]
-        self._pattern = re.compile(r"\b(" + "|".join(re.escape(p) for p in phrases) + r")\b", re.IGNORECASE) \
-            if phrases else None
+        patterns = [_phrase_pattern(p) for p in blocklist if p.strip()]
+        self._pattern = re.compile("|".join(patterns), re.IGNORECASE) if patterns else None
         self._classifier = classifier
 
     def reason(self, text: str) -> str | None:
@@ -123,8 +136,8 @@ class SafetyFilter:
 # The loop
 
 class Chat:
-    """A dialogue with one model: `reply(message)` returns the assistant's (filtered, post-processed) answer
-    and keeps the exchange in the history."""
+    """A dialogue with one model: `reply(message)` returns the assistant's (filtered, post-processed) answer,
+    or a fixed one for a message it refuses (REFUSAL, TOO_LONG), and keeps an answered exchange in the history."""
 
     def __init__(self, generator, tokenizer, sampling, max_new_tokens: int = 128,
                  safety: SafetyFilter | None = None, seed: int = 0, notice: Callable[[str], None] = print):
@@ -149,7 +162,7 @@ class Chat:
             self.notice(f"(message not sent: it is {alone} tokens with the template, and the model's "
                         f"{self.generator.config.max_len}-token context keeps {self.max_new_tokens} for the "
                         f"reply, leaving {self.budget}; please shorten it)")
-            return ""
+            return TOO_LONG
         ids, dropped = fitted
         if dropped:
             self.notice(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the context)")
@@ -186,6 +199,53 @@ def _notice(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+# Every character that str.splitlines breaks a line at, and the backslash that escapes them.
+_LINE_BREAKS = re.compile(r"[\\\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` on one line, however a terminal or a line-reading program splits lines: each line break as its
+    Python escape (`\\n`, `\\r`, `\\x0b`, ..., `\\u2028`), and a backslash as `\\\\` so that undoing the escapes gives
+    the reply back exactly."""
+    return _LINE_BREAKS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _messages(interactive: bool) -> Iterator[str]:
+    """stdin's lines without their line ending, until its end (or a closed stdin). Read as bytes: a line that
+    is not UTF-8 is skipped with a notice and the dialogue goes on, where text mode would end the chat."""
+    if sys.stdin is None:  # started with stdin closed (`<&-`): nothing to read
+        return
+    for number in itertools.count(1):
+        if interactive:
+            print("User: ", end="", flush=True)
+        raw = sys.stdin.buffer.readline()
+        if not raw:
+            return
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            _notice(f"(line {number} skipped: not UTF-8, byte {e.start + 1} is {raw[e.start]:#04x})")
+
+
+def _converse(chat: Chat, messages: Iterator[str]) -> None:
+    """Answers each message with one "Assistant: ..." line on stdout, the commands aside."""
+    for message in messages:
+        if message.strip() == "/quit":
+            return
+        if message.strip() == "/reset":
+            chat.reset()
+            _notice("(dialogue forgotten)")
+            continue
+        if not message.strip():
+            continue
+        try:
+            answer = chat.reply(message)
+        except GenerationError as e:
+            _notice(f"(message not sent: {e})")
+            answer = REFUSAL
+        print(f"{ASSISTANT}{one_line(answer)}", flush=True)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -202,28 +262,15 @@ def main(argv) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     chat = Chat(generator, tokenizer, sampling, FLAGS.max_new_tokens, safety, FLAGS.seed, notice=_notice)
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     if interactive:
         _notice(f"chatting with {FLAGS.workdir} (/reset forgets the dialogue, /quit or Ctrl-D ends)")
-    while True:
-        if interactive:
-            print("User: ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/quit":
-            break
-        message = line.rstrip("\n")
-        if message.strip() == "/reset":
-            chat.reset()
-            _notice("(dialogue forgotten)")
-            continue
-        if not message.strip():
-            continue
-        try:
-            answer = chat.reply(message)
-        except GenerationError as e:
-            _notice(f"(message not sent: {e})")
-            continue
-        print(f"{ASSISTANT}{answer}", flush=True)
+    try:
+        _converse(chat, _messages(interactive))
+    except KeyboardInterrupt:  # Ctrl-C ends the chat as Ctrl-D does
+        print(file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage = "pretrain"  # one of omni/stages/registry.py's STAGES
     c.init_from = ""  # workdir of an earlier stage
     c.dry_run = False  # build abstractly, print parameter count and memory per device, exit
+    c.force = False  # try a run whose compiled step needs more memory than the devices have
     # The TPU slice a config is sized for, as libtpu names it (e.g. "v4:2x2x4", a v4-32: 16 chips; omni/aot.py).
     # With dry_run the stage's step is compiled for it ahead of time on any host (needs libtpu); "": none.
     c.topology = ""
@@ -94,7 +95,8 @@ def data_defaults() -> ml_collections.ConfigDict:
     # Fine-tuning data (stages sft, rm): name 'instructions' (the offline suite, omni/data/instructions.py),
     # 'jsonl' (files at path, held-out set at eval_path or hashed out of path) or a prepared TFDS name.
     d.eval_path = ""
-    d.on_malformed = "stop"  # a bad JSONL line: stop (error naming file:line) | skip (one warning with the count)
+    # A bad JSONL line or text file (any data kind): stop (error naming file:line) | skip (one warning, the count)
+    d.on_malformed = "stop"
     d.suite_seed = 0  # which instance of the offline suite
     d.labeler_noise = -1.0  # the suite labeler's noise (std of its score); -1: calibrated to 73% agreement
     return d
@@ -249,8 +251,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ml_collections.C
     c = ml_collections.ConfigDict(c.to_dict())
     _check_model(c.model)
     _check_train(c.train, c.model)
+    filled = next((k for k in ICI_AXES if c.mesh.get(k) == -1), None)  # before resolve_mesh replaces the -1
     c.mesh.update(resolve_mesh(c.mesh, num_devices))
-    _check_sharding(c)
+    _check_sharding(c, filled)
     d = c.distributed
     require(d.num_processes >= 1, "distributed.num_processes", d.num_processes, "must be >= 1")
     require(0 <= d.process_id < d.num_processes, "distributed.process_id", d.process_id,
@@ -282,8 +285,8 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
 
 
 def _check_train(t: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
-    for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "checkpoint_every",
-                "keep_checkpoints"):
+    for key in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches",
+                "checkpoint_every", "keep_checkpoints"):
         require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "must be a positive int")
     require(t.seq_len <= m.max_len, "train.seq_len", t.seq_len, f"exceeds model.max_len={m.max_len}")
     require(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
@@ -292,29 +295,38 @@ def _check_train(t: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> 
              f"the splash kernel takes rows in blocks of 128 tokens but train.seq_len={t.seq_len} (use 'auto')")
 
 
-def _check_sharding(c: ml_collections.ConfigDict) -> None:
-    """Whole shards only: batch rows, sequence positions, heads and the parameters the rules table splits."""
+def _check_sharding(c: ml_collections.ConfigDict, filled: str | None) -> None:
+    """Whole shards only: batch rows, sequence positions, heads and the parameters the rules table splits.
+    `filled`: the mesh axis the user set to -1, now resolved."""
     m, t = c.model, c.train
+
+    def note(*axes: str) -> str:  # a size the user never wrote: say where it came from
+        return f" (mesh.{filled}=-1 filled to {c.mesh[filled]})" if filled in axes else ""
+
     batch_shards = c.mesh.data * c.mesh.fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
     micro = t.batch_size // t.grad_accum
     require(micro % batch_shards == 0, "train.batch_size", t.batch_size,
              f"micro-batch {micro} (batch_size / grad_accum) not divisible by the mesh's batch shards "
-             f"(data*fsdp*dcn_data*dcn_fsdp={batch_shards})")
+             f"(data*fsdp*dcn_data*dcn_fsdp={batch_shards})" + note("data", "fsdp"))
     require(t.seq_len % c.mesh.sequence == 0, "train.seq_len", t.seq_len,
-             f"not divisible by mesh.sequence={c.mesh.sequence}")
+             f"not divisible by mesh.sequence={c.mesh.sequence}" + note("sequence"))
     require(m.num_heads % c.mesh.tensor == 0, "model.num_heads", m.num_heads,
-             f"not divisible by mesh.tensor={c.mesh.tensor} (attention is sharded by heads)")
+             f"not divisible by mesh.tensor={c.mesh.tensor} (attention is sharded by heads)" + note("tensor"))
     for key in ("d_ff", "vocab_size"):
-        require(m[key] % c.mesh.tensor == 0, f"model.{key}", m[key], f"not divisible by mesh.tensor={c.mesh.tensor}")
+        require(m[key] % c.mesh.tensor == 0, f"model.{key}", m[key],
+                 f"not divisible by mesh.tensor={c.mesh.tensor}" + note("tensor"))
     param_shards = c.mesh.fsdp * c.mesh.dcn_fsdp
     require(m.d_model % param_shards == 0, "model.d_model", m.d_model,
-             f"not divisible by mesh.fsdp*mesh.dcn_fsdp={param_shards} (parameters are sharded along it)")
+             f"not divisible by mesh.fsdp*mesh.dcn_fsdp={param_shards} (parameters are sharded along it)"
+             + note("fsdp"))
 
 
 def _check_optim(o: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> None:
     require(o.lr > 0, "optim.lr", o.lr, "must be positive")
     require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    if o.decay_steps == -1:
+    if o.decay_steps == -1:  # the decay follows train.steps, so a run too short for the warmup is what to name
+        require(t.steps > o.warmup_steps, "train.steps", t.steps,
+                 f"must exceed optim.warmup_steps={o.warmup_steps} (the cosine decay runs over train.steps)")
         o.decay_steps = t.steps
     require(o.decay_steps > o.warmup_steps, "optim.decay_steps", o.decay_steps,
              f"must exceed optim.warmup_steps={o.warmup_steps}")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
+import signal
 import sys
 import time
 
@@ -28,7 +30,7 @@ from omni.data import DataError
 from omni.generate import GenerationError
 from omni.stages import registry
 from omni.train import checkpoint, trainer
-from omni.workdir import Workdir
+from omni.workdir import Workdir, WorkdirError
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory; default runs/NAME.")
@@ -114,18 +116,6 @@ def init_distributed(config) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def check_resumable(config, workdir: Workdir) -> None:
-    """A workdir with checkpoints can only be resumed by a run of the same model."""
-    saved = workdir.saved_config()
-    if workdir.latest_step() is None or saved is None:
-        return
-    for key, value in config.model.items():
-        if key in saved["model"] and saved["model"][key] != value and key not in ("dropout", "remat", "scan_layers"):
-            raise config_lib.ConfigError(
-                f"config.model.{key}={value!r} but {workdir.path} holds checkpoints of a model with {key}="
-                f"{saved['model'][key]!r}; use another --workdir")
-
-
 def check_devices(config) -> None:
     """A mesh sized for other devices (a config's TPU slice, run on a laptop) stops here, before anything is
     built, saying what it needs and what this host has."""
@@ -146,6 +136,18 @@ def check_devices(config) -> None:
                              + (f" of {have / 2 ** 30:.1f} GiB" if have else ""))
 
 
+def check_state_fits(config) -> None:
+    """Parameters and optimizer state alone (the estimate's sure part) must fit the devices: found before a
+    stage loads its models or data; the compiled step's own numbers are checked again before allocating."""
+    device = jax.local_devices()[0]
+    have = parallel.device_memory_bytes(device)
+    need = registry.estimate(config)["train_state_gib_per_device"] * 2 ** 30
+    if have and need > have and not config.force:
+        raise trainer.DoesNotFit(f"parameters and optimizer state alone need ~{need / 2 ** 30:.1f} GiB per device, "
+                                 f"and this host's {device.platform} devices have {have / 2 ** 30:.1f} GiB each "
+                                 "(--config.force=True tries anyway)")
+
+
 def run(config, workdir: str) -> int:
     stage = registry.get(config.stage)
     if config.init_from and stage.trains:  # a stage continues the model it starts from
@@ -157,19 +159,21 @@ def run(config, workdir: str) -> int:
     if stage.trains:
         check_devices(config)
     config = registry.validate(config, jax.device_count())
-    if not stage.trains:  # reads a trained workdir and writes this one
-        stage.start(config, workdir)
-        return 0
-    return train(config, Workdir(workdir).create(), stage)
+    if stage.trains:
+        check_state_fits(config)
+    with Workdir(workdir).hold(config) as run:
+        if not stage.trains:  # reads a trained workdir and writes this one
+            stage.start(config, workdir)
+            if jax.process_index() == 0 and run.saved_config() is None:  # what it was made by: reruns are checked
+                run.write_config(config)
+            return 0
+        return train(config, run, stage)
 
 
 def train(config, workdir: Workdir, stage: registry.Stage) -> int:
-    check_resumable(config, workdir)
     task = stage.start(config, workdir.path)
-    if jax.process_index() == 0:
-        workdir.write_config(config)
     start = time.time()
-    summary = trainer.train(config, workdir.path, task)
+    summary = trainer.train(config, workdir.path, task)  # writes config.json once training starts
     if "preempted" in summary:
         return 0
     summary["wall_s"] = time.time() - start
@@ -183,6 +187,47 @@ def train(config, workdir: Workdir, stage: registry.Stage) -> int:
     return 0
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT outside the training loop (start-up, compilation): the run ends, exit 0."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag, config file or config key reported in one line (not a traceback)."""
+    try:
+        rest = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.get("stage")  # a config file that failed to load raises only when read
+        return rest
+    except Exception as e:  # noqa: BLE001 - config_flags raises whatever the config file or override raised
+        print(f"error: {_flag_error(argv, e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _flag_error(argv: list[str], e: Exception) -> str:
+    text = str(e).replace("\\n", " ").replace("\n", " ")
+    if isinstance(e, (AttributeError, KeyError)):  # an override naming a key the config lacks
+        key = re.search(r"'(\w+)", text)
+        flag = next((a.split("=")[0] for a in argv if key and a.startswith("--config.")
+                     and key.group(1) in a.split("=")[0].split(".")[1:]), "--config.KEY")
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        return f"{flag}: no such config key" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+    if isinstance(e, OSError):
+        config = next((a for a in argv if a.startswith("--config=")), "--config")
+        return f"{config}: cannot load the config file ({text.rsplit(':', 1)[-1].strip()})"
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def default_workdir(config) -> str:
+    """runs/NAME; an evaluation is named after what it evaluates (runs/eval_SOURCE), so each keeps its own."""
+    if config.stage == "eval" and config.init_from:
+        return os.path.join("runs", f"{config.name}_{os.path.basename(os.path.normpath(config.init_from))}")
+    return os.path.join("runs", config.name)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -191,17 +236,19 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # keep Orbax's and JAX's INFO chatter out of the run's output
     config = FLAGS.config
     config.name = config_name(config_flags.get_config_filename(FLAGS["config"]))
-    workdir = FLAGS.workdir or os.path.join("runs", config.name)
+    workdir = FLAGS.workdir or default_workdir(config)
     try:
         if config.stage == "pipeline":  # stages in subprocesses; this process never touches the devices
             from omni import pipeline
 
             sys.exit(pipeline.run(config, workdir))
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the trainer takes them over while it trains
+            signal.signal(signum, _stop)
         parallel.split_cpu_host(config_lib.cpu_devices(config))
         if not config.dry_run:  # a dry run allocates nothing and needs no other host
             init_distributed(config)
         sys.exit(run(config, workdir))
-    except (config_lib.ConfigError, DataError, checkpoint.CheckpointError, GenerationError) as e:
+    except (config_lib.ConfigError, DataError, checkpoint.CheckpointError, GenerationError, WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except trainer.DoesNotFit as e:
@@ -212,7 +259,11 @@ def main(argv) -> None:
     except trainer.NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except Stopped as e:
+        print(f"stopped by {e} (not while training: nothing of this run was saved); rerun the same command to "
+              "go on", flush=True)
+        sys.exit(0)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

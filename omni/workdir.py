@@ -6,22 +6,36 @@
     tokenizer.model   the run's tokenizer (tokenizer.json for an imported Hugging Face one)
     samples.jsonl     what the sample and label stages drew
     summary.json      the stage's headline metrics, written when it finishes: a workdir with it is done
+    lock              while a run holds the workdir: who (host, pid, command)
+    damaged/          checkpoint steps found damaged, set aside (never deleted)
 
 Stages, the trainer, the pipeline and the sweep read and write these files only through `Workdir`.
+
+Nothing is lost: a run checks the workdir before it writes anything (`hold`), a checkpoint is checksummed
+once saved and checked before it is read (the newest intact step is used), and config.json (the run's
+identity) is written only once training starts, so a run refused at any check leaves the workdir as it was.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import shutil
+import socket
+import sys
 import tempfile
+import time
 from typing import Any, Callable
+
+from flax import traverse_util
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from omni import config as config_lib
 from omni import data
@@ -33,7 +47,23 @@ from omni.train import checkpoint
 from omni.train.checkpoint import CheckpointError
 
 CONFIG, SUMMARY, METRICS, TENSORBOARD = "config.json", "summary.json", "metrics.jsonl", "tb"
-CHECKPOINTS, SAMPLES = "checkpoints", "samples.jsonl"
+CHECKPOINTS, SAMPLES, LOCK, DAMAGED = "checkpoints", "samples.jsonl", "lock", "damaged"
+
+# The keys a rerun may change and still resume the workdir's run (a key, or a whole section "name."): how long
+# and how fast it runs, its learning-rate schedule, how often it logs, evaluates and saves, and the devices.
+# Every other key is the run's identity (stage, architecture, tokenizer and data, shapes, optimizer): a rerun
+# that differs in one is refused before anything is written.
+RESUMABLE = (
+    "name", "dry_run", "force", "topology", "cpu_devices", "mesh.", "distributed.coordinator",
+    "distributed.process_id", "data.data_dir", "model.remat", "model.attention", "model.attention_chunk",
+    "model.dropout", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.checkpoint_every", "train.keep_checkpoints", "optim.lr", "optim.warmup_steps", "optim.decay_steps",
+    "optim.min_lr_ratio", "sft.", "ppo.iterations", "ppo.eval_prompts", "ppo.eval_samples",
+    "ppo.ptx_eval_batches", "ppo.sample_every", "prompt", "sample.")
+
+
+class WorkdirError(RuntimeError):
+    """A workdir this run cannot use (a file, not writable, held by another run); the message names it."""
 
 
 def write_atomic(path: str, data_: bytes) -> None:
@@ -41,6 +71,9 @@ def write_atomic(path: str, data_: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".")
     with os.fdopen(fd, "wb") as f:
         f.write(data_)
+    umask = os.umask(0o22)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it: mkstemp's are private to the user
     os.replace(tmp, path)
 
 
@@ -56,6 +89,7 @@ class Workdir:
         self.path = path
         self._reader: ocp.CheckpointManager | None = None
         self._metas: dict[int, tuple[ml_collections.ConfigDict, str, dict | None]] = {}
+        self._intact: int | None = None
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -63,6 +97,126 @@ class Workdir:
     def create(self) -> "Workdir":
         os.makedirs(self.path, exist_ok=True)
         return self
+
+    # -- holding the workdir for one run -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hold(self, config: ml_collections.ConfigDict):
+        """The workdir for one run of `config`, checked before anything is written: it must be a writable
+        directory, hold no other run's identity and no live run's lock. Process 0 locks it while the run lasts;
+        a run that fails or is stopped before it has started training (config.json) leaves it as it found it."""
+        self.check_writable()
+        self.check_identity(config)
+        if jax.process_index() != 0:
+            yield self
+            return
+        existed = os.path.isdir(self.path)
+        before = set(os.listdir(self.path)) if existed else set()
+        self._lock()
+        try:
+            yield self
+        except BaseException:
+            self._unlock()
+            if not os.path.isfile(self.file(CONFIG)):
+                self._remove_created(existed, before)
+            raise
+        self._unlock()
+
+    def check_writable(self) -> None:
+        """The workdir (or the directory it will be made in) and its checkpoints can be written: found now,
+        not at the first save."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise WorkdirError(f"workdir {self.path} is a file, not a directory; name another --workdir")
+        place = self.path
+        while not os.path.isdir(place):
+            place = os.path.dirname(os.path.abspath(place))
+        for where in (place, self.file(CHECKPOINTS)):
+            if where == self.file(CHECKPOINTS) and not os.path.lexists(where):
+                continue
+            if not os.path.isdir(where):
+                raise WorkdirError(f"{where} is not a directory; the run cannot save checkpoints there")
+            try:  # os.access is no proof (root, read-only mounts): try it
+                fd, probe = tempfile.mkstemp(dir=where, prefix=".omni-write-test-")
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                raise WorkdirError(f"cannot write in {where} ({e.strerror}); the run would fail at its first "
+                                   "save. Make it writable or name another --workdir") from e
+
+    def check_identity(self, config: ml_collections.ConfigDict) -> None:
+        """A workdir that holds a run can only be resumed by the same run: every key outside RESUMABLE equal."""
+        saved = self.saved_config()
+        if saved is None:
+            return
+        ours = traverse_util.flatten_dict(config.to_dict(), sep=".")
+        theirs = traverse_util.flatten_dict(config_lib.with_defaults(saved).to_dict(), sep=".")
+        differ = [k for k in sorted(ours, key=lambda k: (k != "stage", k))  # a different stage first
+                  if k in theirs and ours[k] != theirs[k] and not _resumable(k)]
+        if differ:
+            shown = ", ".join(f"config.{k}={theirs[k]!r} (this run: {ours[k]!r})" for k in differ[:4])
+            more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+            raise config_lib.ConfigError(
+                f"{self.path} holds a {theirs.get('stage')!r} run with {shown}{more}; a rerun may change only "
+                "steps, the lr schedule, logging/eval/checkpoint cadence and devices (workdir.RESUMABLE). "
+                "Rerun with the workdir's values or name another --workdir")
+
+    def _lock(self) -> None:
+        """Takes the workdir's lock file: refused while a live run holds it; a dead run's is taken over."""
+        self.create()
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+        while True:
+            try:
+                fd = os.open(self.file(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._lock_holder()
+                if holder is not None:
+                    raise WorkdirError(holder) from None
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return
+
+    def _lock_holder(self) -> str | None:
+        """Who holds the existing lock, as the refusal's text; None after taking over a stale one."""
+        try:
+            with open(self.file(LOCK)) as f:
+                held = json.load(f)
+            host, pid = held["host"], int(held["pid"])
+        except FileNotFoundError:
+            return None  # released meanwhile
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.time() - os.path.getmtime(self.file(LOCK)) < 10:  # being written right now
+                return f"{self.path} is being locked by another run (file {self.file(LOCK)})"
+            host, pid, held = socket.gethostname(), -1, {}
+        if host != socket.gethostname():
+            return (f"{self.path} is in use by pid {pid} on host {host} since {held.get('since')}; if that run has "
+                    f"ended, delete {self.file(LOCK)}")
+        if pid > 0 and _process_start(pid) is not None and _process_start(pid) == held.get("started"):
+            return (f"{self.path} is in use by another run (pid {pid}, since {held.get('since')}: "
+                    f"{held.get('command', '')[:120]}); wait for it or name another --workdir")
+        print(f"warning: taking over the lock of a run that is gone (pid {pid}, since {held.get('since')})",
+              flush=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.file(LOCK))
+        return None
+
+    def _unlock(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            with open(self.file(LOCK)) as f:
+                mine = json.load(f).get("pid") == os.getpid()
+            if mine:
+                os.unlink(self.file(LOCK))
+
+    def _remove_created(self, existed: bool, before: set[str]) -> None:
+        """Removes what this run created in the workdir (the workdir too, if it made it)."""
+        if not os.path.isdir(self.path):
+            return
+        for name in set(os.listdir(self.path)) - before:
+            path = self.file(name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
 
     # -- the run's JSON files ------------------------------------------------------------------------------
     @property
@@ -90,11 +244,23 @@ class Workdir:
             return json.load(f)
 
     def metrics(self) -> list[dict]:
-        """Every line of metrics.jsonl, in order (empty before the first logged step)."""
+        """Every line of metrics.jsonl, in order (empty before the first logged step). A line cut short by a
+        kill mid-write is left out."""
         if not os.path.isfile(self.file(METRICS)):
             return []
-        with open(self.file(METRICS)) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(self.file(METRICS), "rb") as f:
+            return [r for r in map(_json_line, f) if r is not None]
+
+    def keep_metrics_until(self, step: int) -> None:
+        """Drops the metrics logged after `step` (the step a run resumes from), so that each step is in
+        metrics.jsonl once however often the run was stopped and resumed."""
+        if not os.path.isfile(self.file(METRICS)):
+            return
+        with open(self.file(METRICS), "rb") as f:
+            lines = [line for line in f if line.strip()]
+        kept = [r for r in map(_json_line, lines) if r is not None and r.get("step", 0) <= step]
+        if len(kept) != len(lines):  # also a torn last line
+            write_atomic(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def writer(self, keep: int) -> ocp.CheckpointManager:
@@ -111,22 +277,82 @@ class Workdir:
             return None
         return checkpoint.manager(self.path, keep=1, read_only=True).latest_step()  # fresh: steps get added
 
+    def intact_step(self) -> int:
+        """The newest step whose files are as they were saved. Newer damaged ones are named in a warning and
+        left where they are (a reader changes nothing; the next training run sets them aside)."""
+        if self._intact is not None:
+            return self._intact
+        damaged = []
+        for step, path in sorted(checkpoint.step_dirs(self.path).items(), reverse=True):
+            reason = checkpoint.damage(path)
+            if reason is None:
+                if damaged:
+                    print(f"warning: {'; '.join(damaged)}: using step {step}", file=sys.stderr, flush=True)
+                self._intact = step
+                return step
+            damaged.append(f"checkpoint {path} is damaged ({reason})")
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint in {self.file(CHECKPOINTS)}: {'; '.join(damaged)}")
+        raise CheckpointError(f"no checkpoint in {self.file(CHECKPOINTS)}")
+
+    def resume(self, target, data_iter):
+        """(train state, step) from the newest intact checkpoint onto `target`, moving `data_iter` to its
+        position; None when there is none. A newer step that is damaged or cannot be restored is set aside
+        into damaged/ (never deleted), with a warning naming it."""
+        for step, path in sorted(checkpoint.step_dirs(self.path).items(), reverse=True):
+            reason = checkpoint.damage(path)
+            if reason is None:
+                try:
+                    state = checkpoint.restore(checkpoint.manager(self.path, keep=1, read_only=True), step, target,
+                                               data_iter)
+                except CheckpointError as e:
+                    reason = str(e)
+                else:
+                    print(f"resuming from {path}", flush=True)
+                    return state, step
+            self._set_aside(step, path, reason)
+        return None
+
+    def _set_aside(self, step: int, path: str, reason: str) -> None:
+        """Moves a damaged step out of checkpoints/ (Orbax would restore or overwrite it) into damaged/."""
+        dest = self.file(os.path.join(DAMAGED, str(step)))
+        n = 1
+        while os.path.exists(dest):
+            n += 1
+            dest = self.file(os.path.join(DAMAGED, f"{step}-{n}"))
+        if jax.process_index() == 0:
+            os.makedirs(self.file(DAMAGED), exist_ok=True)
+            os.replace(path, dest)
+        if jax.process_count() > 1:  # every process sees the same steps from here on
+            multihost_utils.sync_global_devices(f"omni set aside {step}")
+        print(f"warning: checkpoint {path} is damaged ({reason}); set aside in {dest}", flush=True)
+
     def meta(self, step: int | None = None) -> tuple[ml_collections.ConfigDict, str, int]:
-        """(config, path of the tokenizer file written beside the checkpoints, step) of a checkpoint."""
-        step = self.latest_step() if step is None else step
+        """(config, path of the tokenizer file written beside the checkpoints, step) of a checkpoint: the given
+        step, or the newest intact one."""
         if step is None:
-            raise CheckpointError(f"no checkpoint in {self.file(CHECKPOINTS)}")
+            step = self.intact_step()
+        elif step not in self._metas:
+            self._check_step(step)
         if step not in self._metas:
             self._metas[step] = self._read_meta(step)
         config, tokenizer_path, _ = self._metas[step]
         return config, tokenizer_path, step
+
+    def _check_step(self, step: int) -> None:
+        path = checkpoint.step_dirs(self.path).get(step)
+        if path is None:
+            raise CheckpointError(f"no step {step} in {self.file(CHECKPOINTS)} (steps: "
+                                  f"{sorted(checkpoint.step_dirs(self.path))})")
+        if reason := checkpoint.damage(path):
+            raise CheckpointError(f"checkpoint {path} is damaged ({reason})")
 
     def _read_meta(self, step: int) -> tuple[ml_collections.ConfigDict, str, dict | None]:
         where = f"{self._read().directory}/{step}"
         try:
             m = self._read().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
-            raise CheckpointError(f"cannot read checkpoint {where}: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"cannot read checkpoint {where}: {checkpoint.first_line(e)}") from e
         # Checkpoints written before HF tokenizers existed hold only a sentencepiece model.
         name = m.get("tokenizer_file", SENTENCEPIECE_FILE)
         data_ = m.get("tokenizer_b64", m.get("tokenizer_model_b64"))
@@ -144,7 +370,7 @@ class Workdir:
             return self._read().restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot restore params from {self._read().directory}/{step}: "
-                                  f"{type(e).__name__}: {e}") from e
+                                  f"{checkpoint.first_line(e)}") from e
 
     def model_params(self, place: Callable[[Any], Any], step: int | None = None
                      ) -> tuple[ml_collections.ConfigDict, Any, str, int]:
@@ -210,6 +436,9 @@ class Workdir:
     # -- the tokenizer ---------------------------------------------------------------------------------------
     def stage_tokenizer(self, config: ml_collections.ConfigDict) -> data.Tokenizer:
         """The tokenizer of the stage this run starts from (config.init_from) or of its corpus, copied here."""
+        own = [self.file(n) for n in (SENTENCEPIECE_FILE, HF_FILE) if os.path.isfile(self.file(n))]
+        if own and self.saved_config() is not None:  # a resumed run keeps the tokenizer it was trained with
+            return data.Tokenizer(own[0])
         if config.init_from:
             _, path, _ = Workdir(config.init_from).meta()
             tokenizer = data.Tokenizer(path)
@@ -219,6 +448,31 @@ class Workdir:
         else:
             tokenizer = data.get_tokenizer(config)
         return data.Tokenizer(tokenizer.save(self.create().path))  # atomic: every process writes the same file
+
+
+def _json_line(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:  # also not UTF-8
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, Linux), so that a reused pid is not taken for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError, OverflowError, ValueError):
+            return None
+        return "alive"
 
 
 def _older_models(config: ml_collections.ConfigDict) -> dict | None:

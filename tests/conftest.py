@@ -5,6 +5,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 
 def _compilation_cache() -> dict[str, str]:
     """One persistent JAX compilation cache for the omni processes this test session starts (the CLI tests compile
@@ -36,6 +38,32 @@ def run_cli(args, cwd=ROOT, env=None, timeout=600, **kw):
     full_env = {**os.environ, **COMPILATION_CACHE, **(env or {})}
     return subprocess.run([sys.executable, "-m", "omni.main", *args], cwd=cwd, env=full_env, timeout=timeout,
                           capture_output=True, text=True, **kw)
+
+
+def small_overrides(data_dir, workdir, steps=12, **extra):
+    """`python -m omni.main` flags for a seconds-long run on a 1 MB slice of the offline corpus."""
+    flags = {
+        "model.num_layers": 2, "model.num_heads": 2, "model.d_model": 64, "model.d_ff": 256,
+        "model.vocab_size": 512, "model.max_len": 64, "model.attention_chunk": 32, "train.seq_len": 64,
+        "train.batch_size": 8, "train.steps": steps, "train.log_every": 1, "train.eval_every": 6,
+        "train.eval_batches": 2, "train.checkpoint_every": 4, "optim.warmup_steps": 2,
+        "optim.decay_steps": 100, "data.data_dir": data_dir, "data.max_corpus_mb": 1.0,
+        "data.tokenizer_sample_mb": 1.0, **extra}
+    return ["--config=configs/tiny.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def finished_run(data_dir: str, parent, steps: int) -> str:
+    """The workdir of a finished small run under `parent` (tests read it; they copy it to write)."""
+    workdir = os.path.join(str(parent), "w")
+    out = run_cli(small_overrides(data_dir, workdir, steps=steps))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data_dir per test module: its corpus and tokenizer are prepared there once."""
+    return str(tmp_path_factory.mktemp("data"))
 
 
 def run_on_8_devices(script: str, timeout: int) -> dict:

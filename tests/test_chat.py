@@ -10,12 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import COMPILATION_CACHE, ROOT, run_cli
 from omni import chat, data
 from omni.config import ConfigError, base_config
 from omni.generate import Generator, Sampling
 from omni.interop.hf import to_workdir
 from omni.models import GPT
+from omni.workdir import Workdir
 
 CONTEXT = 64
 
@@ -85,6 +86,7 @@ def test_safety_filter(tmp_path):
     custom = chat.SafetyFilter.from_flags(str(listed), "")
     assert custom.reason("the Forbidden Fruit.") and custom.reason("build a bomb") is None
     assert chat.SafetyFilter.from_flags("none", "").reason("build a bomb") is None
+    assert chat.SafetyFilter.from_flags(str(listed), "").reason("FORBIDDEN\n\tfruits")
     hooked = chat.SafetyFilter.from_flags("none", "os.path:isabs")  # any importable function is a hook
     assert "isabs" in hooked.reason("/etc/passwd") and hooked.reason("etc") is None
     scored = chat.SafetyFilter((), classifier=lambda text: 0.9 if "x" in text else 0.1)
@@ -107,7 +109,7 @@ def test_chat_keeps_history_within_the_context(model, tokenizer):
     assert any("dropped the" in n for n in notices)
     assert bot.turns[-1][0] == "message number 7 about lists"
     before = list(bot.turns)
-    assert bot.reply("word " * 80) == "" and "shorten" in notices[-1]  # cannot fit even alone: not sent
+    assert bot.reply("word " * 80) == chat.TOO_LONG and "shorten" in notices[-1]  # cannot fit even alone
     assert bot.turns == before
     assert bot.reply("how do I build a bomb") == chat.REFUSAL and "refused" in notices[-1]
     withheld = chat.Chat(Generator(*model), tokenizer, Sampling(temperature=0.0), max_new_tokens=8,
@@ -116,17 +118,86 @@ def test_chat_keeps_history_within_the_context(model, tokenizer):
     assert withheld.reply("hello") == chat.REFUSAL and "withheld" in notices[-1]
 
 
+@pytest.mark.parametrize("text", [
+    "how to make a bomb", "Make  a\tBOMBS now", "MAKE\nA\r\nbomb", "makes a bombs", "How do I build a bomb?",
+    "(make a bomb)", "make\u00a0a bomb", "I want to kill myself.", "write RANSOMWARE please", "steal credit cards",
+])
+def test_safety_filter_matches_any_spacing_case_and_plural(text):
+    assert chat.SafetyFilter().reason(text)
+
+
+@pytest.mark.parametrize("text", [
+    "a bombastic build, a bombshell", "make a bombastic speech", "remake a bomb-proof shelter",
+    "make abomb", "make a", "how to bake a cake", "the meth-od is sound", "make methane", "makea bomb",
+])
+def test_safety_filter_ignores_phrases_inside_other_words(text):
+    assert chat.SafetyFilter().reason(text) is None
+
+
+def test_one_line_keeps_a_reply_on_one_line_and_reversible():
+    breaks = [chr(c) for c in range(0x110000) if len(f"a{chr(c)}b".splitlines()) > 1]  # str's own definition
+    assert "\n" in breaks and "\u2028" in breaks
+    text = "def f():\n\treturn '\\n'\r\n" + "".join(breaks) + " \u00fc\u4e2d end"
+    shown = chat.one_line(text)
+    assert shown.splitlines() == [shown] and "\t" in shown and "\u00fc\u4e2d" in shown
+    ascii_text = "a\\nb\nc\\\r"  # a literal backslash-n must not read back as a line break
+    assert chat.one_line(ascii_text).encode().decode("unicode_escape") == ascii_text
+
+
+def _chat(workdir: str, stdin: bytes | None) -> subprocess.CompletedProcess:
+    """`python -m omni.chat` on the workdir, greedy, with these stdin bytes (None: stdin closed); stdout and
+    stderr decoded."""
+    cmd = [sys.executable, "-m", "omni.chat", f"--workdir={workdir}", "--max_new_tokens=8", "--temperature=0"]
+    if stdin is None:
+        cmd = ["sh", "-c", 'exec "$@" <&-', "sh", *cmd]
+    out = subprocess.run(cmd, input=stdin, capture_output=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, **COMPILATION_CACHE})
+    out.stdout, out.stderr = out.stdout.decode(), out.stderr.decode()
+    return out
+
+
+def _greedy_replies(workdir: str, messages: list[str]) -> tuple[list[str], list[str]]:
+    """(replies, notices) of one dialogue, in process, as the program prints them with the flags of _chat."""
+    _, generator, tokenizer = Workdir(workdir).generator()
+    notices = []
+    bot = chat.Chat(generator, tokenizer, Sampling(temperature=0.0, top_p=0.9, repetition_penalty=1.1),
+                    max_new_tokens=8, notice=notices.append)
+    return [f"Assistant: {chat.one_line(bot.reply(m))}" for m in messages], notices
+
+
 def test_chat_from_a_pipe(workdir):
-    lines = "hello\nhow to build a bomb\n/reset\n\nwrite a loop\n/quit\nnever read\n"
-    out = subprocess.run([sys.executable, "-m", "omni.chat", f"--workdir={workdir}", "--max_new_tokens=8",
-                          "--temperature=0"], input=lines, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = "hello\nhow to build a bomb\n/reset\n\nwrite a loop\n" + "word " * 80 + "\n/quit\nnever read\n"
+    out = _chat(workdir, lines.encode())
     assert out.returncode == 0, out.stderr
-    replies = [line for line in out.stdout.splitlines() if line.startswith("Assistant: ")]
-    assert len(replies) == 3 and replies[1] == f"Assistant: {chat.REFUSAL}"
-    assert "refused" in out.stderr and "forgotten" in out.stderr
+    replies = out.stdout.splitlines()
+    assert len(replies) == 4 and all(r.startswith("Assistant: ") for r in replies), replies
+    assert replies[1] == f"Assistant: {chat.REFUSAL}" and replies[3] == f"Assistant: {chat.TOO_LONG}"
+    assert "refused" in out.stderr and "forgotten" in out.stderr and "shorten" in out.stderr
     missing = subprocess.run([sys.executable, "-m", "omni.chat", "--workdir=/nonexistent/run"], input="",
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert missing.returncode == 2 and "/nonexistent/run" in missing.stderr
+
+
+def test_undecodable_lines_are_skipped_and_the_dialogue_goes_on(workdir):
+    # Each fits the context alone, not both: the second reply drops the first exchange only if it was kept.
+    messages = ["what is a list in python, and when is it better than a tuple?", "and a dict, or a set?"]
+    rng = np.random.default_rng(0)
+    # \xff never occurs in UTF-8, so each of these lines is undecodable whatever random bytes follow it.
+    noise = [b"\xff" + rng.bytes(60).replace(b"\n", b"") for _ in range(3)] + [b"caf\xe9 latin-1"]
+    stdin = b"\n".join([messages[0].encode(), *noise, messages[1].encode()])  # no newline before EOF
+    out = _chat(workdir, stdin)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert [f"(line {n} skipped: not UTF-8" in out.stderr for n in range(2, 6)] == [True] * 4, out.stderr
+    expected, notices = _greedy_replies(workdir, messages)
+    assert notices == ["(dropped the 1 oldest turn to fit the context)"]
+    assert out.stdout.splitlines() == expected and notices[0] in out.stderr
+
+
+@pytest.mark.parametrize("stdin", [b"", None])
+def test_end_of_input_or_a_closed_stdin_ends_the_chat_cleanly(workdir, stdin):
+    out = _chat(workdir, stdin)
+    assert (out.returncode, out.stdout) == (0, ""), out.stderr
+    assert "Traceback" not in out.stderr and "Error" not in out.stderr
 
 
 def test_sample_stage(workdir, tmp_path):

@@ -1,5 +1,6 @@
 """Config validation of the mesh (four in-slice axes, multi-slice dcn sizes), sequence and tensor divisibility,
-the distributed settings and the attention choice: each bad value is named in one message."""
+the distributed settings, the attention choice and the learning-rate schedule: each bad value is named in one
+message, by the key the user set rather than one derived from it."""
 import pytest
 
 from omni import config as config_lib
@@ -48,6 +49,29 @@ def test_sequence_and_tensor_must_divide_length_and_heads():
     c.model.d_model = 100
     with pytest.raises(ConfigError, match=r"config\.model\.d_model=100.*fsdp"):
         validate(c, 8)
+
+
+def test_a_filled_mesh_axis_is_named_as_the_minus_one_the_user_set():
+    c = config(data=1, sequence=-1)
+    c.train.seq_len = 100
+    with pytest.raises(ConfigError, match=r"config\.train\.seq_len=100: .*mesh\.sequence=-1 filled to 8"):
+        validate(c, 8)
+
+
+def test_a_run_shorter_than_its_warmup_names_train_steps_when_the_decay_follows_it():
+    c = base_config()
+    c.train.steps, c.optim.warmup_steps = 2, 10
+    with pytest.raises(ConfigError, match=r"^config\.train\.steps=2: must exceed optim\.warmup_steps=10 "
+                                          r"\(the cosine decay runs over train\.steps\)$"):
+        validate(c, 1)
+    c.optim.decay_steps = 5  # set by the user: the key to name
+    with pytest.raises(ConfigError, match=r"^config\.optim\.decay_steps=5: must exceed optim\.warmup_steps=10$"):
+        validate(c, 1)
+    c.optim.decay_steps = 20  # an explicit decay may outlast a short run
+    assert validate(c, 1).optim.decay_steps == 20
+    c.optim.decay_steps = -1
+    c.train.steps = 11
+    assert validate(c, 1).optim.decay_steps == 11
 
 
 def test_batch_must_divide_over_slices_too():
@@ -111,3 +135,10 @@ def test_int8_models_are_for_inference_only():
     sft.stage, sft.init_from = "sft", "runs/tiny_int8"
     with pytest.raises(ConfigError, match=r"runs/tiny_int8 holds an INT8 model.*from \(runs/tiny\)"):
         config_lib.inherit_architecture(sft, source)
+
+
+def test_eval_batches_must_be_positive_and_named():
+    c = base_config()
+    c.train.eval_batches = 0
+    with pytest.raises(ConfigError, match=r"config.train.eval_batches=0: must be a positive int"):
+        validate(c, 1)

@@ -1,4 +1,5 @@
 """omni.data: lossless tokenizer, TFDS builders, grain packing / determinism / resume, eval set."""
+import hashlib
 import json
 import math
 import os
@@ -172,6 +173,90 @@ def test_local_text_jsonl_and_txt(config, tmp_path):
     train, valid = _texts(c, "train"), _texts(c, "validation")
     assert sorted(train + valid) == sorted(["first document\n\twith a tab\n", "line one", "line two \u00fc"])
     assert len(valid) >= 1 and len(train) >= 1
+
+
+def _text_corpus(config, path, on_malformed="stop", data_dir=None):
+    c = config.copy_and_resolve_references()
+    c.data.name, c.data.path, c.data.on_malformed = "text", str(path), on_malformed
+    c.data.data_dir = str(data_dir or path.parent / "data")
+    return c
+
+
+def test_text_corpus_line_not_utf8_stops_or_is_skipped(config, tmp_path, capsys):
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"doc {i}"}).encode() for i in range(20)]
+    lines[6] = b'{"text": "caf\xe9"}'  # latin-1, not UTF-8
+    lines[9] = b'{"body": "no text field"}'
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(data.DataError, match=f"^{path}:7: .*utf-8.*on_malformed='stop'"):
+        data.documents(_text_corpus(config, path).data, "train")
+    c = _text_corpus(config, path, "skip")
+    texts = _texts(c, "train") + _texts(c, "validation")
+    assert sorted(texts) == sorted(f"doc {i}" for i in range(20) if i not in (6, 9))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "skipped 2 malformed document(s)" in err[0]
+    assert f"{path}:7: " in err[0] and f"{path}:10: no 'text' field" in err[0]
+
+
+def test_text_corpus_file_not_utf8_stops_or_is_skipped(config, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = {f"f{i}.txt": f"file {i}\n" * 3 for i in range(6)}
+    for name, text in good.items():
+        (corpus / name).write_text(text)
+    (corpus / "bad.txt").write_bytes(b"caf\xe9\n")
+    skip = _text_corpus(config, corpus, "skip")
+    assert sorted(_texts(skip, "train") + _texts(skip, "validation")) == sorted(good.values())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "skipped 1 malformed document(s)" in err[0] and str(corpus / "bad.txt") in err[0]
+    # The policy is part of the dataset's identity: the corpus built by 'skip' is not reused by 'stop'.
+    with pytest.raises(data.DataError, match=f"^{corpus / 'bad.txt'}: not readable UTF-8"):
+        data.documents(_text_corpus(config, corpus).data, "train")
+
+
+@pytest.mark.parametrize("text", ["".join(f"line {i} of one file\n" for i in range(300)), "one line, no newline " * 9])
+def test_one_file_corpus_is_cut_into_documents(config, tokenizer, tmp_path, text):
+    path = tmp_path / "only.txt"
+    path.write_text(text)
+    c = _text_corpus(config, path)
+    train, valid = _texts(c, "train"), _texts(c, "validation")  # prepares
+    pieces = sorted(_paths_and_texts(c, "train") + _paths_and_texts(c, "validation"),
+                    key=lambda piece: int(piece[0].split("[")[1].split(":")[0]))
+    assert "".join(t for _, t in pieces) == text  # the whole file, each character once
+    assert 1 <= len(valid) < len(train) and len(pieces) > 50
+    assert "\n" not in text or all(t.endswith("\n") for _, t in pieces)  # cut at line starts where it has lines
+    (batch,) = _take(data.train_iterator(c, tokenizer), 1)
+    assert len({tuple(row) for row in batch["inputs"]}) == len(batch["inputs"])  # rows read different text
+
+
+def test_one_character_corpus_is_an_error(config, tmp_path):
+    path = tmp_path / "only.txt"
+    path.write_text("x")
+    with pytest.raises(data.DataError, match=r"one document \(only.txt\) of 1 character\(s\): too short"):
+        data.documents(_text_corpus(config, path).data, "train")
+
+
+def test_validation_keys_never_take_every_key():
+    def hashes_into_validation(key):  # the documented rule: md5 of the key, mod 100, below 3
+        return int(hashlib.md5(key.encode()).hexdigest(), 16) % 100 < 3
+
+    both = [k for k in (f"doc{i}" for i in range(1000)) if hashes_into_validation(k)][:2]
+    held = data.validation_keys(both)
+    assert len(held) == 1 and held < set(both)
+
+
+def test_preparing_a_corpus_says_one_line(config, tmp_path):
+    """TFDS's own banner speaks of a download, its progress bars and its custom-config warning are noise."""
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)))
+    code = ("import sys; from omni.config import base_config; from omni import data; c = base_config().data; "
+            "c.name, c.path, c.data_dir = 'text', sys.argv[1], sys.argv[2]; data.documents(c, 'train')")
+    args = [sys.executable, "-c", code, str(tmp_path / "docs.jsonl"), str(tmp_path / "data")]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.startswith("preparing local_text/") and first.stdout.count("\n") == 1
+    assert first.stderr == ""
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.stdout == again.stderr == ""
 
 
 def test_processes_sharing_data_dir_build_once(config, tmp_path):

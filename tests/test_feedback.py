@@ -184,6 +184,11 @@ def test_builders_round_trip_with_eval_path(tmp_path):
     assert os.path.exists(os.path.join(data.data_dir, "demonstrations"))
     assert any(f.endswith(".array_record-00000-of-00001") for _, _, files in os.walk(data.data_dir) for f in files)
 
+    # Messages about a split's examples name the file that holds it.
+    assert train.where == f"config.data.path={path!r}: split 'train'"
+    validation = feedback.demonstrations(data, "validation")
+    assert validation.where == f"config.data.eval_path={eval_path!r}: split 'validation'"
+
     path = _write(tmp_path / "prefs.jsonl", _prefs(5))
     eval_path = _write(tmp_path / "prefs_eval.jsonl", _prefs(2))
     train = feedback.preferences(_data(tmp_path, path, eval_path), "train")

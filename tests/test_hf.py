@@ -1,24 +1,28 @@
 """Hugging Face GPT-2 interop: logits equal to transformers' both ways, exact round trips, omni workdirs, HF
 tokenizers, and one clear error per kind of bad input."""
 import base64
+import glob
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import omni
 from conftest import ROOT
-from omni.data import Tokenizer
+from omni.config import base_config
+from omni.data import Tokenizer, train_tokenizer
 from omni.interop import hf
 from omni.models import GPT
 from omni.train import checkpoint
@@ -154,6 +158,11 @@ def _broken(hf_model, tmp_path, config=None, tensors=None):
     ({"scale_attn_weights": False}, {}, "scale_attn_weights=false"),
     ({"tie_word_embeddings": False}, {"lm_head.weight": np.zeros((300, 64), np.float32)},
      "lm_head.weight differs from wte.weight"),
+    ({"n_head": None}, {}, "config.json: no 'n_head'"),
+    ({"n_embd": "64"}, {}, 'config.json: n_embd="64" must be a positive integer'),
+    ({"n_layer": 2.0}, {}, "config.json: n_layer=2.0 must be a positive integer"),
+    ({"n_positions": None, "n_ctx": True}, {}, "config.json: n_ctx=true must be a positive integer"),
+    ({"n_inner": -1}, {}, "config.json: n_inner=-1 must be a positive integer"),
 ])
 def test_bad_hf_directory_is_one_clear_error(hf_model, tmp_path, config, tensors, message):
     with pytest.raises(hf.HFError) as e:
@@ -166,9 +175,25 @@ def test_missing_directory_config_and_weights(tmp_path):
         hf.from_hf(str(tmp_path / "nope"))
     with pytest.raises(hf.HFError, match="has no config.json"):
         hf.from_hf(str(tmp_path))
+    for text, message in [("{'model_type': 'gpt2'}", "config.json: not valid JSON (Expecting property name"),
+                          ('["gpt2"]', "config.json: expected a JSON object, found a list")]:
+        (tmp_path / hf.CONFIG).write_text(text)
+        with pytest.raises(hf.HFError, match=message.replace("(", r"\(")):
+            hf.from_hf(str(tmp_path))
     (tmp_path / hf.CONFIG).write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 1,
                                                   "vocab_size": 8, "n_positions": 8}))
     with pytest.raises(hf.HFError, match="has no model.safetensors"):
+        hf.from_hf(str(tmp_path))
+
+
+def test_tensor_of_a_dtype_numpy_lacks_is_one_error(hf_model, tmp_path):
+    import safetensors.torch
+
+    tensors = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(hf_model[0], hf.WEIGHTS)).items()}
+    tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"].to(torch.float8_e5m2)
+    safetensors.torch.save_file(tensors, str(tmp_path / hf.WEIGHTS), metadata={"format": "pt"})
+    shutil.copy(os.path.join(hf_model[0], hf.CONFIG), tmp_path)
+    with pytest.raises(hf.HFError, match=f"{tmp_path / hf.WEIGHTS}: cannot read tensor 'transformer.wpe.weight'"):
         hf.from_hf(str(tmp_path))
 
 
@@ -247,11 +272,114 @@ def test_cli_import_export_round_trip(hf_model, tmp_path, capsys):
     m, params = hf.from_hf(out)
     _, original = hf.from_hf(path)
     _assert_same_params(params, original)
+    original = Tokenizer(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(out, hf.CONFIG)) as f:
-        assert json.load(f)["eos_token_id"] == Tokenizer(os.path.join(path, "tokenizer.json")).eos_id
+        assert json.load(f)["eos_token_id"] == original.eos_id
+    loaded = AutoTokenizer.from_pretrained(out)
+    assert [loaded.encode(t, add_special_tokens=False) for t in TEXTS[:3]] == [original.encode(t) for t in TEXTS[:3]]
 
     other = _bpe(tmp_path / "small" / "tokenizer.json", 280)
     with pytest.raises(SystemExit) as e:
         hf.main(["import", path, str(tmp_path / "w2"), f"--tokenizer={other}"])
     assert e.value.code == 2
     assert f"error: tokenizer {other} has 280 pieces but model vocab_size 300" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["weights cut in their data", "weights cut in their header", "config not JSON"])
+def test_import_of_a_damaged_file_is_one_line_naming_it(hf_model, tmp_path, damage):
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_model[0], bad)
+    culprit = bad / (hf.CONFIG if damage == "config not JSON" else hf.WEIGHTS)
+    data = culprit.read_bytes()
+    culprit.write_bytes({"weights cut in their data": data[: len(data) // 2], "weights cut in their header": data[:6],
+                         "config not JSON": data[:40]}[damage])
+    run = subprocess.run([sys.executable, "-m", "omni.interop.hf", "import", str(bad), str(tmp_path / "w")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) <= 5 and lines[0].startswith(f"error: {culprit}: "), run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "w").exists()
+
+
+# --- a sentencepiece tokenizer in a HF directory ----------------------------------------------------------
+
+# Text a tokenizer must get exactly right: newlines, runs of spaces and tabs, leading and trailing spaces,
+# digits, characters missing from the vocabulary (byte fallback), and the names of byte and unknown pieces.
+SAMPLES = ["def f(x):\n    return x  +  1\n\n\n", "  two  spaces,\ttabs\t\tand\r\nends   ", " lead", "trail ",
+           "12345 + 678", "\u00fcn\u00efc\u00f6d\u00e9 \u4e2d\u6587 \U0001f600 \u2581 <unk> <0x41>", "", " ", "\n"]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_run(tmp_path_factory):
+    """(workdir, tokenizer) of a random model with a sentencepiece tokenizer trained as omni trains one."""
+    root = tmp_path_factory.mktemp("spm")
+    files = sorted(glob.glob(os.path.join(os.path.dirname(json.__file__), "*.py")))
+    tokenizer = train_tokenizer([open(f, encoding="utf-8").read() for f in files], 512, str(root / "t.model"))
+    m = base_config().model
+    m.update(num_layers=1, num_heads=2, d_model=32, d_ff=64, vocab_size=tokenizer.vocab_size, max_len=32)
+    params = GPT(m).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    hf.to_workdir(m, params, tokenizer.model_path, str(root / "run"))
+    return str(root / "run"), tokenizer
+
+
+def test_export_of_a_sentencepiece_run_is_read_back_by_import_and_transformers(sentencepiece_run, tmp_path):
+    run_dir, original = sentencepiece_run
+    out, back = str(tmp_path / "hf"), str(tmp_path / "back")
+    cmd = (f"umask 022 && {sys.executable} -m omni.interop.hf export {run_dir} {out} && "
+           f"{sys.executable} -m omni.interop.hf import {out} {back}")  # no --tokenizer: the README's commands
+    run = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "no tokenizer.json" not in run.stdout and f"with tokenizer {out}/tokenizer.model" in run.stdout
+    assert {name: stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) for name in os.listdir(out)} == {
+        name: 0o644 for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
+                                 "tokenizer_config.json")}
+    imported = omni.load(back)[2]
+    transformers_tokenizer = AutoTokenizer.from_pretrained(out)
+    for text in SAMPLES + ["</s> <s> <pad>: control pieces' names are text to sentencepiece"]:
+        ids = original.encode(text)
+        assert imported.encode(text) == ids and transformers_tokenizer.encode(text, add_special_tokens=False) == ids
+        # sentencepiece writes a space as "\u2581", so it reads a "\u2581" of the text back as a space.
+        assert transformers_tokenizer.decode(ids) == imported.decode(ids) == original.decode(ids) == text.replace(
+            "\u2581", " ")
+    assert (transformers_tokenizer.bos_token_id, transformers_tokenizer.eos_token_id,
+            transformers_tokenizer.pad_token_id) == (original.bos_id, original.eos_id, original.pad_id)
+    assert (imported.bos_id, imported.eos_id, imported.pad_id) == (original.bos_id, original.eos_id, original.pad_id)
+
+
+def test_exported_files_follow_the_umask(sentencepiece_run, tmp_path):
+    config, params, tokenizer = omni.load(sentencepiece_run[0])
+    previous = os.umask(0o027)
+    try:
+        hf.to_hf(config.model, params, str(tmp_path), tokenizer)
+    finally:
+        os.umask(previous)
+    assert {stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in os.listdir(tmp_path)} == {0o640}
+
+
+def _train_sentencepiece(path, **options) -> spm.SentencePieceProcessor:
+    files = sorted(glob.glob(os.path.join(os.path.dirname(json.__file__), "*.py")))
+    lines = [line for f in files for line in open(f, encoding="utf-8").read().splitlines()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path), vocab_size=600,
+                                   model_type="bpe", minloglevel=2, **options)
+    return spm.SentencePieceProcessor(model_file=f"{path}.model")
+
+
+def test_sentencepiece_conversion_follows_the_whitespace_settings(tmp_path):
+    """A model with sentencepiece's own whitespace defaults (a dummy "▁" prefix, runs of spaces collapsed)."""
+    sp = _train_sentencepiece(tmp_path / "m", normalization_rule_name="identity", byte_fallback=True)
+    fast = hf._sentencepiece_to_hf(str(tmp_path / "m.model"))
+    rng = np.random.default_rng(0)
+    noise = ["".join(map(chr, rng.choice([9, 10, 32, *range(33, 127), *range(0xa0, 0x3000)], 200))) for _ in range(50)]
+    for text in SAMPLES + noise:
+        ids = sp.encode(text)
+        assert fast.encode(text, add_special_tokens=False).ids == ids, repr(text)
+        assert fast.decode(ids) == sp.decode(ids), repr(text)
+
+
+def test_sentencepiece_model_without_an_exact_tokenizer_json_is_still_exported(sentencepiece_run, tmp_path):
+    _train_sentencepiece(tmp_path / "nfkc")  # sentencepiece's default unicode normalisation, no byte fallback
+    config, params, _ = omni.load(sentencepiece_run[0])
+    wrote = hf.to_hf(config.model, params, str(tmp_path / "out"), Tokenizer(str(tmp_path / "nfkc.model")))
+    assert wrote == ("config.json, model.safetensors, tokenizer.model (no tokenizer.json: its sentencepiece model "
+                     "has no exact tokenizer.json form (unicode normalisation 'nmt_nfkc', no byte fallback))")
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert hf._tokenizer_in(str(tmp_path / "out")) == str(tmp_path / "out" / "tokenizer.model")

@@ -2,12 +2,14 @@
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from omni.config import base_config
-from omni.data import finetune
+from omni.data import DataError, finetune
 from omni.data.template import encode_dialogue
 from omni.losses import token_nll
 from omni.models import GPT
+from omni.stages import heldout
 
 
 class ToyTokenizer:
@@ -73,3 +75,53 @@ def test_train_iterator_is_resumable_and_epochs_reshuffle():
     assert [next(again)["x"].tolist() for _ in range(3)] == after
     rows = finetune.train_iterator(arrays, config, rows=[1, 3])
     np.testing.assert_array_equal(next(rows)["x"][:, 0], first[0][1::2])  # a process's rows of the same batch
+
+
+def _assistant_targets(tok, turns, limit):
+    """The assistant's tokens among the first `limit` tokens of a demonstration: what a row can train on."""
+    ids, mask = encode_dialogue(tok, turns)
+    return sum(mask[1:limit])
+
+
+def test_overlong_demonstrations_are_cut_or_dropped_with_one_warning_each(capsys):
+    tok, seq_len = ToyTokenizer(), 48
+    fits, long_reply, long_prompt = [("add 1 2", "3")], [("hi", "y" * 80)], [("x" * 80, "z")]
+    packed = finetune.pack_demonstrations(tok, [fits, long_reply, long_prompt], seq_len, "eval.jsonl")
+    expected = _assistant_targets(tok, fits, 99) + _assistant_targets(tok, long_reply, seq_len + 1)
+    assert packed["weights"].sum() == expected and packed["segment_ids"].max() == 1  # one demonstration a row
+    assert len(packed["inputs"]) == 2  # the long prompt's row is gone
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: 1 of 3 demonstrations of eval.jsonl are longer than train.seq_len + 1 = 49 tokens "
+                   "and were cut",
+                   "warning: 1 of 3 demonstrations of eval.jsonl have no assistant token within train.seq_len + 1 "
+                   "= 49 tokens and were dropped"]
+
+
+def test_no_demonstration_within_the_context_is_an_error():
+    fills = "^train.jsonl: every demonstration's prompt fills the context \\(train.seq_len \\+ 1 = 49 tokens\\)"
+    with pytest.raises(DataError, match=fills):
+        finetune.pack_demonstrations(ToyTokenizer(), [[("x" * 80, "z")]] * 3, 48, "train.jsonl")
+
+
+def _sft_config(seq_len, max_new, prompts):
+    c = base_config()
+    c.train.seq_len = seq_len
+    c.sft.update(eval_max_new_tokens=max_new, eval_prompts=prompts)
+    return c
+
+
+def test_held_out_prompts_leave_room_to_answer(capsys):
+    tok = ToyTokenizer()
+    short, long = [("a", "b")], [("x" * 40, "y")]
+    assert [len(encode_dialogue(tok, [], t[-1][0])[0]) for t in (short, long)] == [19, 58]  # the cue included
+    # 64 - 8 = 56 tokens of room: 19 fit, 58 do not
+    picked = heldout.answerable(_sft_config(64, 8, 2), tok, [long, short, long, short, short], "eval.jsonl")
+    assert picked == [short, short]  # the first eval_prompts that fit
+    assert "2 of 5 held-out prompts of eval.jsonl leave no room" in capsys.readouterr().err
+
+
+def test_no_answerable_prompt_stops_at_start_up():
+    """sample_metrics chooses its prompts when it is made, before the trainer compiles anything."""
+    with pytest.raises(DataError, match="^eval.jsonl: no held-out prompt leaves room for sft.eval_max_new_tokens=8 "
+                                        "within train.seq_len=48"):
+        heldout.sample_metrics(_sft_config(48, 8, 4), ToyTokenizer(), [[("x" * 40, "y")]], "eval.jsonl", mesh=None)

@@ -11,18 +11,23 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import ml_collections
 import tensorflow_datasets as tfds
+from absl import logging
 
 VALIDATION_PERCENT = 3
+_ONE_DOCUMENT_PIECES = 100  # a corpus of one document is cut into this many (fewer where it has fewer lines)
+ON_MALFORMED = ("stop", "skip")
+_WARN_FIRST = 5  # malformed lines or files quoted in the skip warning
 _STDLIB_SUFFIXES = (".py", ".rst", ".txt")
 _SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
 
@@ -39,14 +44,57 @@ def _hash(key: str) -> int:
 def validation_keys(keys: Iterable[str]) -> set[str]:
     """The keys that belong to validation: ~VALIDATION_PERCENT% chosen by a stable hash of the key.
 
-    A small corpus might hash nothing into validation; then its smallest-hash key is held out, so that
-    any corpus of two or more documents can be evaluated.
+    A small corpus might hash nothing, or everything, into validation; then its smallest-hash key alone is
+    held out, so that any corpus of two or more documents has both splits.
     """
     keys = list(keys)
     held = {k for k in keys if _hash(k) % 100 < VALIDATION_PERCENT}
-    if not held and len(keys) >= 2:
+    if len(keys) >= 2 and len(held) in (0, len(keys)):
         held = {min(keys, key=_hash)}
     return held
+
+
+def check_on_malformed(on_malformed: str) -> None:
+    if on_malformed not in ON_MALFORMED:
+        raise DataError(f"config.data.on_malformed={on_malformed!r}: expected one of {ON_MALFORMED}")
+
+
+class Malformed:
+    """What config.data.on_malformed does with each malformed line or file (a `unit`): 'stop' raises DataError
+    naming it, 'skip' drops it; `warn` then says once how many were dropped, quoting the first few, so that
+    a file with many bad lines stays readable."""
+
+    def __init__(self, on_malformed: str, unit: str):
+        check_on_malformed(on_malformed)
+        self._stop, self._unit, self._found = on_malformed == "stop", unit, []
+
+    def __call__(self, where: str, why: Any) -> None:
+        if self._stop:
+            raise DataError(f"{where}: {why} (config.data.on_malformed='stop'; 'skip' drops malformed "
+                            f"{self._unit}s)")
+        self._found.append(f"{where}: {why}")
+
+    def warn(self, path: str) -> None:
+        found = self._found
+        if found:
+            more = f"; and {len(found) - _WARN_FIRST} more" if len(found) > _WARN_FIRST else ""
+            print(f"warning: skipped {len(found)} malformed {self._unit}(s) in {path} (config.data.on_malformed="
+                  "'skip'): " + "; ".join(found[:_WARN_FIRST]) + more, file=sys.stderr, flush=True)
+
+
+def jsonl_records(full: str, parse: Callable[[Any], Any], malformed: Malformed) -> Iterator[tuple[int, Any]]:
+    """(line number, parse(object)) of each non-blank line of the .jsonl file `full`; a line that is not
+    UTF-8 JSON, or that `parse` refuses (ValueError, TypeError, KeyError), goes to `malformed`."""
+    with open(full, "rb") as f:  # bytes: a line that is not UTF-8 is one malformed line, not a bad file
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = parse(json.loads(line))
+            except (ValueError, TypeError, KeyError) as e:  # JSON and UTF-8 errors are ValueErrors
+                malformed(f"{full}:{number}", e)
+                continue
+            yield number, record
 
 
 def _features() -> tfds.features.FeaturesDict:
@@ -64,17 +112,62 @@ def _walk(root: str, suffixes: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
-def _read_utf8(path: str) -> str | None:
+def _read_utf8(path: str) -> str:
+    """The file's text; UnicodeDecodeError or OSError if it is not readable UTF-8."""
+    # newline="": keep '\r\n' as written; the corpus is the exact bytes of each file.
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def _pieces(key: str, text: str) -> dict[str, str]:
+    """A one-document corpus as up to _ONE_DOCUMENT_PIECES documents 'KEY[start:end]', cut at the line starts
+    nearest before equal shares of its characters (a document of one line: at those characters)."""
+    points = [len(text) * i // _ONE_DOCUMENT_PIECES for i in range(1, _ONE_DOCUMENT_PIECES)]
+    line_starts = {text.rfind("\n", 0, p) + 1 for p in points} - {0}
+    starts = [0] + sorted(line_starts or set(points) - {0})
+    return {f"{key}[{a}:{b}]": text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])}
+
+
+def _split(docs: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(train, validation) documents by `validation_keys`. A one-document corpus is cut into pieces first: TFDS
+    cannot write an empty split, and the rows of a batch, which read different documents, would all read it."""
+    if len(docs) == 1:
+        ((key, text),) = docs.items()
+        docs = _pieces(key, text)
+        if len(docs) == 1:
+            raise DataError(f"the corpus is one document ({key}) of {len(text)} character(s): too short to hold "
+                            "any of it out for validation")
+    held = validation_keys(docs)
+    return {k: v for k, v in docs.items() if k not in held}, {k: v for k, v in docs.items() if k in held}
+
+
+@contextlib.contextmanager
+def tfds_quiet() -> Iterator[None]:
+    """Silences what TFDS says about our own builders: its warning that their config is a custom one (ours
+    all are) and its banner on stdout about downloading (ours download nothing). Errors still show."""
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
     try:
-        # newline="": keep '\r\n' as written; the corpus is the exact bytes of each file.
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
-    except (UnicodeDecodeError, OSError):
-        return None
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def prepare(b: tfds.core.DatasetBuilder) -> None:
+    """Writes our builder's dataset as array_record unless it exists (another process may have written it
+    while this one waited for the lock), saying so in one line instead of TFDS's banner and progress bars."""
+    if b.data_path.exists():  # download_and_prepare's own test (is_prepared warns where it does not exist)
+        return
+    print(f"preparing {b.name}/{b.builder_config.name} under {b.data_dir_root} (once; later runs reuse it)",
+          flush=True)
+    tfds.display_progress_bar(False)  # for good: ours build in seconds, and bars garble the run's output
+    with tfds_quiet():
+        b.download_and_prepare(file_format="array_record")
 
 
 class _DocumentsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A corpus of {key: text} documents, split into train/validation by `validation_keys`."""
+    """A corpus of {key: text} documents, split into train/validation by `_split`."""
 
     VERSION = tfds.core.Version("1.0.0")
     code_path = None  # nothing to download, so no checksums file; TFDS's lookup of it fails on 3.11
@@ -88,10 +181,8 @@ class _DocumentsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         del dl_manager  # nothing to download
-        docs = self._documents()
-        held = validation_keys(docs)
-        return {"train": self._generate_examples({k: v for k, v in docs.items() if k not in held}),
-                "validation": self._generate_examples({k: v for k, v in docs.items() if k in held})}
+        train, validation = _split(self._documents())
+        return {"train": self._generate_examples(train), "validation": self._generate_examples(validation)}
 
     def _generate_examples(self, docs: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
         for key, text in docs.items():
@@ -125,10 +216,11 @@ class StdlibCorpus(_DocumentsBuilder):
         for rel in _walk(root, _STDLIB_SUFFIXES):
             if cap > 0 and size >= cap:
                 break
-            text = _read_utf8(os.path.join(root, rel))
-            if text is not None:
-                files[rel] = text
-                size += len(text.encode("utf-8"))
+            try:
+                files[rel] = _read_utf8(os.path.join(root, rel))
+            except (UnicodeDecodeError, OSError):  # a test fixture in another encoding: not part of the corpus
+                continue
+            size += len(files[rel].encode("utf-8"))
         return files
 
 
@@ -140,6 +232,7 @@ class StdlibCorpus(_DocumentsBuilder):
 class LocalTextConfig(tfds.core.BuilderConfig):
     path: str = ""
     text_key: str = "text"
+    on_malformed: str = "stop"
 
 
 def _local_files(path: str) -> tuple[str, list[str]]:
@@ -149,51 +242,51 @@ def _local_files(path: str) -> tuple[str, list[str]]:
     return path, _walk(path, (".txt", ".jsonl"))
 
 
-def _local_config_name(path: str, text_key: str) -> str:
-    """A name unique to the files' paths, sizes and mtimes: editing a file rebuilds the dataset."""
+def _local_config_name(path: str, *options: str) -> str:
+    """A name unique to the files' paths, sizes and mtimes and to `options` (what else decides the dataset's
+    contents): editing a file rebuilds the dataset."""
     root, rels = _local_files(path)
-    stamp = [text_key] + [f"{r}:{os.stat(os.path.join(root, r)).st_size}:"
-                          f"{os.stat(os.path.join(root, r)).st_mtime_ns}" for r in rels]
+    stamp = list(options) + [f"{r}:{os.stat(os.path.join(root, r)).st_size}:"
+                             f"{os.stat(os.path.join(root, r)).st_mtime_ns}" for r in rels]
     digest = hashlib.md5("\n".join([os.path.abspath(path)] + stamp).encode()).hexdigest()[:12]
     stem = re.sub(r"[^a-z0-9]+", "_", os.path.basename(os.path.normpath(path)).lower()).strip("_")
     return f"{stem or 'text'}_{digest}"
 
 
 class LocalText(_DocumentsBuilder):
-    """Local files: each *.txt is one document, each line of a *.jsonl one document (text at text_key)."""
+    """Local files: each *.txt is one document, each line of a *.jsonl one document (text at text_key). A
+    malformed document (a .txt file that is not readable UTF-8, a .jsonl line without text) is dealt with as
+    config.data.on_malformed says."""
 
     def _documents(self) -> dict[str, str]:
         """Key (path, or path:line for JSONL) -> text."""
         cfg = self.builder_config
         root, rels = _local_files(cfg.path)
-        docs = {}
+        malformed, docs = Malformed(cfg.on_malformed, "document"), {}
         for rel in rels:
             full = os.path.join(root, rel)
             if rel.endswith(".jsonl"):
-                docs.update(_jsonl_documents(full, rel, cfg.text_key))
-            else:
-                text = _read_utf8(full)
-                if text is None:
-                    raise DataError(f"config.data.path: {full} is not UTF-8 text")
-                docs[rel] = text
+                docs.update((f"{rel}:{n}", text) for n, text in jsonl_records(full, _text_at(cfg.text_key), malformed))
+                continue
+            try:
+                docs[rel] = _read_utf8(full)
+            except (UnicodeDecodeError, OSError) as e:
+                malformed(full, f"not readable UTF-8 text ({e})")
+        malformed.warn(cfg.path)
+        if not docs:
+            raise DataError(f"config.data.path={cfg.path!r}: no documents in its {len(rels)} file(s)")
         return docs
 
 
-def _jsonl_documents(full: str, rel: str, text_key: str) -> dict[str, str]:
-    docs = {}
-    with open(full, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{full}:{number}"
-            try:
-                text = json.loads(line)[text_key]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"config.data.text_key={text_key!r}: no text at {where} ({e!r})") from None
-            if not isinstance(text, str):
-                raise DataError(f"config.data.text_key={text_key!r}: {where} holds {type(text).__name__}, not str")
-            docs[f"{rel}:{number}"] = text
-    return docs
+def _text_at(text_key: str) -> Callable[[Any], str]:
+    """A JSONL object -> its text at text_key; ValueError says why not."""
+    def text(obj: Any) -> str:
+        if not isinstance(obj, dict) or text_key not in obj:
+            raise ValueError(f"no {text_key!r} field (config.data.text_key)")
+        if not isinstance(obj[text_key], str):
+            raise ValueError(f"{text_key!r} holds {type(obj[text_key]).__name__}, not str (config.data.text_key)")
+        return obj[text_key]
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +315,7 @@ def _data_dir(data: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(data.data_dir)
 
 
-# One builder per corpus and process: TFDS logs a warning at each construction with a custom config.
+# One builder per corpus and process, made once: it reads the dataset's description from disk.
 _BUILDERS: dict[tuple, tfds.core.DatasetBuilder] = {}
 
 
@@ -237,7 +330,9 @@ def _builder_key(data: ml_collections.ConfigDict) -> tuple[type, type, str, tupl
             raise DataError(f"config.data.path={data.path!r}: no such file or directory")
         if not _local_files(path)[1]:
             raise DataError(f"config.data.path={data.path!r}: no .txt or .jsonl files in {path}")
-        fields = (("name", _local_config_name(path, data.text_key)), ("path", path), ("text_key", data.text_key))
+        check_on_malformed(data.on_malformed)
+        fields = (("name", _local_config_name(path, data.text_key, data.on_malformed)), ("path", path),
+                  ("text_key", data.text_key), ("on_malformed", data.on_malformed))
         return LocalText, LocalTextConfig, _data_dir(data), fields
     raise DataError(f"config.data.name={data.name!r}: not one of our builders ('stdlib', 'text')")
 
@@ -247,7 +342,8 @@ def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     key = _builder_key(data)
     if key not in _BUILDERS:
         cls, config_cls, data_dir, fields = key
-        _BUILDERS[key] = cls(config=config_cls(**dict(fields)), data_dir=data_dir)
+        with tfds_quiet():
+            _BUILDERS[key] = cls(config=config_cls(**dict(fields)), data_dir=data_dir)
     return _BUILDERS[key]
 
 
@@ -275,7 +371,7 @@ def _prepared(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         # written them: make it again now that nobody else is building.
         del _BUILDERS[_builder_key(data)]
         b = builder(data)
-        b.download_and_prepare(file_format="array_record")  # returns at once if another process built it
+        prepare(b)
     return b
 
 

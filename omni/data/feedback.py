@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -42,12 +40,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from omni.data import builders
-from omni.data.builders import DataError, validation_keys
+from omni.data.builders import DataError, Malformed, check_on_malformed, jsonl_records, validation_keys
 from omni.data.template import messages_to_turns
 
 MAX_RESPONSES = 9
-ON_MALFORMED = ("stop", "skip")
-_WARN_FIRST = 5  # malformed lines quoted in the skip warning
 
 Turns = list[tuple[str, str]]
 Ranked = tuple[str, list[str], list[int]]
@@ -97,11 +93,6 @@ def parse_preference(obj: Any) -> Ranked:
     return prompt, list(responses), list(ranks)
 
 
-def _check_policy(on_malformed: str) -> None:
-    if on_malformed not in ON_MALFORMED:
-        raise DataError(f"config.data.on_malformed={on_malformed!r}: expected one of {ON_MALFORMED}")
-
-
 def _jsonl_files(path: str, config_key: str) -> tuple[str, list[str]]:
     """(root, relative paths) of the .jsonl files at `path`: the file itself, or those under a directory."""
     if os.path.isfile(path):
@@ -119,26 +110,12 @@ def read_jsonl(path: str, parse: Callable[[Any], Any], on_malformed: str = "stop
     """("relative/path:line", parse(object)) for each non-blank line of the .jsonl file(s) at `path`. A
     malformed line raises DataError naming file:line ("stop"), or is skipped ("skip") with one warning for
     the whole read, not one per line, so that a file with many bad lines stays readable."""
-    _check_policy(on_malformed)
+    malformed = Malformed(on_malformed, "line")
     root, rels = _jsonl_files(path, config_key)
-    records, bad = [], []
+    records = []
     for rel in rels:
-        full = os.path.join(root, rel)
-        with open(full, "rb") as f:  # bytes: a line that is not UTF-8 is one malformed line, not a bad file
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append((f"{rel}:{number}", parse(json.loads(line))))
-                except (ValueError, TypeError, KeyError) as e:  # JSON and UTF-8 errors are ValueErrors
-                    if on_malformed == "stop":
-                        raise DataError(f"{full}:{number}: {e} (config.data.on_malformed='stop'; 'skip' "
-                                        f"drops malformed lines)") from None
-                    bad.append(f"{full}:{number}: {e}")
-    if bad:
-        more = f"; and {len(bad) - _WARN_FIRST} more" if len(bad) > _WARN_FIRST else ""
-        print(f"warning: skipped {len(bad)} malformed line(s) in {path} (config.data.on_malformed='skip'): "
-              + "; ".join(bad[:_WARN_FIRST]) + more, file=sys.stderr)
+        records.extend((f"{rel}:{n}", r) for n, r in jsonl_records(os.path.join(root, rel), parse, malformed))
+    malformed.warn(path)
     return records
 
 
@@ -228,7 +205,11 @@ def _prepared(data: ml_collections.ConfigDict, cls: type[_FeedbackBuilder]) -> _
     fields = (("name", _config_name(path, eval_path, data.on_malformed)), ("path", path),
               ("eval_path", eval_path), ("on_malformed", data.on_malformed))
     key = (cls, FeedbackConfig, builders._data_dir(data), fields)
-    make = lambda: cls(config=FeedbackConfig(**dict(fields)), data_dir=key[2])  # noqa: E731
+
+    def make() -> _FeedbackBuilder:
+        with builders.tfds_quiet():
+            return cls(config=FeedbackConfig(**dict(fields)), data_dir=key[2])
+
     if key not in builders._BUILDERS:
         builders._BUILDERS[key] = make()
     b = builders._BUILDERS[key]
@@ -237,7 +218,7 @@ def _prepared(data: ml_collections.ConfigDict, cls: type[_FeedbackBuilder]) -> _
     with builders.file_lock(os.path.join(key[2], f".{b.name}-{b.builder_config.name}.lock")):
         # Made before the dataset existed, it describes no files even once another process wrote them.
         b = builders._BUILDERS[key] = make()
-        b.download_and_prepare(file_format="array_record")  # returns at once if another process built it
+        builders.prepare(b)
     return b
 
 
@@ -246,10 +227,11 @@ def _prepared(data: ml_collections.ConfigDict, cls: type[_FeedbackBuilder]) -> _
 
 
 class Records(Sequence):
-    """Random access to a split: item i is its example decoded to Python types (turns, or ranked responses)."""
+    """Random access to a split: item i is its example decoded to Python types (turns, or ranked responses).
+    `where` names the split's files (or dataset) and the split, for messages about its examples."""
 
     def __init__(self, source: Any, decode: Callable[[dict], Any], where: str):
-        self._source, self._decode, self._where = source, decode, where
+        self._source, self._decode, self.where = source, decode, where
 
     def __len__(self) -> int:
         return len(self._source)
@@ -261,7 +243,7 @@ class Records(Sequence):
         try:
             return self._decode(_python(self._source[i]))
         except (ValueError, TypeError, KeyError) as e:  # parsed when read: random access reads no more
-            raise DataError(f"{self._where}: example {i}: {e}") from None
+            raise DataError(f"{self.where}: example {i}: {e}") from None
 
 
 def _python(value: Any) -> Any:
@@ -285,10 +267,12 @@ def _parse_tfds(parse: Callable[[Any], Any]) -> Callable[[dict], Any]:
 
 
 def _records(data: ml_collections.ConfigDict, split: str, cls: type[_FeedbackBuilder]) -> Records:
-    _check_policy(data.on_malformed)
+    check_on_malformed(data.on_malformed)
     if data.name == "jsonl":
         b, decode = _prepared(data, cls), cls.decode
-        where = f"config.data.path={data.path!r}, config.data.eval_path={data.eval_path!r}: split {split!r}"
+        key, path = (("config.data.eval_path", data.eval_path) if split == "validation" and data.eval_path
+                     else ("config.data.path", data.path))
+        where = f"{key}={path!r}: split {split!r}"  # the file(s) that hold the split
         if split not in b.info.splits:  # TFDS cannot write an empty split, so it is left out
             raise DataError(f"{where} is empty")
     else:

@@ -87,18 +87,38 @@ def _warn(what: str, count: int, total: int, why: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # SFT: demonstrations packed into rows, never attending across each other.
 
-def pack_demonstrations(tokenizer, dialogues: Sequence[list[tuple[str, str]]], seq_len: int
-                        ) -> dict[str, np.ndarray]:
-    """Rows of seq_len positions ('inputs', 'targets', 'weights', 'segment_ids', 'positions') holding whole
-    demonstrations one after another (first fit, in the given order). A demonstration of n tokens fills n - 1
-    positions (input t predicts t + 1) and is its own segment; weights are 1 where the target is the assistant's
-    (its replies and their EOS). Demonstrations longer than seq_len + 1 tokens are cut to that, with a warning."""
-    rows, row, used, cut = [], [], 0, 0
-    fields = ("inputs", "targets", "weights", "segment_ids", "positions")
+def fitted_demonstrations(tokenizer, dialogues: Sequence[list[tuple[str, str]]], seq_len: int, where: str
+                          ) -> list[tuple[list[int], list[int]]]:
+    """The (ids, mask) of each demonstration (encode_dialogue's) made to fit a row of seq_len positions: cut to
+    seq_len + 1 tokens, or dropped where no assistant token is left to train on (its prompt fills the row).
+    One warning counts each kind, naming `where` (the demonstrations' files); none left is a DataError."""
+    fitted, cut = [], 0
     for turns in dialogues:
         ids, mask = encode_dialogue(tokenizer, turns)
         if len(ids) > seq_len + 1:
-            ids, mask, cut = ids[:seq_len + 1], mask[:seq_len + 1], cut + 1
+            ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+            cut += any(mask[1:])
+        if any(mask[1:]):  # a target the assistant says
+            fitted.append((ids, mask))
+    context = f"train.seq_len + 1 = {seq_len + 1} tokens"
+    _warn("demonstrations", cut, len(dialogues), f"of {where} are longer than {context} and were cut")
+    _warn("demonstrations", len(dialogues) - len(fitted), len(dialogues),
+          f"of {where} have no assistant token within {context} and were dropped")
+    if not fitted:
+        raise DataError(f"{where}: every demonstration's prompt fills the context ({context}): none has an "
+                        "assistant token to train on")
+    return fitted
+
+
+def pack_demonstrations(tokenizer, dialogues: Sequence[list[tuple[str, str]]], seq_len: int,
+                        where: str = "the demonstrations") -> dict[str, np.ndarray]:
+    """Rows of seq_len positions ('inputs', 'targets', 'weights', 'segment_ids', 'positions') holding whole
+    demonstrations one after another (first fit, in the given order), each made to fit a row by
+    `fitted_demonstrations`. A demonstration of n tokens fills n - 1 positions (input t predicts t + 1) and is
+    its own segment; weights are 1 where the target is the assistant's (its replies and their EOS)."""
+    rows, row, used = [], [], 0
+    fields = ("inputs", "targets", "weights", "segment_ids", "positions")
+    for ids, mask in fitted_demonstrations(tokenizer, dialogues, seq_len, where):
         n = len(ids) - 1
         if used + n > seq_len:
             rows.append(row)
@@ -106,10 +126,7 @@ def pack_demonstrations(tokenizer, dialogues: Sequence[list[tuple[str, str]]], s
         used += n
         segment = len(row) + 1
         row.append((ids[:-1], ids[1:], mask[1:], [segment] * n, list(range(n))))
-    if row:
-        rows.append(row)
-    _warn("demonstrations", cut, len(dialogues), f"are longer than train.seq_len + 1 = {seq_len + 1} tokens and "
-          "were cut")
+    rows.append(row)
     out = {f: np.zeros((len(rows), seq_len), np.float32 if f == "weights" else np.int32) for f in fields}
     out["inputs"][:] = out["targets"][:] = tokenizer.pad_id
     for r, pieces in enumerate(rows):

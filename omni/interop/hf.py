@@ -5,14 +5,23 @@
 
 `import` turns a directory written by `GPT2LMHeadModel.save_pretrained` (config.json, model.safetensors or its
 shards) into an omni workdir holding one checkpoint (params and meta at step 0), config.json and the
-tokenizer: HF_DIR/tokenizer.json unless --tokenizer names a tokenizer.json or a sentencepiece .model. Every
-stage can start from it with `--config.init_from=WORKDIR`, and `omni.load(WORKDIR)` reads it; it holds no
-optimizer or data state, so it cannot be resumed as a run. Its layers are stacked for model.scan_layers=True;
-stages run with scan_layers=False (as configs/tiny.py is) need an import with --scan_layers=false.
+tokenizer: HF_DIR/tokenizer.model (a sentencepiece model, as `export` writes one), else HF_DIR/tokenizer.json,
+unless --tokenizer names a tokenizer.json or a sentencepiece .model. Every stage can start from it with
+`--config.init_from=WORKDIR`, and `omni.load(WORKDIR)` reads it; it holds no optimizer or data state, so it
+cannot be resumed as a run. Its layers are stacked for model.scan_layers=True; stages run with
+scan_layers=False (as configs/tiny.py is) need an import with --scan_layers=false.
 
-`export` writes a workdir's latest (or --step) checkpoint as config.json + model.safetensors (+ tokenizer.json
-when the workdir has a HF tokenizer), which `GPT2LMHeadModel.from_pretrained(HF_DIR)` loads. Only the pre-LN
-"gpt2" variant has a HF GPT-2 equivalent.
+`export` writes a workdir's latest (or --step) checkpoint as config.json + model.safetensors and its tokenizer,
+which `GPT2LMHeadModel.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)` load and `import`
+reads back. A HF tokenizer is copied as tokenizer.json. A sentencepiece one is copied as tokenizer.model (what
+`import` reads: the exact tokenizer) and converted to a tokenizer.json for transformers: a BPE model with its
+merges ranked by piece score, sentencepiece's whitespace handling and byte fallback, which gives the same ids
+and text (the tokenizers library alone reads the name of a control piece in text, "</s>", as that token;
+tokenizer_config.json has transformers read it as characters, as sentencepiece does). Only BPE models with byte
+fallback, without a unicode normalisation (omni trains such lossless ones) or user-defined pieces, have that
+exact form; for others no tokenizer.json is written, and the command says why. Exported files get the
+permissions a plain open() gives (0666 less the umask). Only the pre-LN "gpt2" variant has a HF GPT-2
+equivalent.
 
 The mapping is a pure reshape of every tensor: HF's Conv1D weights are already [in, out] like omni's kernels,
 and c_attn's 3*D outputs are q|k|v, each split head-major into (heads, head_dim), which is exactly omni's
@@ -21,6 +30,7 @@ and c_attn's 3*D outputs are q|k|v, each split head-major into (heads, head_dim)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +45,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from omni.compress import quant
 from omni.config import ConfigError, base_config, validate
 from omni.data import Tokenizer
+from omni.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE
 from omni.models.params import abstract_params
 from omni.train.checkpoint import CheckpointError
 from omni.workdir import Workdir
@@ -44,6 +55,7 @@ from omni.workdir import Workdir
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast", "gelu_accurate")
 LAYER_NORM_EPS = 1e-5  # omni's LayerNorm epsilon (omni/models/gpt.py)
 WEIGHTS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # HF tensor name -> omni parameter path: outside the blocks, and inside block i (h.{i}.NAME).
 _TOP = {"wte.weight": ("wte", "embedding"), "wpe.weight": ("wpe",), "ln_f.weight": ("ln_f", "scale"),
@@ -103,14 +115,27 @@ def _check_tree(params, target: dict[tuple[str, ...], jax.ShapeDtypeStruct], wha
 
 # --- configs ----------------------------------------------------------------------------------------------
 
+def _read_json(path: str) -> dict:
+    """A file holding one JSON object; anything else is an HFError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise HFError(f"{path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:  # JSONDecodeError (it says the line) and UnicodeDecodeError
+        raise HFError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise HFError(f"{path}: expected a JSON object, found a {type(obj).__name__}")
+    return obj
+
+
 def _read_config(hf_dir: str) -> dict:
     if not os.path.isdir(hf_dir):
         raise HFError(f"{hf_dir}: no such directory")
     path = os.path.join(hf_dir, CONFIG)
     if not os.path.isfile(path):
         raise HFError(f"{hf_dir} has no {CONFIG}: not a Hugging Face model directory")
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = _read_json(path)
     if cfg.get("model_type") != "gpt2":
         kind = cfg.get("model_type", "model_type-less")
         raise HFError(f"{hf_dir} is a {kind} model, only GPT-2 (model_type 'gpt2' in {CONFIG}) is supported")
@@ -136,16 +161,24 @@ def _check_options(cfg: dict, path: str) -> None:
             raise HFError(f"{path}: {why}")
 
 
+def _size(cfg: dict, key: str, path: str) -> int:
+    """config.json's `key`, which must be a positive integer."""
+    if key not in cfg:
+        raise HFError(f"{path}: no {key!r}" + (" (nor 'n_positions')" if key == "n_ctx" else ""))
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HFError(f"{path}: {key}={json.dumps(value)} must be a positive integer")
+    return value
+
+
 def model_config_from_hf(cfg: dict, path: str = CONFIG) -> ml_collections.ConfigDict:
     """omni's model config of a (checked) GPT-2 config.json dict."""
     _check_options(cfg, path)
-    try:
-        d, heads = cfg["n_embd"], cfg["n_head"]
-        sizes = dict(num_layers=cfg["n_layer"], num_heads=heads, d_model=d, vocab_size=cfg["vocab_size"],
-                     max_len=cfg["n_positions"] if "n_positions" in cfg else cfg["n_ctx"],  # n_ctx: old configs
-                     d_ff=cfg.get("n_inner") or 4 * d)
-    except KeyError as e:
-        raise HFError(f"{path}: no {e.args[0]!r}" + (" (nor 'n_positions')" if e.args[0] == "n_ctx" else "")) from None
+    d, heads = _size(cfg, "n_embd", path), _size(cfg, "n_head", path)
+    sizes = dict(num_layers=_size(cfg, "n_layer", path), num_heads=heads, d_model=d,
+                 vocab_size=_size(cfg, "vocab_size", path),
+                 max_len=_size(cfg, "n_positions" if "n_positions" in cfg else "n_ctx", path),  # n_ctx: old configs
+                 d_ff=4 * d if cfg.get("n_inner") is None else _size(cfg, "n_inner", path))
     if d % heads:
         raise HFError(f"{path}: n_embd={d} is not divisible by n_head={heads}")
     m = base_config().model
@@ -177,10 +210,17 @@ class _SafeTensors:
     float32, under their names without the `transformer.` prefix that GPT2LMHeadModel adds."""
 
     def __init__(self, hf_dir: str):
-        from safetensors import safe_open
-
-        self.files = {p: safe_open(p, framework="np") for p in self._paths(hf_dir)}
+        self.files = {p: self._open(p) for p in self._paths(hf_dir)}
         self.where = {k.removeprefix("transformer."): (p, k) for p, f in self.files.items() for k in f.keys()}
+
+    @staticmethod
+    def _open(path: str):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return safe_open(path, framework="np")
+        except (SafetensorError, OSError) as e:  # a truncated or foreign file
+            raise HFError(f"{path}: not a readable safetensors file ({e})") from None
 
     @staticmethod
     def _paths(hf_dir: str) -> list[str]:
@@ -188,8 +228,10 @@ class _SafeTensors:
         if os.path.isfile(single):
             return [single]
         if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+                raise HFError(f"{index}: no 'weight_map' object of tensor name -> shard file")
+            shards = sorted(set(weight_map.values()))
             paths = [os.path.join(hf_dir, s) for s in shards]
             for p in paths:
                 if not os.path.isfile(p):
@@ -207,8 +249,11 @@ class _SafeTensors:
         if name not in self.where:
             raise HFError(f"{os.path.dirname(next(iter(self.files)))}: missing tensor {name!r}")
         path, key = self.where[name]
-        # bfloat16 arrives as ml_dtypes' numpy bfloat16, a dtype numpy knows by name once jax is imported.
-        return self.files[path].get_tensor(key).astype(np.float32)
+        try:
+            # bfloat16 arrives as ml_dtypes' numpy bfloat16, a dtype numpy knows by name once jax is imported.
+            return self.files[path].get_tensor(key).astype(np.float32)
+        except Exception as e:  # noqa: BLE001 - a damaged file, or a dtype numpy lacks (float8: AttributeError)
+            raise HFError(f"{path}: cannot read tensor {key!r} as float32 ({e})") from None
 
 
 def _check_names(tensors: _SafeTensors, expected: set[str], hf_dir: str) -> None:
@@ -258,10 +303,11 @@ def from_hf(hf_dir: str, *, scan_layers: bool = True) -> tuple[ml_collections.Co
     return m, params
 
 
-def to_hf(model_config: ml_collections.ConfigDict, params, hf_dir: str, tokenizer=None) -> None:
+def to_hf(model_config: ml_collections.ConfigDict, params, hf_dir: str, tokenizer=None) -> str:
     """Writes `params` as a HF GPT-2 directory: config.json and model.safetensors (float32). With an
-    omni.data.Tokenizer, config.json gets its bos/eos ids, and a HF tokenizer is copied as tokenizer.json."""
-    from safetensors.numpy import save_file
+    omni.data.Tokenizer, config.json gets its bos/eos ids and the tokenizer is written too (_tokenizer_files).
+    Returns the names of the files written, and why there is no tokenizer.json when there is none."""
+    from safetensors.numpy import save
 
     m, params = model_config, nn.unbox(params)  # as model.init returns them, or plain arrays
     if m.variant != "gpt2":
@@ -280,13 +326,115 @@ def to_hf(model_config: ml_collections.ConfigDict, params, hf_dir: str, tokenize
     for name, path, layer in _pairs(m):
         x = flat[path][layer] if layer is not None and m.scan_layers else flat[path]
         tensors[f"transformer.{name}"] = np.ascontiguousarray(x.reshape(shapes[name]))
-    os.makedirs(hf_dir, exist_ok=True)
+    # Serialised in memory (a second copy of the weights) so that it is written like every other file here.
     # "pt": transformers refuses safetensors files without this format tag.
-    save_file(tensors, os.path.join(hf_dir, WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(hf_dir, CONFIG), "w") as f:
-        json.dump(_hf_config(m, tokenizer), f, indent=2)
-    if tokenizer is not None and tokenizer.kind == "hf":
-        tokenizer.save(hf_dir)
+    files = {CONFIG: json.dumps(_hf_config(m, tokenizer), indent=2).encode(),
+             WEIGHTS: save(tensors, metadata={"format": "pt"})}
+    no_hf_tokenizer = ""
+    if tokenizer is not None:
+        tokenizer_files, no_hf_tokenizer = _tokenizer_files(tokenizer)
+        files.update(tokenizer_files)
+    os.makedirs(hf_dir, exist_ok=True)
+    for name, data in files.items():
+        _write_public(os.path.join(hf_dir, name), data)
+    return ", ".join(files) + (f" (no {HF_FILE}: {no_hf_tokenizer})" if no_hf_tokenizer else "")
+
+
+def _write_public(path: str, data: bytes) -> None:
+    """Writes `path` atomically (a temporary file beside it, then a rename) with the permissions a plain open()
+    gives, 0666 less the umask: the 0600 of mkstemp or safetensors' save_file would hide an exported model
+    from the other users it is exported for."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --- tokenizers -------------------------------------------------------------------------------------------
+
+# sentencepiece's piece types (sentencepiece_model.proto), and the visible space it writes spaces as.
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+_SPACE = "\u2581"
+
+
+def _tokenizer_files(tokenizer) -> tuple[dict[str, bytes], str]:
+    """(file name -> contents, why there is no tokenizer.json or '') of an omni.data.Tokenizer in a HF
+    directory: tokenizer.json and tokenizer_config.json for transformers, and a sentencepiece model as it is,
+    for import to read back exactly."""
+    import tokenizers
+
+    with open(tokenizer.model_path, "rb") as f:
+        original = f.read()
+    if tokenizer.kind == "hf":
+        files, fast = {HF_FILE: original}, tokenizers.Tokenizer.from_str(original.decode())
+    else:
+        files = {SENTENCEPIECE_FILE: original}
+        try:
+            fast = _sentencepiece_to_hf(tokenizer.model_path)
+        except HFError as e:
+            return files, str(e)
+        files[HF_FILE] = fast.to_str(pretty=True).encode()
+    files[TOKENIZER_CONFIG] = json.dumps(_tokenizer_config(fast, tokenizer), indent=2).encode()
+    return files, ""
+
+
+def _tokenizer_config(fast, tokenizer) -> dict:
+    """tokenizer_config.json. Its class makes transformers use tokenizer.json as it is: without it, config.json's
+    model_type picks GPT-2's own tokenizer class, which imposes GPT-2's byte-level pre-tokenizer. Special
+    tokens are read in text as omni reads them: a tokenizer.json's as tokens, sentencepiece's control pieces
+    ("</s>") as plain characters (split_special_tokens)."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "split_special_tokens": tokenizer.kind == "sentencepiece"}
+    for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
+        if i >= 0:
+            config[name] = fast.id_to_token(i)
+    if unk := getattr(fast.model, "unk_token", None):
+        config["unk_token"] = unk
+    return config
+
+
+def _sentencepiece_to_hf(path: str):
+    """A tokenizers.Tokenizer giving the ids and text of the sentencepiece model at `path`; an HFError names
+    the settings of the model that have no exact equivalent."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    trainer, spec = proto.trainer_spec, proto.normalizer_spec
+    unsupported = [why for bad, why in (
+        (trainer.model_type != trainer.BPE, "not a BPE model"),
+        (bool(spec.precompiled_charsmap), f"unicode normalisation {spec.name!r}"),
+        (not trainer.byte_fallback, "no byte fallback"),
+        (not spec.escape_whitespaces or trainer.treat_whitespace_as_suffix, "unusual whitespace handling"),
+        (any(p.type == _USER_DEFINED for p in proto.pieces), "user-defined pieces"),
+    ) if bad]
+    if unsupported:
+        raise HFError(f"its sentencepiece model has no exact {HF_FILE} form ({', '.join(unsupported)})")
+    # sentencepiece merges first the adjacent pair that makes the highest-scoring piece; BPE the lowest rank.
+    rank = {p.piece: (-p.score, i) for i, p in enumerate(proto.pieces) if p.type == _NORMAL}
+    merges = sorted((rank[w], w[:k], w[k:]) for w in rank for k in range(1, len(w))
+                    if w[:k] in rank and w[k:] in rank)
+    fast = Tokenizer(BPE(vocab={p.piece: i for i, p in enumerate(proto.pieces)},
+                         merges=[(left, right) for _, left, right in merges],
+                         unk_token=trainer.unk_piece, fuse_unk=True, byte_fallback=True))
+    steps = []
+    if spec.remove_extra_whitespaces:  # spaces only: sentencepiece leaves tabs and newlines alone
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend(" "))
+    fast.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", _SPACE)])
+    back = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    fast.decoder = decoders.Sequence(back + [decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else back)
+    fast.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                             for p in proto.pieces if p.type == _CONTROL])
+    return fast
 
 
 # --- omni workdirs ----------------------------------------------------------------------------------------
@@ -328,24 +476,29 @@ def _tokenizer(path: str):
 
 def _import(args: argparse.Namespace) -> str:
     _read_config(args.hf_dir)  # a wrong directory is named before a missing tokenizer
-    path = args.tokenizer or os.path.join(args.hf_dir, "tokenizer.json")
-    if not args.tokenizer and not os.path.isfile(path):
-        raise HFError(f"{args.hf_dir} has no tokenizer.json; pass --tokenizer=PATH (a tokenizer.json or a "
-                      "sentencepiece .model)")
+    path = args.tokenizer or _tokenizer_in(args.hf_dir)
     m, params = from_hf(args.hf_dir, scan_layers=args.scan_layers == "true")
     n = to_workdir(m, params, path, args.workdir)
     return (f"wrote {args.workdir}: a step-0 checkpoint of {args.hf_dir} ({n:,} parameters, {m.num_layers} "
             f"layers, d_model {m.d_model}) with tokenizer {path}")
 
 
+def _tokenizer_in(hf_dir: str) -> str:
+    """The tokenizer of a HF directory: a sentencepiece model (the exact one, where export wrote both), else
+    tokenizer.json."""
+    for name in (SENTENCEPIECE_FILE, HF_FILE):
+        if os.path.isfile(path := os.path.join(hf_dir, name)):
+            return path
+    raise HFError(f"{hf_dir} has no {SENTENCEPIECE_FILE} or {HF_FILE}; pass --tokenizer=PATH (a tokenizer.json "
+                  "or a sentencepiece .model)")
+
+
 def _export(args: argparse.Namespace) -> str:
     source = Workdir(args.workdir)
-    step = source.latest_step() if args.step is None else args.step
+    _, _, step = source.meta(args.step)  # the newest intact step unless one is named
     config, params, tokenizer = source.load(step)
-    to_hf(config.model, params, args.hf_dir, tokenizer)
-    wrote = f"{CONFIG}, {WEIGHTS}" + (", tokenizer.json" if tokenizer.kind == "hf" else "")
-    skipped = "" if tokenizer.kind == "hf" else " (its sentencepiece tokenizer has no HF GPT-2 form: not written)"
-    return f"wrote {args.hf_dir}: {wrote} from {args.workdir} step {step}{skipped}"
+    wrote = to_hf(config.model, params, args.hf_dir, tokenizer)
+    return f"wrote {args.hf_dir}: {wrote} from {args.workdir} step {step}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -354,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
     imp = sub.add_parser("import", help="HF GPT-2 directory -> omni workdir")
     imp.add_argument("hf_dir")
     imp.add_argument("workdir")
-    imp.add_argument("--tokenizer", help="tokenizer.json or sentencepiece .model (default HF_DIR/tokenizer.json)")
+    imp.add_argument("--tokenizer", help="tokenizer.json or sentencepiece .model (default HF_DIR/tokenizer.model, "
+                                          "else HF_DIR/tokenizer.json)")
     imp.add_argument("--scan_layers", choices=("true", "false"), default="true",
                      help="parameter layout of the stages that will init_from the workdir (model.scan_layers)")
     exp = sub.add_parser("export", help="omni workdir -> HF GPT-2 directory")
@@ -364,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         print(_import(args) if args.command == "import" else _export(args), flush=True)
-    except (HFError, ConfigError, CheckpointError) as e:
+    except (HFError, ConfigError, CheckpointError, OSError) as e:  # OSError: an unwritable HF_DIR, say
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -15,6 +15,7 @@ compress stage's before/after report.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Sequence
 
 import jax
@@ -22,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from omni import parallel
-from omni.data import finetune, pipelines
+from omni.data import DataError, finetune, pipelines
 from omni.data.instructions import labeler_score
 from omni.data.template import encode_dialogue
 from omni.generate import Generator, Sampling, stop_sequences, trim_at_stop
@@ -75,18 +76,42 @@ def agreement(sample_scores: np.ndarray, rewards: np.ndarray) -> float:
 STOP = ("\nUser:",)
 
 
+def _prompt_ids(tokenizer, turns: list[tuple[str, str]]) -> list[int]:
+    """What the model answers: the dialogue up to its last user message, and the assistant's cue."""
+    return encode_dialogue(tokenizer, turns[:-1], turns[-1][0])[0]
+
+
+def answerable(config: ml_collections.ConfigDict, tokenizer, dialogues: Sequence[list[tuple[str, str]]],
+               where: str) -> list[list[tuple[str, str]]]:
+    """The first sft.eval_prompts held-out dialogues whose prompt leaves room for sft.eval_max_new_tokens within
+    train.seq_len, the context the model learned, as PPO's prompts must. One warning counts those left out,
+    naming `where` (their files); none left is a DataError."""
+    room = config.train.seq_len - config.sft.eval_max_new_tokens
+    fits = [turns for turns in dialogues if len(_prompt_ids(tokenizer, turns)) <= room]
+    context = f"sft.eval_max_new_tokens={config.sft.eval_max_new_tokens} within train.seq_len={config.train.seq_len}"
+    if len(fits) < len(dialogues):
+        print(f"warning: {len(dialogues) - len(fits)} of {len(dialogues)} held-out prompts of {where} leave no room "
+              f"for {context} and are not answered", file=sys.stderr, flush=True)
+    if not fits:
+        raise DataError(f"{where}: no held-out prompt leaves room for {context}")
+    return fits[:config.sft.eval_prompts]
+
+
 def answer_greedily(generator: Generator, tokenizer, dialogues: list[list[tuple[str, str]]], max_new: int
                     ) -> list[str]:
     """The model's greedy reply to the last user message of each dialogue (earlier turns as context)."""
-    prompts = [encode_dialogue(tokenizer, turns[:-1], turns[-1][0])[0] for turns in dialogues]
+    prompts = [_prompt_ids(tokenizer, turns) for turns in dialogues]
     out = generator.generate(prompts, max_new, Sampling(temperature=0.0),
                              stop=stop_sequences(tokenizer, STOP))
     return [trim_at_stop(tokenizer.decode([t for t in out.row(i) if t != tokenizer.eos_id]), STOP).strip()
             for i in range(len(prompts))]
 
 
-def sample_metrics(config: ml_collections.ConfigDict, tokenizer, dialogues: list[list[tuple[str, str]]], mesh):
-    """eval_extra for the trainer: greedy answers to held-out prompts, scored."""
+def sample_metrics(config: ml_collections.ConfigDict, tokenizer, held_out: Sequence[list[tuple[str, str]]],
+                   where: str, mesh):
+    """eval_extra for the trainer: greedy answers to the `answerable` held-out prompts, scored. The prompts are
+    chosen now, at start-up, so that one that cannot be answered stops nothing later."""
+    dialogues = answerable(config, tokenizer, held_out, where)
     suite = config.data.name == "instructions"
     generator = None
 
@@ -117,12 +142,12 @@ def model_quality(config: ml_collections.ConfigDict, params, tokenizer) -> dict[
     mesh = parallel.make_mesh(one, jax.devices()[:1])
     extra = None
     if instruction_tuned(config):
-        held_out = finetune.demonstrations(config.data, "validation")
-        held_out = [held_out[i] for i in range(len(held_out))]
-        packed = finetune.pack_demonstrations(tokenizer, held_out, config.train.seq_len)
+        records = finetune.demonstrations(config.data, "validation")
+        held_out = [records[i] for i in range(len(records))]
+        packed = finetune.pack_demonstrations(tokenizer, held_out, config.train.seq_len, records.where)
         batches = finetune.fixed_batches(packed, config.train.batch_size, config.train.eval_batches,
                                          list(range(config.train.batch_size)))
-        extra = sample_metrics(config, tokenizer, held_out[:config.sft.eval_prompts], mesh)
+        extra = sample_metrics(config, tokenizer, held_out, records.where, mesh)
     else:
         batches = pipelines.eval_batches(config, tokenizer)
     eval_fn = jax.jit(lambda p, batch: lm_loss(GPT(config.model))(p, batch, None)[1])

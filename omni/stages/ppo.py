@@ -67,6 +67,9 @@ def check(c: ml_collections.ConfigDict) -> None:
     require(c.model.dropout == 0.0, "model.dropout", c.model.dropout,
              "PPO runs every model without dropout (its log-probabilities must match the rollout's)")
     t.steps = p.iterations * p.epochs * (p.rollout_batch // t.batch_size)
+    require(c.optim.decay_steps != -1 or t.steps > c.optim.warmup_steps, "ppo.iterations", p.iterations,
+            f"gives {t.steps} updates (iterations * epochs * rollout_batch / train.batch_size), which must "
+            f"exceed optim.warmup_steps={c.optim.warmup_steps} (the cosine decay runs over them)")
     require(c.model.head == "lm", "model.head", c.model.head, "the PPO policy needs 'lm'")
     require(c.mesh.sequence == 1, "mesh.sequence", c.mesh.sequence, "PPO does not split length")
 

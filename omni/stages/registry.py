@@ -38,7 +38,8 @@ class Stage:
 STAGES = {s.name: s for s in (
     Stage("pretrain", pretrain.task, trains=True, step=pretrain.step,
           headline=("eval_perplexity", "unigram_perplexity", "tokens_per_s")),
-    Stage("sft", sft.task, trains=True, step=sft.step, headline=("eval_loss", "labeler_score", "exact_match")),
+    Stage("sft", sft.task, trains=True, check=sft.check, step=sft.step,
+          headline=("eval_loss", "labeler_score", "exact_match")),
     Stage("rm", reward.task, trains=True, check=reward.check, step=reward.step,
           headline=("heldout_pairwise_accuracy", "reward_std", "reward_bias")),
     Stage("ppo", ppo.task, trains=True, check=ppo.check, step=ppo.step, models=ppo.models,

@@ -12,12 +12,21 @@ from __future__ import annotations
 import ml_collections
 
 from omni import parallel
+from omni.config import require
 from omni.data import finetune
 from omni.losses import lm_batch_shapes, lm_loss
 from omni.models import GPT, flops_per_token
 from omni.stages.heldout import sample_metrics
 from omni.train.trainer import Task
 from omni.workdir import Workdir, starting_point
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+    """SFT's own keys: every held-out answer needs room after its prompt."""
+    require(isinstance(c.sft.eval_max_new_tokens, int) and 0 < c.sft.eval_max_new_tokens < c.train.seq_len,
+            "sft.eval_max_new_tokens", c.sft.eval_max_new_tokens,
+            f"must be a positive int below train.seq_len={c.train.seq_len} (a prompt needs room too)")
+
 
 def step(config: ml_collections.ConfigDict):
     """(model, loss_fn, global batch shapes) from the config alone: what omni/aot.py compiles."""
@@ -28,13 +37,16 @@ def step(config: ml_collections.ConfigDict):
 def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     starting_point(config, "SFT starts from a pretrained workdir (e.g. --config.init_from=runs/tiny)")
     tokenizer = Workdir(workdir).stage_tokenizer(config)
-    train, held_out = (list(finetune.demonstrations(config.data, split)) for split in ("train", "validation"))
+    records = {split: finetune.demonstrations(config.data, split) for split in ("train", "validation")}
+    train, held_out = list(records["train"]), list(records["validation"])
     seq_len = config.train.seq_len
     mesh = parallel.make_mesh(config.mesh)
     rows = parallel.process_rows(mesh, config.train.batch_size)
-    train_rows = finetune.pack_demonstrations(tokenizer, train, seq_len)
-    eval_batches = finetune.fixed_batches(finetune.pack_demonstrations(tokenizer, held_out, seq_len),
-                                          config.train.batch_size, config.train.eval_batches, rows)
+    # Both sets are made to fit the context now, before anything compiles: one long example stops nothing later.
+    train_rows = finetune.pack_demonstrations(tokenizer, train, seq_len, records["train"].where)
+    eval_batches = finetune.fixed_batches(
+        finetune.pack_demonstrations(tokenizer, held_out, seq_len, records["validation"].where),
+        config.train.batch_size, config.train.eval_batches, rows)
     print(f"SFT: {len(train):,} demonstrations in {len(train_rows['inputs']):,} packed rows of {seq_len} "
           f"({train_rows['weights'].sum() / train_rows['inputs'].size:.0%} trained tokens); "
           f"{len(held_out):,} held out", flush=True)
@@ -42,5 +54,5 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     return Task(model=model, loss_fn=lm_loss(model), train_iter=finetune.train_iterator(train_rows, config, rows),
                 eval_batches=eval_batches, tokenizer_path=tokenizer.model_path, example_batch=eval_batches[0],
                 flops_per_token=flops_per_token(config.model, seq_len),
-                eval_extra=sample_metrics(config, tokenizer, held_out[:config.sft.eval_prompts], mesh),
+                eval_extra=sample_metrics(config, tokenizer, held_out, records["validation"].where, mesh),
                 summary_extras={"demonstrations": len(train)})

@@ -4,6 +4,8 @@ This module is the Orbax side (items, handlers, save, restore); omni/workdir.py 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import os
 
 import grain
@@ -18,6 +20,73 @@ from omni.data.tokenizer import file_name
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read; the message names its path."""
+
+
+# Written into a step's directory once Orbax has finalized it: every file's size and SHA-256, so that a step
+# damaged later (truncated, overwritten in place, deleted) is found before it is restored.
+CHECKSUMS = "omni_checksums.json"
+
+
+def _file_digests(step_dir: str) -> dict[str, list]:
+    out = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel in (CHECKSUMS, CHECKSUMS + ".tmp"):
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+            out[rel] = [os.path.getsize(path), digest.hexdigest()]
+    return out
+
+
+def seal(step_dir: str) -> None:
+    """Records the checksums of a finalized step (process 0, after the save has finished)."""
+    if not os.path.isdir(step_dir):  # already removed by keep_checkpoints
+        return
+    digests = _file_digests(step_dir)  # before the temporary file below exists
+    tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(digests, f)
+    os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def damage(step_dir: str) -> str | None:
+    """What is wrong with a step's files (the first difference found), or None when they are as saved. A step
+    without checksums (written before they existed, or killed just after its save) cannot be checked: None."""
+    try:
+        with open(os.path.join(step_dir, CHECKSUMS)) as f:
+            expected = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"its checksum file {CHECKSUMS} is unreadable ({type(e).__name__})"
+    for rel, (size, sha) in sorted(expected.items()):
+        path = os.path.join(step_dir, rel)
+        try:
+            if os.path.getsize(path) != size:
+                return f"{rel} has {os.path.getsize(path)} bytes, {size} were saved"
+        except OSError as e:
+            return f"{rel} is missing or unreadable ({e.strerror or type(e).__name__})"
+    try:
+        actual = _file_digests(step_dir)
+    except OSError as e:
+        return f"a file is unreadable ({e.strerror or type(e).__name__}: {e.filename})"
+    for rel, (_, sha) in sorted(expected.items()):
+        if actual[rel][1] != sha:
+            return f"{rel} differs from what was saved (SHA-256)"
+    return None
+
+
+def step_dirs(workdir: str) -> dict[int, str]:
+    """Finalized steps of a workdir, step -> directory (Orbax names them by number; in-progress ones differ)."""
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(root):
+        return {}
+    return {int(n): os.path.join(root, n) for n in os.listdir(root) if n.isdigit()}
 
 
 def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -51,9 +120,12 @@ def meta(config: ml_collections.ConfigDict, tokenizer_path: str, models: dict | 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta_json: dict) -> None:
     """Starts an (asynchronous where possible) save of the train state at `step`."""
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
-        data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta_json)))
+    try:
+        mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta_json)))
+    except OSError as e:  # the disk filled up or went read-only since start-up
+        raise CheckpointError(f"cannot save step {step} in {mngr.directory}: {first_line(e)}") from e
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
@@ -64,9 +136,15 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
             opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
             data=grain.checkpoint.CheckpointRestore(data_iter)))
     except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
-        raise CheckpointError(f"cannot restore checkpoint {mngr.directory}/{step}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot restore checkpoint {mngr.directory}/{step}: {first_line(e)}") from e
     step_array = jax.device_put(np.int32(step), abstract_state.step.sharding)
     return abstract_state.replace(step=step_array, params=out.params, opt_state=out.opt_state)
+
+
+def first_line(error: Exception, limit: int = 300) -> str:
+    """An exception as one short line: Orbax's can run to pages (tree dumps)."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def with_shardings(abstract_tree, shardings):

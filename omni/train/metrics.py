@@ -2,11 +2,16 @@
 peak FLOP/s that MFU is measured against."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import platform
 import sys
+import tempfile
 import time
 
 import jax
@@ -22,17 +27,134 @@ PEAK_FLOPS = {
 }
 
 
+PROBE_SIZE = 1024  # n of the n x n fp32 matmul: 2n^3 FLOPs on 12 MB, compute bound on any CPU
+PROBE_REPS = 10  # timed one by one; the fastest is the host's rate (a busy host only ever slows a rep down)
+PROBE_WARMUP = 2  # untimed: compilation, then the thread pool's first wake-up
+
+
+@dataclasses.dataclass
+class _Peak:
+    flops: float
+    how: str  # how it was found
+    host: dict | None = None  # a measured peak: the host it holds for (its cache key); None: a spec sheet's
+    cache: str | None = None  # the file a measured peak is kept in; None: not kept
+
+    @property
+    def source(self) -> str:
+        if self.host is None:
+            return self.how
+        return f"{self.how}, " + (f"cached at {self.cache}" if self.cache else "not cached")
+
+
 @functools.lru_cache(maxsize=None)
-def peak_flops_per_device() -> tuple[float, str]:
-    """(FLOP/s, how it was found). Accelerators: the data sheet; CPU: a measured fp32 matmul."""
+def _peak() -> _Peak:
     kind = jax.devices()[0].device_kind
     for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
         if name.lower() in kind.lower():
-            return flops, f"spec sheet ({kind})"
-    return _measured_matmul_flops(), f"measured fp32 matmul ({kind}, {os.cpu_count()} cores)"
+            return _Peak(flops, f"spec sheet ({kind})")
+    return _host_peak(kind)
 
 
-def _measured_matmul_flops(n: int = 1024, reps: int = 10) -> float:
+def peak_flops_per_device() -> tuple[float, str]:
+    """(FLOP/s, how it was found). Accelerators: the data sheet; elsewhere the highest rate seen on this host: a
+    fp32 matmul measured once and cached, raised by any faster training step (`mfu`)."""
+    peak = _peak()
+    return peak.flops, peak.source
+
+
+def mfu(achieved_flops_per_s_per_device: float) -> float:
+    """The fraction of the peak achieved. A measured peak is by definition the highest rate seen, so a rate above
+    it becomes the peak (and is cached): MFU is then at most 1. A spec sheet's peak is never raised: MFU above 1
+    there means the FLOPs counted per token are wrong."""
+    peak = _peak()
+    if peak.host is not None and achieved_flops_per_s_per_device > peak.flops:
+        _raise_peak(peak, achieved_flops_per_s_per_device)
+    return achieved_flops_per_s_per_device / peak.flops
+
+
+def _raise_peak(peak: _Peak, flops: float) -> None:
+    """`peak` raised to `flops` and cached; or to the cached one where another run on this host saw more since
+    (writing ours would lower it)."""
+    path = _cache_file(peak.host)
+    stored = _read_cache(path, peak.host)
+    if stored is not None and stored.flops >= flops:
+        peak.flops, peak.how, peak.cache = stored.flops, stored.how, path
+        return
+    peak.flops = flops
+    peak.how = f"highest rate seen: a training step's, above the fp32 matmul probe ({peak.host['device_kind']})"
+    peak.cache = _write_cache(path, peak)
+
+
+def _host_peak(kind: str) -> _Peak:
+    """The cached peak of this host, or a fresh measurement, cached where the cache dir can be written."""
+    key = _host_key(kind)
+    path = _cache_file(key)
+    cached = _read_cache(path, key)
+    if cached is not None:
+        return cached
+    peak = _Peak(_measured_matmul_flops(), f"measured fp32 matmul, best of {PROBE_REPS} ({kind} "
+                 f"x{len(jax.local_devices())}, {os.cpu_count()} cores)", host=key)
+    peak.cache = _write_cache(path, peak)
+    return peak
+
+
+def _host_key(kind: str) -> dict:
+    """What the measured rate depends on: another CPU, core count, device split or XLA is another host."""
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "device_kind": kind, "devices": len(jax.local_devices()),
+            "jax": jax.__version__}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux
+    return platform.processor()
+
+
+def _cache_file(key: dict) -> str:
+    root = os.environ.get("OMNI_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "omni")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(root, f"peak_flops_{digest}.json")
+
+
+def _read_cache(path: str, key: dict) -> _Peak | None:
+    """The peak kept at `path` for this host; None if absent, unreadable, corrupt or another host's."""
+    try:
+        with open(path) as f:
+            entry = json.load(f)
+        flops, how = float(entry["flops"]), str(entry["how"])
+        if entry["host"] != key or not (math.isfinite(flops) and flops > 0):
+            return None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # measured again and rewritten
+    return _Peak(flops, how, host=key, cache=path)
+
+
+def _write_cache(path: str, peak: _Peak) -> str | None:
+    """Keeps `peak` at `path` (a whole file or none: other processes may read it meanwhile); the path, or None
+    where it cannot be written."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": peak.host, "flops": peak.flops, "how": peak.how}, f)
+        os.replace(temp, path)
+    except OSError:  # a full disk: no half-written file left behind
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        return None
+    return path
+
+
+def _measured_matmul_flops(n: int = PROBE_SIZE, reps: int = PROBE_REPS) -> float:
     """This host's fp32 matmul rate with every local device multiplying at once, shared out per device: a host
     split into several CPU devices (config.cpu_devices) shares the same cores."""
     devices = jax.local_devices()
@@ -40,12 +162,14 @@ def _measured_matmul_flops(n: int = 1024, reps: int = 10) -> float:
     a = jax.device_put(np.ones((len(devices), n, n), np.float32), NamedSharding(mesh, P("d")))
     f = jax.jit(jax.shard_map(lambda x: (x[0] @ x[0])[None], mesh=mesh, in_specs=P("d"), out_specs=P("d")))
     with jax.set_mesh(mesh):  # callers may be inside another mesh's context
-        f(a).block_until_ready()
-        start = time.perf_counter()
+        for _ in range(PROBE_WARMUP):
+            f(a).block_until_ready()
+        fastest = math.inf
         for _ in range(reps):
-            out = f(a)
-        out.block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+            start = time.perf_counter()
+            f(a).block_until_ready()
+            fastest = min(fastest, time.perf_counter() - start)
+    return 2 * n ** 3 / fastest
 
 
 class MetricsWriter:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from typing import Any, Callable
@@ -79,7 +80,8 @@ def check_fits(memory: dict[str, float] | None, device) -> None:
     capacity = parallel.device_memory_bytes(device)
     if memory and capacity and memory["peak"] > capacity:
         raise DoesNotFit(f"the compiled train step needs {memory['peak'] / 2 ** 30:.1f} GiB per device, and this "
-                         f"host's {device.platform} devices have {capacity / 2 ** 30:.1f} GiB each")
+                         f"host's {device.platform} devices have {capacity / 2 ** 30:.1f} GiB each "
+                         "(--config.force=True tries anyway)")
 
 
 def abstract_state(config: ml_collections.ConfigDict, model: nn.Module, tokens_shape: tuple[int, int],
@@ -150,14 +152,17 @@ def normalise(sums: dict) -> dict:
 
 
 class Preemption:
-    """SIGTERM (TPU maintenance, spot reclaim) asks the loop to checkpoint and stop at the next step."""
+    """SIGTERM (TPU maintenance, spot reclaim) or Ctrl-C (SIGINT) asks the loop to checkpoint and stop after the
+    step it is in. A second Ctrl-C stops at once, without saving."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested = 0  # the signal received, 0 while none
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == self.requested == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = self.requested or signum  # no printing here: it may interrupt a print
 
     def should_stop(self, step: int, every: int) -> bool:
         """One process alone reads its own flag at every step. Several must stop at the same step (saving is
@@ -169,7 +174,8 @@ class Preemption:
         return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
@@ -177,9 +183,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     t = config.train
     mesh = parallel.make_mesh(config.mesh)
     tokens_shape = (t.batch_size // t.grad_accum, task.example_batch["inputs"].shape[-1])
+    run = Workdir(workdir)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.LOGICAL_RULES):
         abstract, shardings, init_fn = abstract_state(config, task.model, tokens_shape, mesh)
-        mngr = Workdir(workdir).writer(t.keep_checkpoints)
         meta = checkpoint.meta(config, task.tokenizer_path, task.checkpoint_models)
         batch_sharding = parallel.batch_sharding(mesh)
         # Global shapes: every key's local rows scaled as 'inputs' are (PPO-ptx's pretraining rows differ in number).
@@ -190,10 +196,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         memory = compiled_memory(step_fn)
         if memory and jax.process_index() == 0:
             print(memory_line(memory), flush=True)
-        check_fits(memory, jax.local_devices()[0])  # every process checks its own (memory_stats is local)
-        state = _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task)
+        if not config.force:  # every process checks its own (memory_stats is local)
+            check_fits(memory, jax.local_devices()[0])
+        state = _initial_state(config, run, abstract, shardings, init_fn, task)
         eval_fn = jax.jit(lambda p, b: task.loss_fn(p, b, None)[1], in_shardings=(shardings.params, batch_sharding))
         start = int(jax.device_get(state.step))
+        mngr = run.writer(t.keep_checkpoints)  # after any damaged step was set aside: Orbax lists steps once
+        if jax.process_index() == 0:  # training starts: the workdir now holds this run (its identity)
+            run.write_config(config)
+            run.keep_metrics_until(start)
         return _Loop(config, workdir, task, mesh, mngr, meta, step_fn, eval_fn, start).run(state)
 
 
@@ -224,12 +235,16 @@ def memory_line(memory: dict[str, float]) -> str:
             f"temporaries {gib['temp']:.3f}, outputs {gib['output']:.3f}, donated {gib['alias']:.3f})")
 
 
-def _initial_state(config, workdir, mngr, abstract, shardings, init_fn, task) -> TrainState:
+def _initial_state(config, run: Workdir, abstract, shardings, init_fn, task) -> TrainState:
     target = checkpoint.with_shardings(abstract, shardings)
-    step = mngr.latest_step()
-    if step is not None:
-        print(f"resuming from {mngr.directory}/{step}", flush=True)
-        return checkpoint.restore(mngr, step, target, task.train_iter)
+    had_steps, data_start = bool(checkpoint.step_dirs(run.path)), task.train_iter.get_state()
+    resumed = run.resume(target, task.train_iter)
+    if resumed is not None:
+        return resumed[0]
+    if had_steps:  # every step was damaged: a failed restore may have moved the data iterator
+        task.train_iter.set_state(data_start)
+        print(f"warning: no intact checkpoint left in {run.file('checkpoints')}: starting again from step 0",
+              flush=True)
     state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.train.seed))
     if task.initial_params is not None or config.init_from:
         params = (task.initial_params(target.params, state.params) if task.initial_params is not None
@@ -298,12 +313,12 @@ class _Loop:
         self.step_fn, self.eval_fn, self.start = step_fn, eval_fn, start
         self.tokens_per_step = self.t.batch_size * math.prod(task.example_batch["inputs"].shape[1:])
         self.peak, self.peak_source = metrics.peak_flops_per_device()
-        self.peak_total = self.peak * jax.device_count()
         run = Workdir(workdir)
         self.writer = metrics.MetricsWriter(run.file(METRICS), run.file(TENSORBOARD), self.t.steps, start)
         self.throughput = _Throughput(self.tokens_per_step, start)
         # the last boundary's metrics, the last evaluation's, before_step's waiting for the next log line
         self.last, self.evals, self.pending = {}, {}, {}
+        self.unsealed: list[int] = []  # steps saved (asynchronously) whose checksums are not written yet
 
     def run(self, state: TrainState) -> dict:
         """Steps to config.train.steps: the run's summary, or {'preempted': step} if stopped."""
@@ -322,11 +337,12 @@ class _Loop:
                 if self._is_boundary(done, stop):
                     state = self._at_boundary(state, step_metrics, done, stop)
                 if stop:
-                    self.mngr.wait_until_finished()
-                    self.writer.message(f"preempted: saved step {done}; rerun the same command to resume")
+                    self._seal_saved()
+                    by = signal.Signals(preemption.requested).name if preemption.requested else "another process"
+                    self.writer.message(f"stopped by {by}: saved step {done}; rerun the same command to resume")
                     return {"preempted": done}
         finally:
-            self.mngr.wait_until_finished()
+            self._seal_saved()
             preemption.restore()
             self.writer.close()
         return self._summary(num_params)
@@ -357,8 +373,18 @@ class _Loop:
         if done % t.eval_every == 0 or done == t.steps:
             self._evaluate_and_log(state, done)
         if done % t.checkpoint_every == 0 or done == t.steps or stop:
+            self._seal_saved()
             checkpoint.save(self.mngr, done, state, self.task.train_iter, self.meta)
+            self.unsealed.append(done)
         return state
+
+    def _seal_saved(self) -> None:
+        """Waits for the saves in flight, then records their checksums (omni/train/checkpoint.py)."""
+        self.mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self.unsealed:
+                checkpoint.seal(os.path.join(str(self.mngr.directory), str(step)))
+        self.unsealed = []
 
     def _check_finite(self, done: int) -> None:
         if not math.isfinite(self.last["loss"]):
@@ -368,7 +394,7 @@ class _Loop:
     def _log_step(self, done: int, now: float) -> None:
         """Step `done`'s metrics line: with throughput and MFU since the last line, and before_step's metrics."""
         tps = self.throughput.close_window(now)
-        self.last.update(tokens_per_s=tps, mfu=tps * self.task.flops_per_token / self.peak_total, **self.pending)
+        self.last.update(tokens_per_s=tps, mfu=self._mfu(tps), **self.pending)
         self.pending = {}
         self.writer.write(done, self.last)
         self.writer.progress(done, {"loss": self.last["loss"], "tok/s": tps, "mfu": self.last["mfu"]})
@@ -388,9 +414,13 @@ class _Loop:
 
     def _summary(self, num_params: int) -> dict:
         tps = self.throughput.overall()
+        mfu = self._mfu(tps)  # first: a rate above the measured peak raises it
+        peak, source = metrics.peak_flops_per_device()
         return {"step": self.t.steps, **self.last, **self.evals, "params": num_params, "tokens_per_s": tps,
-                "mfu": tps * self.task.flops_per_token / self.peak_total, "peak_flops_per_device": self.peak,
-                "peak_flops_source": self.peak_source, **self.task.summary_extras}
+                "mfu": mfu, "peak_flops_per_device": peak, "peak_flops_source": source, **self.task.summary_extras}
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        return metrics.mfu(tokens_per_s * self.task.flops_per_token / jax.device_count())
 
 
 def _evaluate(task: Task, eval_fn, params, mesh) -> dict[str, float]:
