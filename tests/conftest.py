@@ -60,10 +60,16 @@ def finished_run(data_dir: str, parent, steps: int) -> str:
     return workdir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """A data_dir per test module: its corpus and tokenizer are prepared there once."""
+    """The data_dir of the small CLI runs: their corpus and tokenizer are prepared there once per session."""
     return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def straight(data_dir, tmp_path_factory):
+    """An uninterrupted 12-step small run, the truth resumed runs are compared with (tests copy it to write)."""
+    return finished_run(data_dir, tmp_path_factory.mktemp("straight"), steps=12)
 
 
 def run_on_8_devices(script: str, timeout: int) -> dict:

@@ -20,6 +20,7 @@ def tiny_gpt3(stage="pretrain", **mesh):
     return c
 
 
+@pytest.mark.slow  # CI: the PPO test below compiles splash attention for a slice too
 def test_train_step_compiles_for_two_v5e_slices_with_splash_attention():
     slice_ = aot.parse_topology("v5e:2x2")
     assert (slice_.name, slice_.chips, slice_.chip.hbm_gib) == ("v5e-4", 4, 16)

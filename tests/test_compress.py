@@ -110,6 +110,7 @@ def test_an_existing_workdir_is_refused_before_any_work(source, tmp_path):
         compress.run(_compress_config(source[0], method="magnitude"), source[0])
 
 
+@pytest.mark.slow  # CI: tests/test_quant.py checks the INT8 model, the SparseGPT test above the stage's workdir
 def test_int8_writes_a_quarter_size_workdir_that_generates(source, monkeypatch, tmp_path):
     _load_with_local_data(monkeypatch, source)
     out = str(tmp_path / "int8")

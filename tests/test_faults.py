@@ -17,19 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import COMPILATION_CACHE, ROOT, finished_run, run_cli, small_overrides
+from conftest import COMPILATION_CACHE, ROOT, run_cli, small_overrides
 from omni.config import ConfigError, base_config
 from omni.train import checkpoint
 from omni.train.checkpoint import CheckpointError
 from omni.workdir import Workdir, WorkdirError
 
-STEPS = 12  # checkpoints at 4, 8, 12
-
-
-@pytest.fixture(scope="module")
-def straight(data_dir, tmp_path_factory):
-    """An uninterrupted run (never written by a test: copy it first)."""
-    return finished_run(data_dir, tmp_path_factory.mktemp("straight"), steps=STEPS)
+STEPS = 12  # conftest's `straight` run: checkpoints at 4, 8, 12
 
 
 def fingerprint(path: str) -> dict[str, str]:

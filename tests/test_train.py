@@ -65,6 +65,7 @@ def _batch(seed=0, b=8, length=16, vocab=64):
     return {"inputs": t[:, :-1], "targets": t[:, 1:], "weights": w}
 
 
+@pytest.mark.slow  # CI: tests/test_sharding.py compares accum=2 on 8 devices with one device's full batch
 def test_grad_accumulation_equals_full_batch():
     # Dropout off: micro-batches draw their own dropout masks, so only the deterministic math can agree.
     batch = _batch()
@@ -150,10 +151,7 @@ def test_a_pruned_kernel_keeps_its_zeros_through_updates(keep):
 
 # --- whole runs through the CLI -------------------------------------------------------------------------
 
-def test_preempted_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
-    straight = str(tmp_path / "straight")
-    out = run_cli(small_overrides(data_dir, straight))
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_preempted_and_resumed_run_equals_uninterrupted(data_dir, straight, tmp_path):
     expected = _summary(straight)
 
     interrupted = str(tmp_path / "interrupted")
