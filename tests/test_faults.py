@@ -86,17 +86,6 @@ def test_a_rerun_with_another_identity_is_refused_untouched(straight, data_dir, 
     assert fingerprint(straight) == before
 
 
-def test_a_changed_schedule_resumes(straight, data_dir, tmp_path):
-    """Keys in workdir.RESUMABLE (here steps and cadence) may change: the run goes on from its last step."""
-    workdir = str(tmp_path / "w")
-    shutil.copytree(straight, workdir)
-    out = run_cli(small_overrides(data_dir, workdir, steps=14, **{"train.eval_every": 7}))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resuming from {workdir}/checkpoints/12" in out.stdout
-    steps = [r["step"] for r in Workdir(workdir).metrics() if "loss" in r]
-    assert steps == list(range(1, 15))  # each step once
-
-
 def test_a_fresh_run_that_fails_leaves_no_workdir(data_dir, tmp_path):
     workdir = str(tmp_path / "never")
     line = one_error_line(run_cli(small_overrides(data_dir, workdir, **{"data.name": "text",

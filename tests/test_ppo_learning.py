@@ -132,7 +132,7 @@ def test_an_affine_reward_gives_the_same_learning_curve(sft, machinery):
     np.testing.assert_allclose(affine, plain, atol=2e-3)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [pytest.param(1.0, marks=pytest.mark.slow), 0.7])  # CI: the harder one
 def test_kl_estimate_matches_the_sampler_and_is_unbiased(sft, temperature):
     """PPO's log-probs of sampled tokens are the sampler's own (same temperature, same positions, for prompts of
     any length), and the rollout's KL (their summed log-ratio to the reference) averages to the exact KL of the

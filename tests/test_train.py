@@ -178,7 +178,7 @@ def test_preempted_and_resumed_run_equals_uninterrupted(data_dir, straight, tmp_
     assert resumed["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert resumed["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
     steps = [m["step"] for m in _metrics(interrupted) if "loss" in m]
-    assert sorted(set(steps)) == list(range(1, 13))
+    assert steps == list(range(1, 13))  # each step once
     # The workdir holds what DESIGN.md promises.
     for name in ("config.json", "metrics.jsonl", "summary.json", "tokenizer.model", "checkpoints", "tb"):
         assert os.path.exists(os.path.join(interrupted, name)), name
@@ -236,6 +236,7 @@ def test_missing_data_path_and_vocab_mismatch(data_dir, trained, tmp_path):
     assert out.returncode == 2 and "config.model.vocab_size=640" in out.stderr and trained in out.stderr
 
 
+@pytest.mark.slow  # CI: tests/test_faults.py sets a damaged latest step aside and resumes from the one before
 def test_an_unreadable_only_checkpoint_is_set_aside_and_the_run_starts_over(data_dir, trained, tmp_path):
     workdir = str(tmp_path / "w")
     shutil.copytree(trained, workdir)
