@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from omni import config as config_lib
+from omni.files import write_atomic
 from omni import data
 from omni.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE
 from omni.generate import GenerationError, Generator
@@ -64,17 +65,6 @@ RESUMABLE = (
 
 class WorkdirError(RuntimeError):
     """A workdir this run cannot use (a file, not writable, held by another run); the message names it."""
-
-
-def write_atomic(path: str, data_: bytes) -> None:
-    """Readers see the old file or the new one, never half of one (a kill mid-write, or several processes)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data_)
-    umask = os.umask(0o22)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it: mkstemp's are private to the user
-    os.replace(tmp, path)
 
 
 def write_json(path: str, obj: dict) -> None:

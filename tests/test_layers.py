@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Lowest first. A module may import its own layer and those below, never one above.
 LAYERS = (
-    ("omni.config",),
+    ("omni.config", "omni.files"),
     ("omni.data", "omni.parallel"),
     ("omni.models",),
     ("omni.losses", "omni.compress", "omni.generate", "omni.estimate"),

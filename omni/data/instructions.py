@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from omni.files import write_atomic
+
 NOISE: float = 0.32  # agreement(NOISE) = 0.732 (seed 0; 0.731, 0.740 at seeds 1, 2): InstructGPT's ~73%
 HELD_OUT_PERCENT = 10  # task instances whose stable hash falls here are evaluation-only
 VERSION = 2  # of the tasks, answers and candidates: a suite written by another version is rewritten
@@ -412,15 +414,6 @@ def _draw(rng: np.random.Generator, want_held_out: bool) -> Example:
             return ex
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_suite(directory: str, seed: int = 0, num_sft: int = 2400, num_prompts: int = 8000, num_eval: int = 200,
                 num_prefs: int = 3000, num_eval_prefs: int = 300, k_min: int = 4, k_max: int = 6,
                 noise: float = NOISE) -> dict[str, str]:
@@ -461,9 +454,9 @@ def write_suite(directory: str, seed: int = 0, num_sft: int = 2400, num_prompts:
         make, evaluation, count = makers[name]
         rng = np.random.default_rng([seed, index])  # a stream per file: no file depends on another's size
         lines = [json.dumps(make(rng, evaluation), ensure_ascii=False) + "\n" for _ in range(count)]
-        _write_atomic(paths[f"{name}.jsonl"], "".join(lines))
+        write_atomic(paths[f"{name}.jsonl"], "".join(lines).encode())
         counts[name] = count
     meta = {"seed": seed, "noise": float(noise), "measured_agreement": agreement(float(noise), seed=seed),
             "counts": counts, "tasks": list(TASKS), "args": args}
-    _write_atomic(paths["suite.json"], json.dumps(meta, indent=1) + "\n")  # last: marks the suite complete
+    write_atomic(paths["suite.json"], (json.dumps(meta, indent=1) + "\n").encode())  # last: marks the suite complete
     return paths

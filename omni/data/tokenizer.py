@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from omni.files import write_atomic
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
@@ -101,7 +102,7 @@ class Tokenizer:
         path = os.path.join(directory, file_name(self.model_path))
         if os.path.abspath(path) != os.path.abspath(self.model_path):
             with open(self.model_path, "rb") as f:
-                _write_atomic(path, f.read())
+                write_atomic(path, f.read())
         return path
 
     def __repr__(self) -> str:
@@ -120,21 +121,6 @@ def _chunks(texts: Iterable[str]) -> Iterator[str]:
             size += len(line)
         if chunk:
             yield "".join(chunk)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Writes to a temporary file beside `path`, then renames: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared data_dir needs it readable
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str) -> Tokenizer:
@@ -164,5 +150,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str) -> T
         num_threads=_TRAIN_THREADS,
         minloglevel=2,
     )
-    _write_atomic(model_path, model.getvalue())
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    write_atomic(model_path, model.getvalue())
     return Tokenizer(model_path)

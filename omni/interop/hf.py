@@ -30,7 +30,6 @@ and c_attn's 3*D outputs are q|k|v, each split head-major into (heads, head_dim)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -46,6 +45,7 @@ from omni.compress import quant
 from omni.config import ConfigError, base_config, validate
 from omni.data import Tokenizer
 from omni.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE
+from omni.files import write_atomic
 from omni.models.params import abstract_params
 from omni.train.checkpoint import CheckpointError
 from omni.workdir import Workdir
@@ -336,23 +336,8 @@ def to_hf(model_config: ml_collections.ConfigDict, params, hf_dir: str, tokenize
         files.update(tokenizer_files)
     os.makedirs(hf_dir, exist_ok=True)
     for name, data in files.items():
-        _write_public(os.path.join(hf_dir, name), data)
+        write_atomic(os.path.join(hf_dir, name), data)  # 0644-like: an export is for others too
     return ", ".join(files) + (f" (no {HF_FILE}: {no_hf_tokenizer})" if no_hf_tokenizer else "")
-
-
-def _write_public(path: str, data: bytes) -> None:
-    """Writes `path` atomically (a temporary file beside it, then a rename) with the permissions a plain open()
-    gives, 0666 less the umask: the 0600 of mkstemp or safetensors' save_file would hide an exported model
-    from the other users it is exported for."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # --- tokenizers -------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from omni.data.tokenizer import file_name
+from omni.files import write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -33,7 +34,7 @@ def _file_digests(step_dir: str) -> dict[str, list]:
         for name in files:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, step_dir)
-            if rel in (CHECKSUMS, CHECKSUMS + ".tmp"):
+            if rel.startswith(CHECKSUMS):  # the file itself, or its temporary twin mid-write
                 continue
             digest = hashlib.sha256()
             with open(path, "rb") as f:
@@ -47,11 +48,7 @@ def seal(step_dir: str) -> None:
     """Records the checksums of a finalized step (process 0, after the save has finished)."""
     if not os.path.isdir(step_dir):  # already removed by keep_checkpoints
         return
-    digests = _file_digests(step_dir)  # before the temporary file below exists
-    tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(digests, f)
-    os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+    write_atomic(os.path.join(step_dir, CHECKSUMS), json.dumps(_file_digests(step_dir)).encode())
 
 
 def damage(step_dir: str) -> str | None:

@@ -2,7 +2,6 @@
 peak FLOP/s that MFU is measured against."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -11,13 +10,14 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 import tqdm
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from omni.files import write_atomic
 
 # Dense bf16 peak per chip from the vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
@@ -140,16 +140,8 @@ def _write_cache(path: str, peak: _Peak) -> str | None:
     where it cannot be written."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        write_atomic(path, json.dumps({"host": peak.host, "flops": peak.flops, "how": peak.how}).encode())
     except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": peak.host, "flops": peak.flops, "how": peak.how}, f)
-        os.replace(temp, path)
-    except OSError:  # a full disk: no half-written file left behind
-        with contextlib.suppress(OSError):
-            os.remove(temp)
         return None
     return path
 
