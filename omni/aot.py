@@ -21,11 +21,9 @@ from omni import parallel
 from omni.config import ConfigError
 from omni.estimate import GIB
 from omni.models.attention import resolve
-from omni.stages import ppo, pretrain, reward, sft
+from omni.stages import registry
 from omni.train import trainer
 
-# The stage's step from its config alone: (model, loss_fn, global batch shapes {key: (shape, dtype)}).
-STEPS = {"pretrain": pretrain.step, "sft": sft.step, "rm": reward.step, "ppo": ppo.step}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +102,8 @@ def compile_step(config: ml_collections.ConfigDict, devices: list):
     """The stage's train step, compiled for `devices` on the validated config's mesh. Allocates nothing."""
     config = for_platform(config, devices[0].platform)
     t = config.train
-    model, loss_fn, batch_shapes = STEPS[config.stage](config)
+    # The stage's step from its config alone: (model, loss_fn, global batch shapes {key: (shape, dtype)}).
+    model, loss_fn, batch_shapes = registry.get(config.stage).step(config)
     mesh = parallel.make_mesh(config.mesh, devices)
     with nn.logical_axis_rules(parallel.LOGICAL_RULES):
         # Outside the topology's mesh: optax builds its state's layout by making a scalar eagerly.

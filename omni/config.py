@@ -121,6 +121,28 @@ def _stage_defaults(c: ml_collections.ConfigDict) -> None:
         include_suite=True))  # also copy the suite's own rankings beside the samples'
 
     c.ppo = ppo_defaults()
+    # The methods after PPO. GRPO/RLOO and best-of-n sample with ppo's rollout keys (rollout_batch,
+    # samples_per_prompt = the group size G, epochs, max_new_tokens, temperature), and every post-training stage
+    # is judged by ppo's held-out evaluation (eval_prompts, eval_samples, reward_from for the reward model's
+    # measures, ptx_eval_batches for pretraining perplexity).
+    c.dpo = ml_collections.ConfigDict(dict(
+        beta=0.1,  # strength of the implicit KL to the reference: the inverse temperature of the implicit reward
+        loss="sigmoid",  # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
+        reference_from="",  # the frozen reference policy; empty: init_from (the SFT model)
+        # Rankings to learn from (JSONL, e.g. a label stage's workdir/train and /eval); empty: the data section's
+        # own (the offline suite's). The data section still gives the held-out prompts and labeler.
+        path="", eval_path=""))
+    c.grpo = ml_collections.ConfigDict(dict(
+        advantage="grpo",  # grpo: (r - group mean) / (group std + eps) | rloo: r - mean of the other G - 1
+        beta=0.04,  # coefficient of the k3 KL to the reference in the loss (0: none)
+        eps=1e-4,
+        # model: the reward model of ppo.reward_from | labeler: the offline suite's true score (RL with verifiable
+        # rewards) | MODULE:FUNCTION: a Python function(prompt, response) -> float, e.g. mypkg.rewards:exact
+        reward="model",
+        skip_zero_spread=False))  # drop groups whose samples all score the same from the update (DAPO)
+    c.best_of_n = ml_collections.ConfigDict(dict(
+        n=8,  # samples per prompt; the reward model's best is kept
+        prompts=1024))  # training prompts sampled (the SFT then runs train.steps over the kept answers)
 
 
 def ppo_defaults() -> ml_collections.ConfigDict:

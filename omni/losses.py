@@ -1,5 +1,6 @@
 """The losses and estimators the stages share: next-token cross-entropy (pretraining, SFT, PPO-ptx), the reward
-model's ranking loss and scores, and PPO's advantage estimation and per-token statistics.
+model's ranking loss and scores, PPO's advantage estimation and per-token statistics, and the estimators of the
+methods that followed it (DPO's pair loss, GRPO's and RLOO's group baselines, the k3 KL).
 
 Each loss_fn follows the trainer's contract (omni/train/trainer.py, LossFn): it returns sums, which the trainer
 divides by their weights, so gradient accumulation gives exactly the full-batch gradient.
@@ -148,3 +149,46 @@ def explained_variance(values: np.ndarray, returns: np.ndarray, mask: np.ndarray
     sel = mask > 0
     var = np.var(returns[sel])
     return float(1.0 - np.var(returns[sel] - values[sel]) / var) if var > 0 else float("nan")
+
+
+# ----- the methods after PPO: DPO, GRPO, RLOO
+
+
+def dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logps: jax.Array,
+             ref_rejected_logps: jax.Array, beta: float) -> jax.Array:
+    """DPO's loss per pair (Rafailov et al. 2023) from summed response log-probabilities of the policy and of the
+    frozen reference: -log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))). log_sigmoid is
+    -softplus(-x), finite for any margin."""
+    margin = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    return -jax.nn.log_sigmoid(beta * margin)
+
+
+def ipo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logps: jax.Array,
+             ref_rejected_logps: jax.Array, beta: float) -> jax.Array:
+    """IPO's loss per pair (Azar et al. 2023): the log-ratio margin regressed to 1 / (2 beta), so that a pair
+    the policy already separates is not pushed further (DPO's sigmoid never stops pushing)."""
+    margin = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    return (margin - 1.0 / (2.0 * beta)) ** 2
+
+
+def group_advantages(rewards: jax.Array, eps: float = 1e-4) -> jax.Array:
+    """GRPO's advantage (Shao et al. 2024) of each of the G samples of a prompt, `rewards` [prompts, G]:
+    (r - group mean) / (group std + eps), the population std (ddof 0). A group without spread gets 0."""
+    mean = rewards.mean(-1, keepdims=True)
+    spread = rewards.max(-1, keepdims=True) > rewards.min(-1, keepdims=True)
+    # Without spread the rounding error of the mean, divided by eps, would push the whole group one way.
+    return jnp.where(spread, (rewards - mean) / (rewards.std(-1, keepdims=True) + eps), 0.0)
+
+
+def rloo_advantages(rewards: jax.Array) -> jax.Array:
+    """RLOO's advantage (Ahmadian et al. 2024), `rewards` [prompts, G] with G >= 2: each reward less the mean of
+    the other G - 1 of its group, a baseline that does not depend on the sample itself."""
+    g = rewards.shape[-1]
+    return rewards - (rewards.sum(-1, keepdims=True) - rewards) / (g - 1)
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """Schulman's k3 estimator of KL(policy || reference) per sampled token, as GRPO adds it to the loss:
+    exp(ref - logp) - (ref - logp) - 1, never negative and unbiased under the policy's samples."""
+    d = ref_logp - logp
+    return jnp.exp(d) - d - 1.0

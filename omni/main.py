@@ -238,7 +238,7 @@ def main(argv) -> None:
     config.name = config_name(config_flags.get_config_filename(FLAGS["config"]))
     workdir = FLAGS.workdir or default_workdir(config)
     try:
-        if config.stage == "pipeline":  # stages in subprocesses; this process never touches the devices
+        if config.stage in ("pipeline", "post_training"):  # stages in subprocesses; never touches the devices
             from omni import pipeline
 
             sys.exit(pipeline.run(config, workdir))

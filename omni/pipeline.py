@@ -14,6 +14,12 @@ A step whose workdir holds summary.json is done and skipped; an interrupted one 
 rerunning the same command picks up where it stopped. With ppo_seeds > 1 every PPO step runs once per seed
 (W/ppo-seed1, ...), sharing the reward model. At the end W/report.json, W/report.md and W/reward_kl.png hold
 every stage's headline metrics and the policies side by side on held-out prompts.
+
+    python -m omni.main --config=experiments/post_training.py [--config.methods=dpo,grpo] [--config.seeds=3]
+
+runs the same pretrain -> sft -> label -> rm, then each post-training method (METHODS) and seed from W/sft and
+W/rm in W/<method>-seed<s>, and writes W/post_training.json and W/post_training.md: the methods against SFT,
+with margins in standard deviations over seeds.
 """
 from __future__ import annotations
 
@@ -54,48 +60,105 @@ def _overrides(text: str, key: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _check_configs(c: ml_collections.ConfigDict, keys) -> None:
+    for key in keys:
+        if not os.path.isfile(c.configs[key]):
+            raise ConfigError(f"config.configs.{key}={c.configs[key]!r}: no such config file")
+    if not isinstance(c.suite_seed, int) or c.suite_seed < 0:
+        raise ConfigError(f"config.suite_seed={c.suite_seed!r}: must be an int >= 0")
+
+
+def _step(c: ml_collections.ConfigDict, name: str, kind: str, extra: list, keys: tuple[str, ...] = ()) -> Step:
+    """Stage `kind` in W/name from config file c.configs[keys[0]] (default: kind) with, in order, train.seed = c.seed
+    (unless `extra` sets it), data.suite_seed (after pretraining), `extra` and the overrides of each of `keys`."""
+    keys = keys or (kind,)
+    own = [pair for key in keys for pair in _overrides(c.overrides[key], key)]
+    common = [] if any(k == "train.seed" for k, _ in extra) else [("train.seed", str(c.seed))]
+    if kind != "pretrain":  # every stage after pretraining reads the same instance of the suite
+        common.append(("data.suite_seed", str(c.suite_seed)))
+    return Step(name, kind, c.configs[keys[0]], tuple(common + extra + own))
+
+
+def _sft(c: ml_collections.ConfigDict, path) -> list[Step]:
+    """pretrain (unless c.pretrained names one) -> sft."""
+    pretrained = c.pretrained or path("pretrain")
+    return ([] if c.pretrained else [_step(c, "pretrain", "pretrain", [])]) + [
+        _step(c, "sft", "sft", [("init_from", pretrained)])]
+
+
+def _label_rm(c: ml_collections.ConfigDict, path, suffix: str, policy: str, rm_init: str) -> list[Step]:
+    """label<suffix> (rank `policy`'s samples) -> rm<suffix> (from `rm_init`, on those rankings)."""
+    return [_step(c, f"label{suffix}", "label", [("init_from", policy)]),
+            _step(c, f"rm{suffix}", "rm", [("init_from", rm_init), ("data.name", "jsonl"),
+                                           ("data.path", path(f"label{suffix}/train")),
+                                           ("data.eval_path", path(f"label{suffix}/eval"))])]
+
+
 def plan(c: ml_collections.ConfigDict, workdir: str) -> list[Step]:
     """The pipeline's steps in order."""
     if not isinstance(c.rounds, int) or c.rounds < 1:
         raise ConfigError(f"config.rounds={c.rounds!r}: must be a positive int")
     if not isinstance(c.ppo_seeds, int) or c.ppo_seeds < 1:
         raise ConfigError(f"config.ppo_seeds={c.ppo_seeds!r}: must be a positive int")
-    for kind in ("pretrain", "sft", "label", "rm", "ppo"):
-        if not os.path.isfile(c.configs[kind]):
-            raise ConfigError(f"config.configs.{kind}={c.configs[kind]!r}: no such config file")
-    if not isinstance(c.suite_seed, int) or c.suite_seed < 0:
-        raise ConfigError(f"config.suite_seed={c.suite_seed!r}: must be an int >= 0")
+    _check_configs(c, ("pretrain", "sft", "label", "rm", "ppo"))
     path = lambda name: os.path.join(workdir, name)  # noqa: E731
-    steps = []
-
-    def add(name, kind, extra, variant=None):
-        own = _overrides(c.overrides[kind], kind)
-        if variant == "ppo_ptx":  # PPO-ptx is PPO plus its own overrides
-            own += _overrides(c.overrides.ppo_ptx, "ppo_ptx")
-        common = [] if kind == "ppo" else [("train.seed", str(c.seed))]  # PPO's seed is per run
-        if kind != "pretrain":  # every stage after pretraining reads the same instance of the suite
-            common.append(("data.suite_seed", str(c.suite_seed)))
-        steps.append(Step(name, kind, c.configs[kind], tuple(common + extra + own)))
-
-    pretrained = c.pretrained or path("pretrain")
-    if not c.pretrained:
-        add("pretrain", "pretrain", [])
-    add("sft", "sft", [("init_from", pretrained)])
+    steps = _sft(c, path)
     variants = [("ppo", [])] + ([("ppo_ptx", [("ppo.ptx_coef", str(c.ptx_coef))])] if c.ptx else [])
     for r in range(1, c.rounds + 1):
         suffix, previous = ("" if r == 1 else str(r)), ("" if r <= 2 else str(r - 1))
         policy = path("sft") if r == 1 else path(f"ppo{previous}")
-        add(f"label{suffix}", "label", [("init_from", policy)])
-        add(f"rm{suffix}", "rm", [("init_from", path("sft") if r == 1 else path(f"rm{previous}")),
-                                  ("data.name", "jsonl"), ("data.path", path(f"label{suffix}/train")),
-                                  ("data.eval_path", path(f"label{suffix}/eval"))])
+        steps += _label_rm(c, path, suffix, policy, path("sft") if r == 1 else path(f"rm{previous}"))
         for variant, extra in variants:
             for s in range(c.ppo_seeds):
                 tag = "" if s == 0 else f"-seed{s}"
                 start = path("sft") if r == 1 else path(f"{variant}{previous}{tag}")
-                add(f"{variant}{suffix}{tag}", "ppo",
-                    [("init_from", start), ("ppo.reward_from", path(f"rm{suffix}")),
-                     ("ppo.reference_from", path("sft")), ("train.seed", str(c.seed + s))] + extra, variant)
+                # PPO-ptx is PPO plus its own overrides
+                steps.append(_step(c, f"{variant}{suffix}{tag}", "ppo",
+                                   [("init_from", start), ("ppo.reward_from", path(f"rm{suffix}")),
+                                    ("ppo.reference_from", path("sft")), ("train.seed", str(c.seed + s))] + extra,
+                                   ("ppo",) if variant == "ppo" else ("ppo", "ppo_ptx")))
+    return steps
+
+
+# experiments/post_training.py's methods: name -> stage. Each starts from W/sft (also the reference of the KL and of
+# the held-out measures) and is judged with the reward model W/rm; grpo_verifier is GRPO on the labeler's reward.
+METHODS = {"best_of_n": "best_of_n", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo", "grpo_verifier": "grpo"}
+
+
+def methods(c: ml_collections.ConfigDict) -> list[str]:
+    """config.methods (a comma-separated string, or a tuple), checked against METHODS."""
+    names = c.methods.split(",") if isinstance(c.methods, str) else list(c.methods)
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if not names or unknown or len(set(names)) < len(names):
+        why = f"unknown method {unknown[0]!r}" if unknown else "no method named" if not names else "a method twice"
+        raise ConfigError(f"config.methods={c.methods!r}: {why}; expected some of {', '.join(METHODS)} "
+                          "(comma-separated)")
+    return names
+
+
+def post_training_plan(c: ml_collections.ConfigDict, workdir: str) -> list[Step]:
+    """pretrain -> sft -> label -> rm as experiments/instructgpt.py's round 1, then each method x seed in
+    W/<method>-seed<s> (s from 0, train.seed = seed + s)."""
+    if not isinstance(c.seeds, int) or c.seeds < 1:
+        raise ConfigError(f"config.seeds={c.seeds!r}: must be a positive int")
+    names = methods(c)
+    _check_configs(c, ["sft", "label", "rm"] + ([] if c.pretrained else ["pretrain"]) + names)
+    path = lambda name: os.path.join(workdir, name)  # noqa: E731
+    sft = path("sft")
+    steps = _sft(c, path) + _label_rm(c, path, "", sft, sft)
+    for m in names:
+        kind = METHODS[m]
+        extra = [("init_from", sft), ("ppo.reward_from", path("rm"))]
+        if kind == "dpo":
+            extra += [("dpo.reference_from", sft), ("dpo.path", path("label/train")),
+                      ("dpo.eval_path", path("label/eval"))]
+        elif kind in ("ppo", "grpo"):
+            extra.append(("ppo.reference_from", sft))  # best-of-n's reference is its init_from
+        if m == "grpo_verifier":
+            extra.append(("grpo.reward", "labeler"))
+        steps += [_step(c, f"{m}-seed{s}", kind, extra + [("train.seed", str(c.seed + s))], (m,))
+                  for s in range(c.seeds)]
     return steps
 
 
@@ -110,7 +173,10 @@ def _summary(workdir: str, name: str) -> dict | None:
 
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> int:
-    steps = plan(c, workdir)
+    """Runs the pipeline of config.stage ('pipeline': experiments/instructgpt.py, 'post_training':
+    experiments/post_training.py) step by step, skipping finished steps, then writes and prints its report."""
+    post = c.stage == "post_training"
+    steps = (post_training_plan if post else plan)(c, workdir)
     if c.dry_run:
         print("\n".join(shlex.join(command(s, workdir)) for s in steps), flush=True)
         return 0
@@ -126,8 +192,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
             print(f"[pipeline] {step.name} did not finish (exit code {rc}); finished steps are kept: rerun the same "
                   "command to go on from there", file=sys.stderr, flush=True)
             return rc or 1
-    report = write_report(c, workdir, steps)
-    print(report_markdown(report), flush=True)
+    report = (write_post_training_report if post else write_report)(c, workdir, steps)
+    print((post_training_markdown if post else report_markdown)(report), flush=True)
     return 0
 
 
@@ -135,7 +201,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
 # Report
 
 def _mean_std(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds": values}
+    return {"mean": float(np.mean(values)), "std": _std(values), "seeds": values}
+
+
+def _std(values: list[float]) -> float:
+    """The sample standard deviation over seeds (ddof 1, the unbiased variance's root); 0 for one seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _measures(summary: dict, prefix: str = "") -> dict[str, float]:
@@ -177,12 +248,17 @@ def _sft_curve(workdir: str) -> list[dict]:
             for r in Workdir(os.path.join(workdir, "sft")).metrics() if "eval_loss" in r]
 
 
+def _stages(steps: list[Step], summaries: dict) -> dict:
+    """Each step's headline metrics (its stage's) and wall_s."""
+    return {s.name: {k: summaries[s.name][k] for k in registry.get(s.kind).headline + ("wall_s",)
+                     if k in summaries[s.name]} for s in steps}
+
+
 def write_report(c: ml_collections.ConfigDict, workdir: str, steps: list[Step]) -> dict:
     """report.json (every stage's headline metrics; per policy its held-out measures, over seeds; the SFT curve),
     report.md and reward_kl.png (reward and KL to the reference per PPO iteration)."""
     summaries = {s.name: _summary(workdir, s.name) for s in steps}
-    stages = {s.name: {k: summaries[s.name].get(k) for k in registry.get(s.kind).headline + ("wall_s",) if k in summaries[s.name]}
-              for s in steps}
+    stages = _stages(steps, summaries)
     variants = ["ppo"] + (["ppo_ptx"] if c.ptx else [])
     first = summaries["ppo"]
     policies = {"sft": {**_measures(first, "sft_"), "win_rate_vs_sft": 0.5, "kl_to_sft": 0.0}}
@@ -267,3 +343,129 @@ def _plot(workdir: str, names: list[str]) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "reward_kl.png"), dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Post-training comparison (experiments/post_training.py)
+
+# Margins over SFT in post_training.json: measure -> {mean, std, seeds, n_std}; the table shows the first two.
+MARGINS = ("labeler_score", "sampled_labeler_score", "exact_match")
+
+
+def _episodes(workdir: str, name: str, kind: str, summary: dict) -> int:
+    """Samples a run drew from its policy: RL's rollouts, best-of-n's n per prompt, none for DPO."""
+    if kind == "best_of_n":
+        return Workdir(os.path.join(workdir, name)).saved_config()["best_of_n"]["n"] * summary["kept_answers"]
+    return int(summary.get("episodes", 0))
+
+
+def _sft_row(runs: dict[str, dict]) -> tuple[dict, dict]:
+    """The SFT reference's measures (the sft_* keys of every run's summary: the same model, prompts and sampling
+    seeds, so the same numbers) and, per measure whose runs disagree, their max - min."""
+    measures = {name: _measures(s, "sft_") for name, s in runs.items()}
+    first = next(iter(measures.values()))
+    spread = {}
+    for key in first:
+        values = [m[key] for m in measures.values() if key in m]
+        if max(values) - min(values) > 1e-6:
+            spread[key] = max(values) - min(values)
+    if spread:
+        print(f"[post_training] warning: the runs' SFT reference measures differ (max - min: "
+              f"{', '.join(f'{k} {v:.4g}' for k, v in spread.items())}); each margin is over its own run's",
+              file=sys.stderr, flush=True)
+    row = {k: {"mean": v, "std": 0.0} for k, v in first.items()}
+    row.update(win_rate_vs_sft={"mean": 0.5, "std": 0.0}, kl_to_sft={"mean": 0.0, "std": 0.0})
+    return row, spread
+
+
+def write_post_training_report(c: ml_collections.ConfigDict, workdir: str, steps: list[Step]) -> dict:
+    """post_training.json and post_training.md: per method, each held-out measure's mean and std over seeds (and
+    the seeds' values), the margins over SFT (each seed's against its own run's SFT numbers) with their std and
+    mean / std, episodes per run, wall time over its seeds; an SFT row; the wall time of the whole comparison."""
+    summaries = {s.name: _summary(workdir, s.name) for s in steps}
+    kinds = {s.name: s.kind for s in steps}
+    names = methods(c)
+    runs = {m: [f"{m}-seed{s}" for s in range(c.seeds)] for m in names}
+    sft, sft_spread = _sft_row({n: summaries[n] for m in names for n in runs[m]})
+    sft["wall_s"] = summaries["sft"].get("wall_s", 0.0)
+    policies = {"sft": sft}
+    for m in names:
+        p = _policy(workdir, runs[m], summaries)
+        row = {k: {"mean": p[k], "std": _std(v), "seeds": v} for k, v in p.pop("seeds").items()}
+        for key in MARGINS:
+            margin = p.get("margin_vs_sft" if key == "labeler_score" else f"{key}_margin_vs_sft")
+            if margin:
+                spread = margin["std"] > 1e-9  # not rounding noise of equal margins
+                row[f"{key}_margin"] = {**margin, "n_std": margin["mean"] / margin["std"] if spread else None}
+        episodes = [_episodes(workdir, n, kinds[n], summaries[n]) for n in runs[m]]
+        row.update(stage=kinds[runs[m][0]], episodes=int(np.mean(episodes)),
+                   wall_s=sum(summaries[n].get("wall_s", 0.0) for n in runs[m]))
+        if "zero_spread_groups" in p:
+            row["zero_spread_groups"] = p["zero_spread_groups"]
+        if "ranked_prompts" in summaries[runs[m][0]]:
+            row["ranked_prompts"] = summaries[runs[m][0]]["ranked_prompts"]
+        policies[m] = row
+    stages = _stages(steps, summaries)
+    method_steps = [n for m in names for n in runs[m]]
+    report = {"workdir": workdir, "methods": names, "seeds": c.seeds, "seed": c.seed, "suite_seed": c.suite_seed,
+              "pretrained": c.pretrained or os.path.join(workdir, "pretrain"), "stages": stages,
+              "policies": policies, "sft_spread": sft_spread,
+              "wall_s": sum(v.get("wall_s", 0.0) for v in stages.values()),
+              "methods_wall_s": sum(stages[n].get("wall_s", 0.0) for n in method_steps)}
+    write_json(os.path.join(workdir, "post_training.json"), report)
+    write_atomic(os.path.join(workdir, "post_training.md"), post_training_markdown(report).encode())
+    return report
+
+
+def _pm(d: dict | None, fmt: str = ".4f") -> str:
+    """mean ± std."""
+    return "" if not d else f"{d['mean']:{fmt}} ± {d['std']:{fmt.lstrip('+')}}"
+
+
+def _n_std(d: dict | None) -> str:
+    """margin / std; ∞ for a margin without spread over seeds."""
+    if not d:
+        return ""
+    return f"{d['n_std']:.1f}" if d.get("n_std") is not None else "∞" if abs(d["mean"]) > 1e-9 else "-"
+
+
+def post_training_markdown(report: dict) -> str:
+    stages = report["stages"]
+    shared = ", ".join(f"{name} {stages[name].get('wall_s', 0) / 60:.1f}" for name in ("pretrain", "sft", "label", "rm")
+                       if name in stages)
+    rm = stages.get("rm", {}).get("heldout_pairwise_accuracy")
+    lines = [f"# Post-training methods from one SFT model: {report['workdir']}", "",
+             f"{len(report['methods'])} method(s) x {report['seeds']} seed(s) (train.seed {report['seed']}.."
+             f"{report['seed'] + report['seeds'] - 1}), suite seed {report['suite_seed']}, from one SFT model (of "
+             f"{report['pretrained']}) and one reward model"
+             + (f" (held-out pairwise accuracy {rm:.3f})" if rm is not None else "") + ".",
+             f"Wall time: {report['wall_s'] / 60:.1f} min in all (shared stages, min: {shared}); the methods alone "
+             f"{report['methods_wall_s'] / 60:.1f} min.", "",
+             "Held-out prompts: greedy answers (labeler score, exact match), samples at the rollout temperature "
+             "(sampled score). Mean ± std over seeds (sample std, ddof 1); margins over SFT ± their std, and "
+             "margin / std (how many standard deviations over seeds a method is above SFT; ∞: no spread). "
+             "Episodes: samples a run drew (RL rollouts, best-of-n's n per prompt; DPO draws none and trains on "
+             "ranked prompts). Wall: all seeds of a method.", "",
+             "| method | greedy labeler score | margin vs SFT | margin / std | sampled labeler score | sampled margin "
+             "| margin / std | exact match | win rate vs SFT | KL to SFT | pretraining perplexity | episodes per run "
+             "| wall min |", "|---" * 13 + "|"]
+    for name, p in report["policies"].items():
+        if name == "sft":
+            episodes = "-"
+        elif "ranked_prompts" in p and not p["episodes"]:
+            episodes = f"0 ({p['ranked_prompts']:,} ranked prompts)"
+        else:
+            episodes = f"{p['episodes']:,}"
+        lines.append(
+            f"| {'SFT' if name == 'sft' else name} | {_pm(p.get('labeler_score'))} | "
+            f"{_pm(p.get('labeler_score_margin'), '+.4f')} | {_n_std(p.get('labeler_score_margin'))} | "
+            f"{_pm(p.get('sampled_labeler_score'))} | {_pm(p.get('sampled_labeler_score_margin'), '+.4f')} | "
+            f"{_n_std(p.get('sampled_labeler_score_margin'))} | {_pm(p.get('exact_match'))} | "
+            f"{_pm(p.get('win_rate_vs_sft'))} | {_pm(p.get('kl_to_sft'))} | "
+            f"{_pm(p.get('pretrain_perplexity'), '.4g')} | {episodes} | "
+            f"{p.get('wall_s', 0) / 60:.1f} |")
+    if report.get("sft_spread"):
+        lines += ["", "Warning: the runs' SFT reference measures differ (max - min: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in report["sft_spread"].items()) + "); the SFT row is the first run's, and each "
+            "margin is over its own run's SFT numbers."]
+    return "\n".join(lines) + "\n"

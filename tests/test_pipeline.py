@@ -10,10 +10,10 @@ from conftest import ROOT, run_cli
 from omni import pipeline
 
 
-def _config(**changes):
+def _config(experiment="instructgpt", **changes):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("instructgpt", os.path.join(ROOT, "experiments", "instructgpt.py"))
+    spec = importlib.util.spec_from_file_location(experiment, os.path.join(ROOT, "experiments", f"{experiment}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -62,10 +62,102 @@ def test_report_averages_seeds_against_sft(tmp_path, monkeypatch):
     report = pipeline.write_report(c, str(tmp_path), steps)
     ppo = report["policies"]["ppo"]
     np.testing.assert_allclose(ppo["labeler_score"], 0.65)
-    np.testing.assert_allclose([ppo["margin_vs_sft"]["mean"], ppo["margin_vs_sft"]["std"]], [0.15, 0.05])
+    np.testing.assert_allclose([ppo["margin_vs_sft"]["mean"], ppo["margin_vs_sft"]["std"]], [0.15, 0.0707107], rtol=1e-5)  # sample std
     assert report["policies"]["sft"]["labeler_score"] == 0.5
     assert (tmp_path / "report.json").exists() and (tmp_path / "reward_kl.png").stat().st_size > 1000
-    assert "| ppo | 0.65 | +0.1500 ± 0.0500 |" in (tmp_path / "report.md").read_text()
+    assert "| ppo | 0.65 | +0.1500 ± 0.0707 |" in (tmp_path / "report.md").read_text()
+
+
+def test_post_training_dry_run_prints_each_method_and_seed_from_one_sft_and_rm(monkeypatch, capsys):
+    import shlex
+
+    monkeypatch.chdir(ROOT)
+    c = _config("post_training", pretrained="P", seeds=2, seed=5, dry_run=True)
+    c.overrides.grpo = "ppo.iterations=2"
+    assert pipeline.run(c, "W") == 0
+    commands = {}
+    for line in capsys.readouterr().out.strip().splitlines():
+        args = shlex.split(line)
+        flags = dict(a[len("--config."):].split("=", 1) for a in args if a.startswith("--config."))
+        commands[args[-1].removeprefix("--workdir=W/")] = ([a for a in args if a.startswith("--config=")][0], flags)
+    methods = ["best_of_n", "dpo", "ppo", "grpo", "grpo_verifier"]
+    assert list(commands) == ["sft", "label", "rm"] + [f"{m}-seed{s}" for m in methods for s in (0, 1)]
+    assert commands["sft"][1]["init_from"] == "P" and commands["rm"][1]["train.steps"] == "200"  # instructgpt's
+    for m in methods:
+        for s in (0, 1):
+            config, flags = commands[f"{m}-seed{s}"]
+            assert config == f"--config=configs/{m.replace('_verifier', '')}_tiny.py"
+            assert flags["init_from"] == "W/sft" and flags["ppo.reward_from"] == "W/rm", m
+            assert flags["train.seed"] == str(5 + s) and flags["data.suite_seed"] == "0"
+    dpo = commands["dpo-seed1"][1]
+    assert (dpo["dpo.path"], dpo["dpo.eval_path"]) == ("W/label/train", "W/label/eval")
+    assert dpo["dpo.reference_from"] == "W/sft"
+    assert commands["ppo-seed0"][1]["ppo.reference_from"] == "W/sft" == commands["grpo-seed1"][1]["ppo.reference_from"]
+    grpo, verifier = commands["grpo-seed0"][1], commands["grpo_verifier-seed0"][1]
+    assert verifier["grpo.reward"] == "labeler" and "grpo.reward" not in grpo
+    assert grpo["ppo.iterations"] == "2" and "ppo.iterations" not in verifier  # each method's own overrides
+    c.update(methods="dpo", pretrained="")  # one method; its own pretraining
+    assert [s.name for s in pipeline.post_training_plan(c, "W")] == ["pretrain", "sft", "label", "rm", "dpo-seed0",
+                                                                     "dpo-seed1"]
+
+
+def test_unknown_post_training_method_is_named():
+    out = run_cli(["--config=experiments/post_training.py", "--config.methods=dpo,rlhf", "--config.dry_run=True"])
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "config.methods='dpo,rlhf': unknown method 'rlhf'" in out.stderr
+
+
+def test_post_training_report_gives_margins_over_sft_in_standard_deviations(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    c = _config("post_training", pretrained="P")
+    steps = pipeline.post_training_plan(c, str(tmp_path))
+    greedy = {"grpo": [0.6, 0.7, 0.8], "dpo": [0.55, 0.55, 0.55]}  # SFT: 0.5
+    for step in steps:
+        os.makedirs(tmp_path / step.name)
+        summary = {"wall_s": 60.0}
+        method, _, seed = step.name.partition("-seed")
+        if seed:
+            s = int(seed)
+            summary.update(labeler_score=greedy.get(method, [0.5, 0.6, 0.7])[s], sft_labeler_score=0.5,
+                           sampled_labeler_score=0.4 + 0.1 * s, sft_sampled_labeler_score=0.3, exact_match=0.2,
+                           sft_exact_match=0.1, win_rate_vs_sft=0.6, kl_to_sft=1.0 + s, pretrain_perplexity=9.0,
+                           sft_pretrain_perplexity=8.0)
+            if step.kind in ("ppo", "grpo"):
+                summary["episodes"] = 1024
+            if step.kind == "dpo":
+                summary["ranked_prompts"] = 300
+            if step.kind == "best_of_n":
+                summary["kept_answers"] = 100
+                with open(tmp_path / step.name / "config.json", "w") as f:
+                    json.dump({"best_of_n": {"n": 8, "prompts": 128}}, f)
+        with open(tmp_path / step.name / "summary.json", "w") as f:
+            json.dump(summary, f)
+    report = pipeline.write_post_training_report(c, str(tmp_path), steps)
+    grpo, dpo, sft = report["policies"]["grpo"], report["policies"]["dpo"], report["policies"]["sft"]
+    np.testing.assert_allclose([grpo["labeler_score"]["mean"], grpo["labeler_score"]["std"]], [0.7, 0.1], atol=1e-5)
+    margin = grpo["labeler_score_margin"]
+    np.testing.assert_allclose([margin["mean"], margin["std"], margin["n_std"]], [0.2, 0.1, 2.0], atol=1e-4)
+    np.testing.assert_allclose(grpo["sampled_labeler_score_margin"]["mean"], 0.2)
+    assert dpo["labeler_score_margin"]["n_std"] is None and dpo["exact_match_margin"]["n_std"] is None  # no spread
+    assert sft["labeler_score"]["mean"] == 0.5 and sft["pretrain_perplexity"]["mean"] == 8.0
+    assert not report["sft_spread"]
+    episodes = [report["policies"][m]["episodes"] for m in ("best_of_n", "dpo", "ppo", "grpo_verifier")]
+    assert episodes == [8 * 100, 0, 1024, 1024]
+    assert report["wall_s"] == 18 * 60.0 and report["methods_wall_s"] == 15 * 60.0 and grpo["wall_s"] == 180.0
+    md = (tmp_path / "post_training.md").read_text()
+    assert "| grpo | 0.7000 ± 0.1000 | +0.2000 ± 0.1000 | 2.0 | 0.5000 ± 0.1000 | +0.2000 ± 0.1000 | 2.0 |" in md
+    assert "| SFT | 0.5000 ± 0.0000 |  |  | 0.3000 ± 0.0000 |" in md
+    assert "| dpo | 0.5500 ± 0.0000 | +0.0500 ± 0.0000 | ∞ |" in md  # equal margins: no spread
+    assert "0 (300 ranked prompts)" in md
+    assert "| 800 | 3.0 |" in md and "18.0 min in all" in md and "methods alone 15.0 min" in md
+
+    with open(tmp_path / "dpo-seed2" / "summary.json") as f:  # a run whose SFT numbers differ is flagged
+        summary = json.load(f)
+    summary["sft_exact_match"] = 0.12
+    with open(tmp_path / "dpo-seed2" / "summary.json", "w") as f:
+        json.dump(summary, f)
+    report = pipeline.write_post_training_report(c, str(tmp_path), steps)
+    assert list(report["sft_spread"]) == ["exact_match"] and "Warning" in (tmp_path / "post_training.md").read_text()
 
 
 @pytest.mark.slow

@@ -141,12 +141,13 @@ def pack_demonstrations(tokenizer, dialogues: Sequence[list[tuple[str, str]]], s
 
 def preference_groups(tokenizer, records: Sequence[tuple[str, list[str], list[int]]], seq_len: int,
                       num_responses: int) -> dict[str, np.ndarray]:
-    """Per prompt: 'inputs' [K, seq_len] (prompt + response + EOS, right-padded), 'last' [K] (index of the
-    response's last token, where its score is read), 'ranks' [K] and 'exists' [K] (0 for the padding responses
-    up to `num_responses`). A response cut at seq_len is read at its last kept token (warned); a prompt that
+    """Per prompt: 'inputs' [K, seq_len] (prompt + response + EOS, right-padded), 'first' and 'last' [K] (index
+    of the response's first and last token: its score is read at the last), 'ranks' [K] and 'exists' [K] (0 for
+    the padding responses up to `num_responses`). A response cut at seq_len is read at its last kept token (warned); a prompt that
     alone fills seq_len is dropped (warned)."""
     n = len(records)
     out = {"inputs": np.full((n, num_responses, seq_len), tokenizer.pad_id, np.int32),
+           "first": np.zeros((n, num_responses), np.int32),
            "last": np.zeros((n, num_responses), np.int32), "ranks": np.zeros((n, num_responses), np.int32),
            "exists": np.zeros((n, num_responses), np.float32)}
     keep, cut = [], 0
@@ -159,6 +160,7 @@ def preference_groups(tokenizer, records: Sequence[tuple[str, list[str], list[in
             ids = (head + response_ids(tokenizer, response))[:seq_len]
             cut += len(head) + len(response_ids(tokenizer, response)) > seq_len
             out["inputs"][i, k, :len(ids)] = ids
+            out["first"][i, k] = len(head)
             out["last"][i, k] = len(ids) - 1
             out["ranks"][i, k] = ranks[k]
             out["exists"][i, k] = 1.0

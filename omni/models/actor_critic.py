@@ -1,9 +1,11 @@
 """The model pair PPO trains: a policy (the GPT with its language-model head) and its value function (the same
-architecture with a scalar head, as the reward model has)."""
+architecture with a scalar head, as the reward model has). GRPO and RLOO train the policy alone (critic=False):
+their baseline is the other samples of a prompt."""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from omni.models.gpt import GPT
@@ -17,16 +19,21 @@ def value_config(model_config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 
 class ActorCritic(nn.Module):
-    """The trained pair: params {'policy': GPT with the LM head, 'value': GPT with a scalar head}."""
+    """The trained pair: params {'policy': GPT with the LM head, 'value': GPT with a scalar head}; with
+    critic=False {'policy'} alone."""
     config: ml_collections.ConfigDict  # the policy's model config
+    critic: bool = True
 
     def setup(self):
         self.policy = GPT(self.config)
-        self.value = GPT(value_config(self.config))
+        if self.critic:
+            self.value = GPT(value_config(self.config))
 
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(logits [batch, length, vocab], values [batch, length]); no dropout (PPO runs without it)."""
-        return self.policy(tokens), self.value(tokens)
+        """(logits [batch, length, vocab], values [batch, length], zeros without a critic); no dropout (RL
+        runs without it)."""
+        logits = self.policy(tokens)
+        return logits, self.value(tokens) if self.critic else jnp.zeros(tokens.shape, jnp.float32)
 
     def logits(self, tokens: jax.Array) -> jax.Array:
         return self.policy(tokens)

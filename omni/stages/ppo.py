@@ -18,25 +18,22 @@ over the minibatch's action tokens.
 """
 from __future__ import annotations
 
-import sys
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from omni import data, parallel
-from omni.config import ARCHITECTURE, ConfigError, require
-from omni.data import DataError, finetune
-from omni.data.instructions import labeler_score, parse_prompt
-from omni.data.template import prompt_ids
+from omni import parallel
+from omni.config import ConfigError, require
 from omni.generate import Generator
-from omni.losses import entropy, lm_loss, token_logprobs, token_nll
+from omni.losses import entropy, token_logprobs, token_nll
 from omni.losses import gae  # noqa: F401 (other tools import PPO's advantage estimator from here)
-from omni.models import GPT, flops_per_token
+from omni.models import flops_per_token
 from omni.models.actor_critic import ActorCritic, value_config
-from omni.stages.rollout import HeldOut, Rollouts, batch_shapes
-from omni.train.trainer import Task, evaluate
+from omni.stages.rollout import (HeldOut, Rollouts, batch_shapes, fitting_prompts, frozen_params, labeler_of,
+                                 pretraining)
+from omni.train.trainer import Task
 from omni.workdir import Workdir, starting_point
 
 
@@ -120,78 +117,6 @@ def step(config: ml_collections.ConfigDict):
     return model, ppo_loss(model, config.ppo), batch_shapes(config, config.train.batch_size, config.ppo.ptx_batch)
 
 
-def _frozen_params(config: ml_collections.ConfigDict, workdir: str, head: str, key: str, mesh) -> Any:
-    """The params of the model in `workdir` (config key `key`), checked against the policy's architecture
-    and `head`, placed as the trainer places the policy's (or value's)."""
-    source, _, _ = Workdir(workdir).meta()
-    if source.model.get("head", "lm") != head:
-        raise ConfigError(f"config.{key}={workdir} holds a model with model.head={source.model.get('head', 'lm')!r}; "
-                          f"PPO needs {head!r} there")
-    wrong = [k for k in ARCHITECTURE if source.model.get(k) != config.model.get(k)]
-    if wrong:
-        raise ConfigError(f"config.{key}={workdir} holds a model with {', '.join(f'{k}={source.model.get(k)!r}' for k in wrong)}"
-                          f" but the policy (config.init_from={config.init_from}) has "
-                          f"{', '.join(f'{k}={config.model.get(k)!r}' for k in wrong)}")
-    _, params, _, _ = Workdir(workdir).model_params(lambda boxed: parallel.logical_shardings(boxed, mesh))
-    return params
-
-
-def _pretraining(config: ml_collections.ConfigDict, tokenizer, mesh) -> tuple:
-    """PPO-ptx's pretraining rows and pretraining perplexity (below): config with ppo.ptx_data in place of the
-    prompts."""
-    p = config.ppo
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.data.update(name=p.ptx_data, path=p.ptx_path)
-    c.train.update(batch_size=p.ptx_batch, eval_batches=max(p.ptx_eval_batches, 1))
-    return _pretraining_rows(c, tokenizer, mesh), _pretraining_perplexity(c, tokenizer, mesh)
-
-
-def _pretraining_rows(ptx_config: ml_collections.ConfigDict, tokenizer, mesh) -> tuple | None:
-    """(iterator, this process's rows) of the pretraining rows each update adds; None without ppo.ptx_coef."""
-    p = ptx_config.ppo
-    if p.ptx_coef <= 0:
-        return None
-    rows = parallel.process_rows(mesh, p.ptx_batch)
-    return data.train_iterator(ptx_config, tokenizer, rows), rows
-
-
-def _pretraining_perplexity(ptx_config: ml_collections.ConfigDict, tokenizer, mesh) -> Callable | None:
-    """policy params -> held-out pretraining perplexity, by the trainer's evaluation loop; None without
-    ppo.ptx_eval_batches."""
-    p = ptx_config.ppo
-    if p.ptx_eval_batches <= 0:
-        return None
-    batches = data.eval_batches(ptx_config, tokenizer, parallel.process_rows(mesh, p.ptx_batch))
-    eval_fn = jax.jit(lambda params, batch: lm_loss(GPT(ptx_config.model))(params, batch, None)[1])
-
-    def perplexity(policy_params) -> float:
-        return evaluate(eval_fn, policy_params, batches, mesh)["eval_perplexity"]
-
-    return perplexity
-
-
-def _prompts(config: ml_collections.ConfigDict, tokenizer, split: str) -> list[str]:
-    """The split's prompts that leave room for ppo.max_new_tokens within train.seq_len."""
-    room = config.train.seq_len - config.ppo.max_new_tokens
-    prompts = finetune.prompts(config.data, split)
-    kept = [t for t in prompts if len(prompt_ids(tokenizer, t)) <= room]
-    if len(kept) < len(prompts):
-        print(f"warning: {len(prompts) - len(kept)} of {len(prompts)} {split} prompts are longer than "
-              f"train.seq_len - ppo.max_new_tokens = {room} tokens and were dropped", file=sys.stderr, flush=True)
-    if not kept:
-        raise DataError(f"no {split} prompt fits train.seq_len={config.train.seq_len} with "
-                        f"ppo.max_new_tokens={config.ppo.max_new_tokens}")
-    return kept
-
-
-def _labeler(config: ml_collections.ConfigDict) -> tuple[Callable | None, Callable | None]:
-    """(labeler(prompt, response) -> score, task_of(prompt) -> its task) on the offline instruction suite, where
-    the true score is known; (None, None) elsewhere."""
-    if config.data.name != "instructions":
-        return None, None
-    return labeler_score, lambda prompt: parse_prompt(prompt).task
-
-
 def _initial_params(config: ml_collections.ConfigDict, mesh) -> Callable:
     """initial_params for the trainer: the policy from init_from (SFT, or an earlier round's PPO), the value
     function from the reward model (its head at zero with ppo.value_head='zero'), placed as the trainer would."""
@@ -218,12 +143,12 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
         raise ConfigError("config.ppo.reward_from is empty: PPO needs a reward model workdir (e.g. runs/rm_tiny)")
     tokenizer = Workdir(workdir).stage_tokenizer(config)
     mesh = parallel.make_mesh(config.mesh)
-    ref_params = _frozen_params(config, p.reference_from or config.init_from,
+    ref_params = frozen_params(config, p.reference_from or config.init_from,
                                 "lm", "ppo.reference_from" if p.reference_from else "init_from", mesh)
-    rm_params = _frozen_params(config, p.reward_from, "scalar", "ppo.reward_from", mesh)
-    train_prompts, eval_prompts = (_prompts(config, tokenizer, s) for s in ("train", "validation"))
-    labeler, task_of = _labeler(config)
-    ptx, lm_eval = _pretraining(config, tokenizer, mesh)
+    rm_params = frozen_params(config, p.reward_from, "scalar", "ppo.reward_from", mesh)
+    train_prompts, eval_prompts = (fitting_prompts(config, tokenizer, s) for s in ("train", "validation"))
+    labeler, task_of = labeler_of(config)
+    ptx, lm_eval = pretraining(config, tokenizer, mesh)
     generator = Generator(config.model, ref_params, mesh, pad_id=tokenizer.pad_id)
     rows = parallel.process_rows(mesh, config.train.batch_size)
     rollouts = Rollouts(config, tokenizer, train_prompts, generator, (ref_params, rm_params), rows, ptx, labeler)

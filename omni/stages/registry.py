@@ -14,7 +14,7 @@ import ml_collections
 
 from omni import config as config_lib
 from omni import estimate as estimate_lib
-from omni.stages import compress, evaluate, label, ppo, pretrain, reward, sample, sft
+from omni.stages import best_of_n, compress, dpo, evaluate, grpo, label, ppo, pretrain, reward, sample, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Stage:
     headline: tuple[str, ...] = ()  # summary.json keys a pipeline reports for it
 
 
+# What every post-training method is judged by on held-out prompts (omni/stages/rollout.py HeldOut).
+POLICY_HEADLINE = ("labeler_score", "sampled_labeler_score", "win_rate_vs_sft", "kl_to_sft", "pretrain_perplexity")
+
 STAGES = {s.name: s for s in (
     Stage("pretrain", pretrain.task, trains=True, step=pretrain.step,
           headline=("eval_perplexity", "unigram_perplexity", "tokens_per_s")),
@@ -44,6 +47,11 @@ STAGES = {s.name: s for s in (
           headline=("heldout_pairwise_accuracy", "reward_std", "reward_bias")),
     Stage("ppo", ppo.task, trains=True, check=ppo.check, step=ppo.step, models=ppo.models,
           headline=("reward", "kl", "labeler_score", "win_rate_vs_sft", "kl_to_sft", "pretrain_perplexity")),
+    Stage("dpo", dpo.task, trains=True, check=dpo.check, step=dpo.step, headline=POLICY_HEADLINE),
+    Stage("grpo", grpo.task, trains=True, check=grpo.check, step=grpo.step, models=grpo.models,
+          headline=("reward", "kl") + POLICY_HEADLINE),
+    Stage("best_of_n", best_of_n.task, trains=True, check=best_of_n.check, step=best_of_n.step,
+          headline=POLICY_HEADLINE),
     Stage("sample", sample.run, trains=False),
     Stage("label", label.run, trains=False, headline=("train_ranked_prompts", "train_sample_labeler_score")),
     Stage("compress", compress.run, trains=False),

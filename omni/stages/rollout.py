@@ -1,6 +1,10 @@
-"""PPO's experience: rollouts sampled from the policy, scored, turned into advantages and served as minibatches;
-and the held-out evaluation of a policy against the reference (SFT) policy. Also the minibatch layout
-(omni/stages/ppo.py's docstring), which both sides share.
+"""The experience of the on-policy stages (PPO, GRPO, RLOO): rollouts sampled from the policy, scored, turned into
+advantages and served as minibatches; and the held-out evaluation of a policy against the reference (SFT) policy,
+which every post-training stage reports (DPO and best-of-n too). Also the minibatch layout (omni/stages/ppo.py's
+and omni/stages/grpo.py's docstrings), which both sides share, and the frozen models and prompts they load.
+
+PPO learns a value function (its advantages are GAE's); GRPO and RLOO have none: an episode's advantage comes
+from the other samples of its prompt, the same for all its tokens (omni/losses.py).
 
 Generation reuses one `Generator` (omni/generate.py) whose compiled prefill/decode programs are kept across
 iterations: each rollout only hands it the new parameters. Rollouts sample purely (temperature only: top-k,
@@ -12,19 +16,118 @@ import base64
 import dataclasses
 import io
 import json
+import sys
 import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from omni import data, parallel
+from omni.config import ARCHITECTURE, ConfigError
+from omni.data import DataError, finetune
+from omni.data.instructions import labeler_score, parse_prompt
 from omni.data.template import prompt_ids
 from omni.generate import Generator, Sampling
-from omni.losses import explained_variance, gae, response_scores, token_logprobs, whiten
+from omni.losses import (explained_variance, gae, group_advantages, lm_loss, response_scores, rloo_advantages,
+                         token_logprobs, whiten)
 from omni.models import GPT
 from omni.models.actor_critic import ActorCritic, value_config
 from omni.stages import heldout
+from omni.train.trainer import evaluate
+from omni.workdir import Workdir
+
+
+# ----- what the on-policy stages load: frozen models, prompts, the labeler, pretraining data
+
+
+def frozen_params(config: ml_collections.ConfigDict, workdir: str, head: str, key: str, mesh) -> Any:
+    """The params of the model in `workdir` (config key `key`), checked against the policy's architecture
+    and `head`, placed as the trainer places the policy's (or value's)."""
+    source, _, _ = Workdir(workdir).meta()
+    if source.model.get("head", "lm") != head:
+        raise ConfigError(f"config.{key}={workdir} holds a model with model.head={source.model.get('head', 'lm')!r}; "
+                          f"stage {config.stage} needs {head!r} there")
+    wrong = [k for k in ARCHITECTURE if source.model.get(k) != config.model.get(k)]
+    if wrong:
+        raise ConfigError(f"config.{key}={workdir} holds a model with {', '.join(f'{k}={source.model.get(k)!r}' for k in wrong)}"
+                          f" but the policy (config.init_from={config.init_from}) has "
+                          f"{', '.join(f'{k}={config.model.get(k)!r}' for k in wrong)}")
+    _, params, _, _ = Workdir(workdir).model_params(lambda boxed: parallel.logical_shardings(boxed, mesh))
+    return params
+
+
+def pretraining(config: ml_collections.ConfigDict, tokenizer, mesh) -> tuple:
+    """PPO-ptx's pretraining rows and pretraining perplexity (below): config with ppo.ptx_data in place of the
+    prompts."""
+    p = config.ppo
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.update(name=p.ptx_data, path=p.ptx_path)
+    c.train.update(batch_size=p.ptx_batch, eval_batches=max(p.ptx_eval_batches, 1))
+    return pretraining_rows(c, tokenizer, mesh), pretraining_perplexity(c, tokenizer, mesh)
+
+
+def pretraining_rows(ptx_config: ml_collections.ConfigDict, tokenizer, mesh) -> tuple | None:
+    """(iterator, this process's rows) of the pretraining rows each update adds; None without ppo.ptx_coef."""
+    p = ptx_config.ppo
+    if p.ptx_coef <= 0:
+        return None
+    rows = parallel.process_rows(mesh, p.ptx_batch)
+    return data.train_iterator(ptx_config, tokenizer, rows), rows
+
+
+def pretraining_perplexity(ptx_config: ml_collections.ConfigDict, tokenizer, mesh) -> Callable | None:
+    """policy params -> held-out pretraining perplexity, by the trainer's evaluation loop; None without
+    ppo.ptx_eval_batches."""
+    p = ptx_config.ppo
+    if p.ptx_eval_batches <= 0:
+        return None
+    batches = data.eval_batches(ptx_config, tokenizer, parallel.process_rows(mesh, p.ptx_batch))
+    eval_fn = jax.jit(lambda params, batch: lm_loss(GPT(ptx_config.model))(params, batch, None)[1])
+
+    def perplexity(policy_params) -> float:
+        return evaluate(eval_fn, policy_params, batches, mesh)["eval_perplexity"]
+
+    return perplexity
+
+
+def fitting_prompts(config: ml_collections.ConfigDict, tokenizer, split: str) -> list[str]:
+    """The split's prompts that leave room for ppo.max_new_tokens within train.seq_len."""
+    room = config.train.seq_len - config.ppo.max_new_tokens
+    prompts = finetune.prompts(config.data, split)
+    kept = [t for t in prompts if len(prompt_ids(tokenizer, t)) <= room]
+    if len(kept) < len(prompts):
+        print(f"warning: {len(prompts) - len(kept)} of {len(prompts)} {split} prompts are longer than "
+              f"train.seq_len - ppo.max_new_tokens = {room} tokens and were dropped", file=sys.stderr, flush=True)
+    if not kept:
+        raise DataError(f"no {split} prompt fits train.seq_len={config.train.seq_len} with "
+                        f"ppo.max_new_tokens={config.ppo.max_new_tokens}")
+    return kept
+
+
+def labeler_of(config: ml_collections.ConfigDict) -> tuple[Callable | None, Callable | None]:
+    """(labeler(prompt, response) -> score, task_of(prompt) -> its task) on the offline instruction suite, where
+    the true score is known; (None, None) elsewhere."""
+    if config.data.name != "instructions":
+        return None, None
+    return labeler_score, lambda prompt: parse_prompt(prompt).task
+
+
+def policy_evaluation(config: ml_collections.ConfigDict, tokenizer, mesh, ref_params) -> Callable[[Any, dict], dict]:
+    """eval_extra for a stage that trains a bare policy (DPO, best-of-n): HeldOut's measures against the reference
+    policy `ref_params`, with the reward model of ppo.reward_from where one is given, so that every post-training
+    method is judged on the same prompts by the same measures as PPO."""
+    p = config.ppo
+    rm = frozen_params(config, p.reward_from, "scalar", "ppo.reward_from", mesh) if p.reward_from else None
+    labeler, task_of = labeler_of(config)
+    _, lm_eval = pretraining(config, tokenizer, mesh)
+    generator = Generator(config.model, ref_params, mesh, pad_id=tokenizer.pad_id)
+    judge = Rollouts(config, tokenizer, [], generator, (ref_params, rm),
+                     parallel.process_rows(mesh, config.train.batch_size), labeler=labeler)
+    held = HeldOut(judge, fitting_prompts(config, tokenizer, "validation")[:p.eval_prompts], lm_eval, task_of)
+    return lambda params, evals: held({"policy": params}, evals)
 
 
 # ----- episodes: sampled and scored
@@ -61,11 +164,18 @@ def response_text(tokenizer, out, i: int) -> str:
     return tokenizer.decode([t for t in out.row(i) if t != tokenizer.eos_id]).strip()
 
 
+def critic(config: ml_collections.ConfigDict) -> bool:
+    """Whether the stage trains a value function beside its policy (PPO); its params are then {'policy',
+    'value'}, else {'policy'}."""
+    return config.stage == "ppo"
+
+
 def scorer(config: ml_collections.ConfigDict) -> Callable:
     """jit'd score(params, ref_params, rm_params, inputs, targets, mask, last) -> (log-probs of the policy and
-    of the reference at temperature T, values, reward-model scores), each per token (0 off mask) or per row."""
+    of the reference at temperature T, values, reward-model scores), each per token (0 off mask) or per row.
+    Without a critic the values are 0; without a reward model (rm_params None) so are its scores."""
     m = config.model
-    model, reference, reward = ActorCritic(m), GPT(m), GPT(value_config(m))
+    model, reference, reward = ActorCritic(m, critic=critic(config)), GPT(m), GPT(value_config(m))
     temperature = config.ppo.temperature
 
     @jax.jit
@@ -73,7 +183,10 @@ def scorer(config: ml_collections.ConfigDict) -> Callable:
         logits, values = model.apply({"params": params}, inputs)
         logp = token_logprobs(logits / temperature, targets)
         ref_logp = token_logprobs(reference.apply({"params": ref_params}, inputs) / temperature, targets)
-        scores = response_scores(reward, rm_params, inputs[:, None], last[:, None])[:, 0]
+        if rm_params is None:
+            scores = jnp.zeros(inputs.shape[0], jnp.float32)
+        else:
+            scores = response_scores(reward, rm_params, inputs[:, None], last[:, None])[:, 0]
         return logp * mask, ref_logp * mask, values * mask, scores
 
     return score
@@ -125,6 +238,20 @@ def _advantages(p: ml_collections.ConfigDict) -> Callable:
     return advantages
 
 
+def episode_advantages(g: ml_collections.ConfigDict, scores: np.ndarray, group_size: int) -> np.ndarray:
+    """GRPO's or RLOO's advantage of each episode (config.grpo `g`), from the scores of its group of
+    `group_size` consecutive episodes."""
+    groups = scores.reshape(-1, group_size)
+    adv = group_advantages(groups, g.eps) if g.advantage == "grpo" else rloo_advantages(groups)
+    return np.asarray(adv, np.float32).reshape(-1)
+
+
+def spread_groups(scores: np.ndarray, group_size: int) -> np.ndarray:
+    """Per episode, whether its group's scores differ at all: a group without spread has no signal (DAPO)."""
+    groups = scores.reshape(-1, group_size)
+    return np.repeat(groups.max(1) - groups.min(1) > 1e-6, group_size)
+
+
 def update_kl_coef(kl_coef: float, kl: float, episodes: int, target: float, horizon: float) -> float:
     """The adaptive KL controller of Ziegler et al. (2019): beta grows when the measured KL is above target and
     shrinks below it, by at most 20% of the error per `horizon` episodes."""
@@ -160,15 +287,20 @@ def score_metrics(raw: np.ndarray, true: np.ndarray | None, group_size: int) -> 
 # ----- minibatches
 
 
-# One episode's rows in a minibatch (omni/stages/ppo.py's docstring); PPO-ptx adds PTX_KEYS.
+# One episode's rows in a minibatch (omni/stages/ppo.py's and grpo.py's docstrings); PPO-ptx adds PTX_KEYS.
 BATCH_KEYS = ("inputs", "targets", "mask", "old_logprobs", "old_values", "advantages", "returns")
+GROUP_BATCH_KEYS = ("inputs", "targets", "mask", "old_logprobs", "ref_logprobs", "advantages")
 PTX_KEYS = ("ptx_inputs", "ptx_targets", "ptx_weights")
+
+
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return BATCH_KEYS if critic(config) else GROUP_BATCH_KEYS
 
 
 def batch_shapes(config: ml_collections.ConfigDict, episodes: int, ptx_rows: int) -> dict[str, tuple]:
     """Shapes and dtypes of a minibatch of `episodes` (plus `ptx_rows` pretraining rows with ppo.ptx_coef)."""
     length = config.train.seq_len
-    keys = BATCH_KEYS + (PTX_KEYS if config.ppo.ptx_coef > 0 else ())
+    keys = batch_keys(config) + (PTX_KEYS if config.ppo.ptx_coef > 0 else ())
     return {k: ((ptx_rows if k.startswith("ptx_") else episodes, length),
                 np.int32 if k in ("inputs", "targets", "ptx_inputs", "ptx_targets") else np.float32) for k in keys}
 
@@ -185,7 +317,7 @@ def _unpack(text: str) -> dict[str, np.ndarray]:
 
 
 class Rollouts:
-    """The PPO stage's data iterator. `before_step(params, step)` (the trainer calls it) samples and scores a
+    """The data iterator of PPO, GRPO and RLOO. `before_step(params, step)` (the trainer calls it) samples and scores a
     new rollout batch when the last one is used up; `next()` serves this process's rows of the next minibatch
     (plus pretraining rows for PPO-ptx). Its state (iteration, position, KL coefficient, the unfinished rollout
     batch, the pretraining iterator's) is checkpointed, so a preempted run resumes at the same minibatch."""
@@ -193,7 +325,8 @@ class Rollouts:
     def __init__(self, config: ml_collections.ConfigDict, tokenizer, prompts: list[str], generator: Generator,
                  frozen: tuple, rows: Sequence[int], ptx: tuple | None = None, labeler: Callable | None = None,
                  reward_fn: Callable | None = None):
-        self.config, self.p = config, config.ppo
+        self.config, self.p, self.g = config, config.ppo, config.grpo
+        self.critic, self.keys = critic(config), batch_keys(config)
         self.tokenizer, self.prompts, self.generator = tokenizer, prompts, generator
         self.prompt_ids = [prompt_ids(tokenizer, text) for text in prompts]
         self.ref_params, self.rm_params = frozen
@@ -218,7 +351,7 @@ class Rollouts:
         order = np.random.default_rng([self.config.train.seed, self.iteration, epoch]).permutation(self.p.rollout_batch)
         b = self.config.train.batch_size
         picked = order[j * b:(j + 1) * b][self.rows]
-        batch = {k: self.buffer[k][picked] for k in BATCH_KEYS}
+        batch = {k: self.buffer[k][picked] for k in self.keys}
         self.position += 1
         if self.ptx_iter is not None:
             batch.update({f"ptx_{k}": v for k, v in next(self.ptx_iter).items() if k in ("inputs", "targets", "weights")})
@@ -271,17 +404,25 @@ class Rollouts:
         s = self._score(params, prompts, rows, out)
         score_s = time.perf_counter() - start
         kl = float(summed_log_ratio(s.logprobs, s.ref_logprobs, rows["mask"]).mean())
-        metrics = {"reward": float(s.raw.mean()), "kl": kl, "kl_coef": self.kl_coef,
+        metrics = {"reward": float(s.raw.mean()), "kl": kl,
                    "response_length": float(out.lengths.mean()), "no_eos": float(1 - out.stopped.mean()),
-                   "explained_variance": explained_variance(s.values, s.returns, rows["mask"]),
                    "rollout_tokens_per_s": float(out.lengths.sum()) / generate_s, "generate_s": generate_s,
                    "score_s": score_s, "iteration": self.iteration + 1}
+        if self.critic:
+            metrics.update(kl_coef=self.kl_coef,
+                           explained_variance=explained_variance(s.values, s.returns, rows["mask"]))
         metrics.update(score_metrics(s.raw, s.true, self.p.samples_per_prompt))
         self._show_samples(prompts, s.texts, s.raw)
         self._adapt_kl_coef(kl)
-        self.buffer = {"inputs": rows["inputs"], "targets": rows["targets"], "mask": rows["mask"],
-                       "old_logprobs": s.logprobs, "old_values": s.values, "advantages": s.advantages,
-                       "returns": s.returns}
+        mask = rows["mask"]
+        if not self.critic and self.g.skip_zero_spread:  # DAPO's dynamic sampling: groups without signal drop out
+            kept = spread_groups(s.raw, self.p.samples_per_prompt)
+            metrics["skipped_episodes"] = float(1 - kept.mean())
+            mask = mask * kept[:, None]
+        self.buffer = {"inputs": rows["inputs"], "targets": rows["targets"], "mask": mask,
+                       "old_logprobs": s.logprobs, "old_values": s.values, "ref_logprobs": s.ref_logprobs,
+                       "advantages": s.advantages, "returns": s.returns}
+        self.buffer = {k: self.buffer[k] for k in self.keys}
         return metrics
 
     # ----- scoring
@@ -294,8 +435,12 @@ class Rollouts:
                 if self.labeler is not None else None)
         raw = self._raw_rewards(prompts, texts, rm_scores, true)
         scores = shaped_scores(self.p, self._normalised(raw), out.stopped)
-        adv, returns = jax.device_get(self.advantages(logp, ref_logp, values, scores, rows["mask"], rows["last"],
-                                                      np.float32(self.kl_coef)))
+        if self.critic:
+            adv, returns = jax.device_get(self.advantages(logp, ref_logp, values, scores, rows["mask"],
+                                                          rows["last"], np.float32(self.kl_coef)))
+        else:  # GRPO / RLOO: the KL is in the loss, not the reward; one advantage per episode
+            adv = episode_advantages(self.g, scores, self.p.samples_per_prompt)[:, None] * rows["mask"]
+            returns = np.zeros_like(adv)
         return Scored(texts, logp, ref_logp, values, raw, true, adv, returns)
 
     def _raw_rewards(self, prompts: list[str], texts: list[str], rm_scores: np.ndarray,
@@ -397,7 +542,9 @@ class HeldOut:
         greedy, _, _ = self._generate(policy_params, params, self.ids, 0.0)
         texts, kls, rewards = self._generate(policy_params, params, [i for i in self.ids for _ in range(k)],
                                              self.r.p.temperature)
-        out = {"greedy": greedy, "kl_to_sft": float(kls.mean()), "eval_reward": float(rewards.mean())}
+        out = {"greedy": greedy, "kl_to_sft": float(kls.mean())}
+        if self.r.rm_params is not None:
+            out["eval_reward"] = float(rewards.mean())
         if self.r.labeler is not None:
             out.update(self._labeler_measures(greedy, texts, rewards.reshape(-1, k)))
         return out
@@ -415,8 +562,9 @@ class HeldOut:
             out.update({f"{name}/{task}": v for name, v in measures.items() if name != "prompts"})
         del q["prompts"]
         out.update(q, greedy_scores=greedy_scores)
-        out[f"best_of_{k}"] = heldout.best_of(sample_scores, rewards)
-        out["rm_agreement"] = heldout.agreement(sample_scores, rewards)
+        if self.r.rm_params is not None:
+            out[f"best_of_{k}"] = heldout.best_of(sample_scores, rewards)
+            out["rm_agreement"] = heldout.agreement(sample_scores, rewards)
         return out
 
     def _generate(self, policy_params, params, ids: list[list[int]], temperature: float):

@@ -1,0 +1,24 @@
+"""DPO of the tiny pipeline: the SFT policy (runs/sft_tiny) learns from rankings directly, with no reward model:
+
+    python -m omni.main --config=configs/dpo_tiny.py [--config.init_from=runs/sft_tiny]
+                        [--config.dpo.path=runs/label_tiny/train --config.dpo.eval_path=runs/label_tiny/eval]
+
+The offline suite's own rankings by default (a label stage's files with dpo.path), the reward model's data; the
+held-out evaluation is PPO's (ppo.eval_*, with the reward model of ppo.reward_from where given). One epoch over
+the ranked prompts in batches of 16 prompts (all pairs of a prompt in one element), no dropout.
+"""
+from omni.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.stage = "dpo"
+    c.init_from = "runs/sft_tiny"
+    c.data.name = "instructions"
+    c.model.dropout = 0.0
+    c.dpo.update(beta=0.1, loss="sigmoid")
+    c.ppo.update(max_new_tokens=16, rollout_batch=512, eval_prompts=128)
+    c.train.update(steps=200, batch_size=16, seq_len=48, log_every=10, eval_every=200, eval_batches=20,
+                   checkpoint_every=100)
+    c.optim.update(lr=3e-5, warmup_steps=10, weight_decay=0.0)
+    return c

@@ -1,0 +1,142 @@
+"""DPO (Rafailov et al. 2023): the policy learns from the reward model's own data, K-way rankings, with no reward
+model and no sampling. Its implicit reward of a response is beta x (log pi - log pi_ref), summed over the
+response's tokens, against the frozen reference (the SFT model, init_from), whose log-probabilities are computed
+once before training. dpo.loss='ipo' regresses the margin to 1 / (2 beta) instead (Azar et al. 2023).
+
+Batch: one element per ranked prompt, its K responses side by side as the reward model's (omni/data/finetune.py
+preference_groups): inputs int32 [prompts, K, length], first and last int32 [prompts, K] (the response's first and
+last token), ranks int32 (0 = best, equal = tie), exists float32 [prompts, K]; plus ref_logps float32 [prompts,
+K]. Every untied pair of a prompt is a (chosen, rejected) pair, and all of them share one batch element, so that
+each response runs through the model once.
+Loss: per prompt, the mean over its untied pairs of dpo_loss (below); mean over prompts. Metrics: the implicit
+reward's accuracy and margin over pairs, and the chosen and rejected responses' log-probabilities.
+Evaluation: the same loss and metrics on held-out rankings, and PPO's held-out measures of the policy
+(omni/stages/rollout.py HeldOut: labeler score greedy and sampled, win rate and KL against the SFT model).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from omni import parallel
+from omni.config import require
+from omni.data import finetune
+from omni.losses import dpo_loss, ipo_loss, ranked_pairs, token_logprobs  # noqa: F401 (dpo_loss: the contract)
+from omni.models import GPT, flops_per_token
+from omni.stages.rollout import frozen_params, policy_evaluation
+from omni.train.trainer import Task
+from omni.workdir import Workdir, starting_point
+
+LOSSES = {"sigmoid": dpo_loss, "ipo": ipo_loss}
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+    d = c.dpo
+    require(d.loss in LOSSES, "dpo.loss", d.loss, f"expected one of {tuple(LOSSES)}")
+    require(d.beta > 0, "dpo.beta", d.beta, "must be > 0")
+    require(c.model.head == "lm", "model.head", c.model.head, "the DPO policy needs 'lm'")
+    require(c.model.dropout == 0.0, "model.dropout", c.model.dropout,
+            "DPO compares the policy's log-probabilities with the reference's: run it without dropout")
+    require(c.mesh.sequence == 1, "mesh.sequence", c.mesh.sequence, "DPO does not split length")
+
+
+def response_logps(model: GPT, params, batch: dict) -> jax.Array:
+    """Each response's log-probability under `model`, summed over its tokens (EOS included): [prompts, K]."""
+    inputs = batch["inputs"]
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    logits = model.apply({"params": params}, flat)
+    targets = jnp.concatenate([flat[:, 1:], flat[:, -1:]], axis=1)  # the last position is never a response's
+    logp = token_logprobs(logits, targets).reshape(inputs.shape)
+    position = jnp.arange(inputs.shape[-1])
+    # The target at position t is token t + 1: the response's tokens first..last are targets first-1..last-1.
+    mask = (position >= batch["first"][..., None] - 1) & (position < batch["last"][..., None])
+    return (logp * mask).sum(-1)
+
+
+def dpo_objective(model: GPT, d: ml_collections.ConfigDict):
+    """loss_fn for the trainer from config.dpo `d` (this module's docstring): summed over prompts with a pair."""
+    pair_loss = LOSSES[d.loss]
+
+    def loss_fn(params, batch: dict, rng):
+        del rng  # no dropout (check)
+        logps, ref = response_logps(model, params, batch), batch["ref_logps"]
+        pairs = ranked_pairs(batch["ranks"], batch["exists"]).astype(jnp.float32)  # [prompts, i better, j worse]
+        chosen, rejected = logps[:, :, None], logps[:, None, :]
+        losses = pair_loss(chosen, rejected, ref[:, :, None], ref[:, None, :], d.beta)
+        count = pairs.sum((1, 2))
+        has_pairs = (count > 0).astype(jnp.float32)
+        loss = ((losses * pairs).sum((1, 2)) / jnp.maximum(count, 1.0) * has_pairs).sum()
+        margin = d.beta * ((chosen - ref[:, :, None]) - (rejected - ref[:, None, :]))
+        n = pairs.sum()
+        sums = {"loss": loss, "weight": has_pairs.sum(),
+                "reward_accuracy": ((margin > 0) * pairs).sum(), "reward_accuracy_weight": n,
+                "reward_margin": (margin * pairs).sum(), "reward_margin_weight": n,
+                "chosen_logps": (chosen * pairs).sum(), "chosen_logps_weight": n,
+                "rejected_logps": (jnp.broadcast_to(rejected, pairs.shape) * pairs).sum(), "rejected_logps_weight": n}
+        return loss, sums
+
+    return loss_fn
+
+
+def batch_shapes(config: ml_collections.ConfigDict, k: int) -> dict[str, tuple]:
+    groups, length = config.train.batch_size, config.train.seq_len
+    return {"inputs": ((groups, k, length), np.int32), "first": ((groups, k), np.int32),
+            "last": ((groups, k), np.int32), "ranks": ((groups, k), np.int32),
+            "exists": ((groups, k), np.float32), "ref_logps": ((groups, k), np.float32)}
+
+
+def step(config: ml_collections.ConfigDict):
+    """(model, loss_fn, global batch shapes) for label.responses responses per prompt: what omni/aot.py compiles."""
+    model = GPT(config.model)
+    return model, dpo_objective(model, config.dpo), batch_shapes(config, config.label.responses)
+
+
+def with_reference(groups: dict[str, np.ndarray], model: GPT, ref_params, batch: int = 64) -> dict[str, np.ndarray]:
+    """`groups` with 'ref_logps': the reference's summed log-probability of every response, computed once."""
+    logps = jax.jit(lambda params, b: response_logps(model, params, b))
+    keys = ("inputs", "first", "last")
+    n = len(groups["inputs"])
+    out = [np.asarray(logps(ref_params, {k: groups[k][i:i + batch] for k in keys})) for i in range(0, n, batch)]
+    return {**groups, "ref_logps": np.concatenate(out).astype(np.float32)}
+
+
+def _preferences(config: ml_collections.ConfigDict, split: str) -> list:
+    """The rankings of `split`: dpo.path / dpo.eval_path's JSONL, or the data section's own."""
+    source = config.data
+    if config.dpo.path:
+        source = ml_collections.ConfigDict(config.data.to_dict())
+        source.update(name="jsonl", path=config.dpo.path, eval_path=config.dpo.eval_path)
+    return list(finetune.preferences(source, split))
+
+
+def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
+    d = config.dpo
+    starting_point(config, "DPO starts from an SFT workdir (e.g. --config.init_from=runs/sft_tiny)")
+    tokenizer = Workdir(workdir).stage_tokenizer(config)
+    train, held_out = (_preferences(config, split) for split in ("train", "validation"))
+    k = max(len(r) for _, r, _ in train + held_out)
+    seq_len = config.train.seq_len
+    mesh = parallel.make_mesh(config.mesh)
+    rows = parallel.process_rows(mesh, config.train.batch_size)
+    reference_from, key = (d.reference_from, "dpo.reference_from") if d.reference_from else (config.init_from, "init_from")
+    ref_params = frozen_params(config, reference_from, "lm", key, mesh)
+    model = GPT(config.model)
+    train_groups = with_reference(finetune.preference_groups(tokenizer, train, seq_len, k), model, ref_params)
+    eval_groups = with_reference(finetune.preference_groups(tokenizer, held_out, seq_len, k), model, ref_params)
+    eval_batches = finetune.fixed_batches(eval_groups, config.train.batch_size, config.train.eval_batches, rows,
+                                          ("exists",))
+    pairs = int(np.asarray(ranked_pairs(train_groups["ranks"], train_groups["exists"])).sum())
+    epochs = config.train.steps * config.train.batch_size / len(train_groups["inputs"])
+    print(f"DPO ({d.loss}, beta {d.beta}): {len(train_groups['inputs']):,} ranked prompts ({pairs:,} pairs, up to "
+          f"{k} responses each), {epochs:.2g} epochs; {len(held_out):,} held out; reference {reference_from}",
+          flush=True)
+    return Task(model=model, loss_fn=dpo_objective(model, d),
+                train_iter=finetune.train_iterator(train_groups, config, rows), eval_batches=eval_batches,
+                tokenizer_path=tokenizer.model_path, example_batch=eval_batches[0],
+                flops_per_token=flops_per_token(config.model, seq_len), language_model=False,
+                eval_extra=policy_evaluation(config, tokenizer, mesh, ref_params),
+                summary_extras={"ranked_prompts": len(train), "pairs": pairs, "epochs": math.floor(epochs * 100) / 100})

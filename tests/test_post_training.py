@@ -1,0 +1,580 @@
+"""The methods after PPO (DPO, IPO, GRPO, RLOO) against independent truth: their per-pair and per-group estimators
+against NumPy loops; the k3 KL against the exact KL of a categorical policy; DPO's objective on a real (tiny) GPT
+against a NumPy recomputation of every response's log-probability, its gradient against finite differences and
+against its small-beta limit, and its saturation on pairs already ordered; GRPO and RLOO learning probes (one
+prompt, a reward that prefers "a", as tests/test_ppo_learning.py's PPO probe); DAPO's skipping of groups whose
+samples all score the same."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from omni.config import base_config
+from omni.data.finetune import preference_groups
+from omni.data.template import prompt_ids, response_ids
+from omni.generate import Generator
+from omni.losses import ipo_loss
+from omni.models import GPT
+from omni.models.actor_critic import ActorCritic
+from omni.stages import dpo, grpo, rollout
+from omni.stages.dpo import dpo_loss
+from omni.stages.grpo import group_advantages, k3_kl, rloo_advantages
+from omni.train.optim import optimizer
+from omni.train.trainer import TrainState, make_train_step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The estimators
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def test_dpo_loss_matches_numpy_and_stays_finite_at_huge_margins():
+    rng = np.random.default_rng(0)
+    c, r, rc, rr = (rng.normal(scale=20.0, size=64) for _ in range(4))
+    for beta in (0.01, 0.1, 1.0):
+        margin = (c - rc) - (r - rr)
+        want = _softplus(-beta * margin)  # -log sigmoid(x) = log(1 + e^-x)
+        got = np.asarray(dpo_loss(*(jnp.asarray(x, jnp.float32) for x in (c, r, rc, rr)), beta))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # |beta * margin| = 1e4: the loss is 0 for a pair ordered right and beta * |margin| for one ordered wrong
+    big = jnp.asarray([1e5, -1e5, 0.0], jnp.float32)
+    zero = jnp.zeros(3, jnp.float32)
+    got = np.asarray(dpo_loss(big, zero, zero, zero, 0.1))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, [0.0, 1e4, np.log(2.0)], rtol=1e-6, atol=1e-30)
+    # ... and so is its gradient: d/d chosen = -beta * sigmoid(-beta * margin), -beta at the wrong extreme
+    grad = np.asarray(jax.grad(lambda x: dpo_loss(x, zero, zero, zero, 0.1).sum())(big))
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, [0.0, -0.1, -0.05], rtol=1e-6, atol=1e-30)
+    # the reference enters with the opposite sign of the policy: shifting both by the same amount changes nothing
+    np.testing.assert_allclose(np.asarray(dpo_loss(jnp.float32(3.0), jnp.float32(1.0), jnp.float32(2.0),
+                                                   jnp.float32(-1.0), 1.0)),
+                               _softplus(-((3.0 - 2.0) - (1.0 + 1.0))), rtol=1e-6)
+
+
+def test_ipo_loss_matches_numpy():
+    rng = np.random.default_rng(1)
+    c, r, rc, rr = (rng.normal(scale=5.0, size=32) for _ in range(4))
+    for beta in (0.05, 0.5, 2.0):
+        want = ((c - rc) - (r - rr) - 1.0 / (2.0 * beta)) ** 2
+        got = np.asarray(ipo_loss(*(jnp.asarray(x, jnp.float32) for x in (c, r, rc, rr)), beta))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # minimised (0) exactly at the margin 1 / (2 beta), not beyond it
+    assert float(ipo_loss(jnp.float32(2.5), jnp.float32(0.0), jnp.float32(0.0), jnp.float32(0.0), 0.2)) == 0.0
+
+
+def numpy_group_advantages(rewards, eps):
+    out = np.zeros_like(rewards, dtype=np.float64)
+    for p, row in enumerate(np.asarray(rewards, np.float64)):
+        mean = sum(row) / len(row)
+        std = np.sqrt(sum((x - mean) ** 2 for x in row) / len(row))  # population std: ddof 0
+        for i, x in enumerate(row):
+            out[p, i] = (x - mean) / (std + eps)
+    return out
+
+
+def numpy_rloo(rewards):
+    out = np.zeros_like(rewards, dtype=np.float64)
+    for p, row in enumerate(np.asarray(rewards, np.float64)):
+        for i, x in enumerate(row):
+            others = [y for j, y in enumerate(row) if j != i]
+            out[p, i] = x - sum(others) / len(others)
+    return out
+
+
+GROUPS = [
+    np.array([[1.0, 0.0], [0.5, 0.5], [-2.0, 3.0]]),  # G = 2, one group tied
+    np.array([[1.0, 1.0, 0.0], [0.2, 0.7, -1.3], [4.0, 4.0, 4.0]]),  # G = 3: a tie inside a group, a flat group
+    np.array([[0.0, 0.0, 0.0, 0.0, 1.0], [3.0, -1.0, 3.0, -1.0, 0.5]]),  # G = 5: one success in five
+    np.random.default_rng(2).normal(size=(4, 8)),  # G = 8
+]
+
+
+@pytest.mark.parametrize("rewards", GROUPS, ids=lambda r: f"G{r.shape[1]}")
+@pytest.mark.parametrize("eps", [1e-4, 0.5])
+def test_group_advantages_match_numpy_loop(rewards, eps):
+    got = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), eps))
+    np.testing.assert_allclose(got, numpy_group_advantages(rewards, eps), rtol=1e-4, atol=1e-5)
+    # the population std: a ddof=1 std would give different numbers for any group with spread
+    ddof1 = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + eps)
+    spread = rewards.std(1) > 0
+    assert not np.allclose(got[spread], ddof1[spread], rtol=1e-3)
+    assert float(group_advantages(jnp.asarray([[0.0, 1.0]]), eps)[0, 1]) == pytest.approx(0.5 / (0.5 + eps))
+
+
+@pytest.mark.parametrize("size", [2, 3, 8])
+def test_group_advantages_of_a_group_without_spread_are_exactly_zero(size):
+    """omni/losses.py's docstring: "A group without spread gets 0". Every sample the same score, any score:
+    the advantage must be 0, not a rounding error of the mean divided by eps (which pushes the whole group's
+    responses one way)."""
+    values = np.float32([0.1, 1.0 / 3.0, -6.635352, 7.293494, 13.779509, 100.3])
+    rewards = np.repeat(values[:, None], size, axis=1)
+    got = np.asarray(group_advantages(jnp.asarray(rewards)))
+    assert np.all(got == 0.0), dict(zip(values.tolist(), got[:, 0].tolist()))
+    # ... and so in the rollout's own path (episode_advantages on float32 scores)
+    g = ml_collections.ConfigDict(dict(advantage="grpo", eps=1e-4))
+    assert np.all(rollout.episode_advantages(g, rewards.reshape(-1), size) == 0.0)
+
+
+@pytest.mark.parametrize("rewards", GROUPS, ids=lambda r: f"G{r.shape[1]}")
+def test_rloo_advantages_match_leave_one_out_loop(rewards):
+    got = np.asarray(rloo_advantages(jnp.asarray(rewards, jnp.float32)))
+    np.testing.assert_allclose(got, numpy_rloo(rewards), rtol=1e-5, atol=1e-5)
+    flat = rewards.std(1) == 0
+    np.testing.assert_allclose(got[flat], 0.0, atol=1e-5)
+    # RLOO's advantages are G / (G - 1) times the plain centred rewards
+    g = rewards.shape[1]
+    np.testing.assert_allclose(got, g / (g - 1) * (rewards - rewards.mean(1, keepdims=True)), rtol=1e-4, atol=1e-5)
+
+
+def test_k3_kl_matches_numpy_is_nonnegative_and_estimates_the_kl():
+    rng = np.random.default_rng(3)
+    logp = rng.normal(scale=2.0, size=1000).astype(np.float32)
+    ref = rng.normal(scale=2.0, size=1000).astype(np.float32)
+    got = np.asarray(k3_kl(jnp.asarray(logp), jnp.asarray(ref)))
+    d = ref.astype(np.float64) - logp
+    np.testing.assert_allclose(got, np.exp(d) - d - 1.0, rtol=1e-4, atol=1e-5)
+    assert np.all(got >= 0)
+    assert float(k3_kl(jnp.float32(-1.3), jnp.float32(-1.3))) == 0.0
+    # Monte Carlo: under samples of the policy p, the mean of k3 is KL(p || ref)
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = np.array([0.2, 0.2, 0.2, 0.2, 0.2])
+    exact = float((p * np.log(p / q)).sum())
+    actions = rng.choice(len(p), size=200_000, p=p)
+    samples = np.asarray(k3_kl(jnp.asarray(np.log(p)[actions], jnp.float32),
+                               jnp.asarray(np.log(q)[actions], jnp.float32)))
+    stderr = samples.std() / np.sqrt(len(samples))
+    assert abs(samples.mean() - exact) < 4 * stderr, (samples.mean(), exact, stderr)
+    # ... and not the mean of a biased estimator such as k2 = (log p - log q)^2 / 2
+    assert abs(0.5 * (np.log(p / q) ** 2 * p).sum() - exact) > 10 * stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DPO's objective on a tiny GPT
+
+
+def _dpo_config(beta, loss="sigmoid"):
+    c = base_config()
+    c.stage = "dpo"
+    c.model.update(num_layers=1, num_heads=2, d_model=32, d_ff=64, vocab_size=64, max_len=32, scan_layers=False)
+    c.dpo.update(beta=beta, loss=loss)
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    c = _dpo_config(0.3)
+    model = GPT(c.model)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    # a little bigger than the init: the log-probabilities differ between responses by more than rounding
+    params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def objective(tiny_gpt):
+    """(beta, loss) -> jitted (params, batch) -> ((loss, sums), gradient) of dpo_objective, compiled once each."""
+    model, _ = tiny_gpt
+    cache = {}
+
+    def get(beta, loss="sigmoid"):
+        if (beta, loss) not in cache:
+            fn = dpo.dpo_objective(model, _dpo_config(beta, loss).dpo)
+            cache[beta, loss] = jax.jit(jax.value_and_grad(lambda q, b: fn(q, b, None), has_aux=True))
+        return cache[beta, loss]
+
+    return get
+
+
+LENGTH = 12
+
+
+def _groups():
+    """4 prompts x 3 responses by hand: ragged prompt and response lengths, a tie, a missing response (with
+    garbage where it would be), a prompt whose responses all tie (no pair)."""
+    rng = np.random.default_rng(4)
+    inputs = rng.integers(4, 64, size=(4, 3, LENGTH)).astype(np.int32)
+    first = np.array([[3, 3, 3], [2, 2, 2], [5, 5, 3], [4, 4, 4]], np.int32)
+    last = np.array([[4, 10, 11], [2, 7, 9], [8, 5, 9], [6, 7, 11]], np.int32)
+    ranks = np.array([[0, 1, 2], [0, 0, 1], [1, 0, 5], [2, 2, 2]], np.int32)
+    exists = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]], np.float32)
+    for p in range(4):
+        for k in range(3):
+            inputs[p, k, last[p, k] + 1:] = 3  # pad after the response
+            inputs[p, k, :first[p, k]] = inputs[p, 0, :first[p, k]]  # one prompt per group
+    return {"inputs": inputs, "first": first, "last": last, "ranks": ranks, "exists": exists}
+
+
+def _numpy_response_logps(model, params, groups):
+    """Sum over response tokens j = first..last of log p(token j | tokens < j), float64, one token at a time."""
+    inputs = groups["inputs"]
+    p_, k_, length = inputs.shape
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, inputs.reshape(-1, length)), np.float64)
+    logits = logits.reshape(p_, k_, length, -1)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    out = np.zeros((p_, k_))
+    for p in range(p_):
+        for k in range(k_):
+            for j in range(groups["first"][p, k], groups["last"][p, k] + 1):
+                out[p, k] += logp[p, k, j - 1, inputs[p, k, j]]
+    return out
+
+
+def _pairs(groups, p):
+    """Prompt p's (better, worse) pairs: both responses exist and are not tied."""
+    k = groups["ranks"].shape[1]
+    return [(i, j) for i in range(k) for j in range(k) if groups["exists"][p, i] and groups["exists"][p, j]
+            and groups["ranks"][p, i] < groups["ranks"][p, j]]
+
+
+def _numpy_dpo(logps, ref, groups, beta, loss):
+    """(loss summed over prompts with a pair, their count, untied pairs, correctly ordered pairs, summed margin)."""
+    total, prompts, pairs, correct, margin_sum = 0.0, 0, 0, 0, 0.0
+    for p in range(len(logps)):
+        terms = []
+        for i, j in _pairs(groups, p):
+            m = (logps[p, i] - ref[p, i]) - (logps[p, j] - ref[p, j])
+            terms.append(_softplus(-beta * m) if loss == "sigmoid" else (m - 1 / (2 * beta)) ** 2)
+            correct += beta * m > 0
+            margin_sum += beta * m
+        if terms:
+            total += sum(terms) / len(terms)
+            prompts += 1
+            pairs += len(terms)
+    return total, prompts, pairs, correct, margin_sum
+
+
+@pytest.fixture(scope="module")
+def scored_groups(tiny_gpt):
+    model, params = tiny_gpt
+    groups = _groups()
+    logps = _numpy_response_logps(model, params, groups)
+    ref = logps + np.random.default_rng(5).normal(scale=2.0, size=logps.shape)
+    return {**groups, "ref_logps": ref.astype(np.float32)}, logps
+
+
+def test_response_logps_match_numpy(tiny_gpt, scored_groups):
+    model, params = tiny_gpt
+    batch, logps = scored_groups
+    got = np.asarray(jax.jit(lambda q, b: dpo.response_logps(model, q, b))(params, batch))
+    exists = batch["exists"] == 1
+    np.testing.assert_allclose(got[exists], logps[exists], rtol=1e-5, atol=1e-4)
+    assert np.ptp(logps[exists]) > 5  # the responses differ: a wrong mask would show
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dpo_objective_matches_numpy(tiny_gpt, scored_groups, objective, loss):
+    _, params = tiny_gpt
+    batch, logps = scored_groups
+    beta = 0.3
+    (total, sums), _ = objective(beta, loss)(params, batch)
+    want, prompts, pairs, correct, margin_sum = _numpy_dpo(logps, batch["ref_logps"], batch, beta, loss)
+    assert (prompts, pairs) == (3, 6)  # the tie and the missing response make no pair; prompt 3 none at all
+    np.testing.assert_allclose(float(total), want, rtol=1e-4)
+    np.testing.assert_allclose(float(sums["loss"]), want, rtol=1e-4)
+    assert float(sums["weight"]) == prompts
+    assert float(sums["reward_accuracy_weight"]) == pairs and float(sums["reward_accuracy"]) == correct
+    assert 0 < correct < pairs  # the reference's noise orders some pairs each way
+    np.testing.assert_allclose(float(sums["reward_margin"]), margin_sum, rtol=1e-4, atol=1e-4)
+    # whatever sits where the missing response would be changes nothing
+    garbage = {**batch, "inputs": batch["inputs"].copy(), "first": batch["first"].copy()}
+    garbage["inputs"][2, 2] = 7
+    garbage["first"][2, 2] = 1
+    np.testing.assert_allclose(float(objective(beta, loss)(params, garbage)[0][0]), float(total), rtol=1e-6)
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def test_dpo_gradient_matches_finite_differences(tiny_gpt, scored_groups, objective):
+    """The gradient of the summed loss along a random unit direction in parameter space, against a central
+    difference of the loss itself (float32: a step of 1e-2 keeps rounding ~1e-5 against a slope of ~1e-2)."""
+    _, params = tiny_gpt
+    batch, _ = scored_groups
+    fn = objective(0.3)
+    (_, _), grad = fn(params, batch)
+    leaves = jax.tree.leaves(params)
+    keys = jax.random.split(jax.random.key(6), len(leaves))
+    direction = [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    norm = np.sqrt(sum(float((d ** 2).sum()) for d in direction))
+    direction = jax.tree.unflatten(jax.tree.structure(params), [d / norm for d in direction])
+    eps = 1e-2
+    shifted = lambda s: jax.tree.map(lambda x, d: x + s * eps * d, params, direction)  # noqa: E731
+    numeric = (float(fn(shifted(1.0), batch)[0][0]) - float(fn(shifted(-1.0), batch)[0][0])) / (2 * eps)
+    analytic = float(_flat(grad) @ _flat(direction))
+    assert abs(numeric) > 0.01  # a direction the loss moves along
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+
+
+def test_dpo_gradient_at_small_beta_is_minus_half_beta_times_the_margins_gradient(tiny_gpt, scored_groups, objective):
+    """-log sigmoid(beta m) = log 2 - beta m / 2 + O(beta^2): as beta -> 0 the gradient is -beta / 2 times the
+    gradient of the summed per-prompt mean of (chosen - rejected), computed here with our own masks."""
+    model, params = tiny_gpt
+    batch, _ = scored_groups
+    beta = 1e-4
+    (_, _), grad = objective(beta)(params, batch)
+    # per prompt, the weight of each response in the mean of (chosen - rejected) over its untied pairs
+    weights = np.zeros(batch["exists"].shape, np.float32)
+    positions = np.zeros(batch["inputs"].shape, np.float32)
+    for p in range(weights.shape[0]):
+        pairs = _pairs(batch, p)
+        for i, j in pairs:
+            weights[p, i] += 1 / len(pairs)
+            weights[p, j] -= 1 / len(pairs)
+        for k in range(3):
+            positions[p, k, batch["first"][p, k] - 1:batch["last"][p, k]] = 1.0  # predicting first..last
+    targets = np.concatenate([batch["inputs"][..., 1:], batch["inputs"][..., -1:]], -1)
+
+    @jax.jit
+    @jax.grad
+    def margins(q):
+        logits = model.apply({"params": q}, batch["inputs"].reshape(-1, LENGTH)).reshape(*batch["inputs"].shape, -1)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+        return ((logp * positions).sum(-1) * weights).sum()
+
+    want = -beta / 2 * _flat(margins(params))
+    got = _flat(grad)
+    assert np.linalg.norm(got - want) < 1e-2 * np.linalg.norm(want), (np.linalg.norm(got), np.linalg.norm(want))
+
+
+def test_dpo_hardly_moves_pairs_it_already_orders_by_a_wide_margin(tiny_gpt, scored_groups, objective):
+    """The same pairs, the reference set so that every implicit margin beta * m is >= +50 (already preferred) or
+    <= -50 (dispreferred): SGD moves the first essentially nowhere (sigmoid(-50) ~ 2e-22), the second a lot."""
+    _, params = tiny_gpt
+    batch, logps = scored_groups
+    beta = 0.3
+    fn = objective(beta)
+
+    def train(sign):
+        # (c - ref_c) - (r - ref_r) = sign * 50 / beta * (rank_r - rank_c), at least 50 / beta for untied pairs
+        ref = (logps + sign * 50 / beta * batch["ranks"]).astype(np.float32)
+        b = {**batch, "ref_logps": ref}
+        q, losses = params, []
+        for _ in range(5):
+            (loss, sums), grads = fn(q, b)
+            q = jax.tree.map(lambda x, g: x - 0.05 * g / sums["weight"], q, grads)
+            losses.append(float(loss))
+        losses.append(float(fn(q, b)[0][0]))
+        return np.linalg.norm(_flat(q) - _flat(params)), np.array(losses)
+
+    moved_preferred, preferred = train(+1.0)
+    moved_dispreferred, dispreferred = train(-1.0)
+    assert moved_dispreferred > 0.1 and dispreferred[-1] < dispreferred[0] - 1.0, dispreferred
+    assert moved_preferred < 1e-2 * moved_dispreferred, (moved_preferred, moved_dispreferred)
+    assert np.all(preferred < 1e-6)
+
+
+def test_preference_groups_and_with_reference_score_the_response_tokens_and_eos(tiny_gpt):
+    """From text: 'first'..'last' are the response's tokens and EOS (cut at seq_len), and with_reference's
+    ref_logps are their summed log-probabilities given everything before them."""
+    model, params = tiny_gpt
+    tok = CharTokenizer()
+    seq_len = 28
+    records = [("pick", ["a", "bb", "c"], [0, 1, 1]), ("go", ["long answer here", "x"], [1, 0])]
+    groups = dpo.with_reference(preference_groups(tok, records, seq_len, 3), model, params)
+    logits = np.asarray(model.apply({"params": params}, groups["inputs"].reshape(-1, seq_len)), np.float64)
+    logp = jax.nn.log_softmax(logits).reshape(2, 3, seq_len, -1)
+    for p, (prompt, responses, _) in enumerate(records):
+        head = prompt_ids(tok, prompt)
+        for k, response in enumerate(responses):
+            ids = (head + response_ids(tok, response))[:seq_len]
+            assert groups["first"][p, k] == len(head) and groups["last"][p, k] == len(ids) - 1
+            want = sum(float(logp[p, k, j - 1, ids[j]]) for j in range(len(head), len(ids)))
+            np.testing.assert_allclose(groups["ref_logps"][p, k], want, rtol=1e-5, atol=1e-4)
+    assert len(prompt_ids(tok, "go")) + len(response_ids(tok, "long answer here")) > seq_len  # one was cut
+    assert groups["exists"][1, 2] == 0 and groups["ref_logps"][1, 2] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPO and RLOO learning probes (tests/test_ppo_learning.py's setup, with the group stages' pieces)
+
+PROMPT = "pick"
+ANSWERS = {"a": 0.2, "b": 0.3, "c": 0.5}  # what supervised fine-tuning teaches
+
+
+class CharTokenizer:
+    """One id per character: ids 0-3 are unk, bos, eos and pad."""
+    eos_id, pad_id, vocab_size = 2, 3, 64
+    alphabet = " \n:ASUabcdefghijklmnopqrstuvwxyz"
+
+    def encode(self, text):
+        return [4 + self.alphabet.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i - 4] if i - 4 < len(self.alphabet) else "#" for i in ids if i >= 4)
+
+
+def _grpo_config(advantage="grpo", skip_zero_spread=False):
+    c = base_config()
+    c.stage = "grpo"
+    c.model.update(num_layers=1, num_heads=2, d_model=32, d_ff=64, vocab_size=64, max_len=32, scan_layers=False)
+    c.train.update(batch_size=16, seq_len=28, seed=0)
+    c.ppo.update(rollout_batch=32, samples_per_prompt=8, max_new_tokens=3, sample_every=10_000, iterations=20)
+    c.grpo.update(advantage=advantage, skip_zero_spread=skip_zero_spread)
+    c.optim.update(lr=3e-3, warmup_steps=0, decay_steps=1000, min_lr_ratio=1.0, weight_decay=0.0)
+    grpo.check(c)
+    return c
+
+
+def _answer_logprobs(model, params, tok):
+    """log p(answer + EOS | prompt) of each answer, exactly, from one forward pass."""
+    head = prompt_ids(tok, PROMPT)
+    rows = [head + response_ids(tok, a) for a in ANSWERS]
+    width = max(map(len, rows))
+    tokens = np.array([r + [tok.pad_id] * (width - len(r)) for r in rows], np.int32)
+    answer = np.array([[len(head) - 1 <= t < len(r) - 1 for t in range(width - 1)] for r in rows], np.float32)
+    logp = jax.nn.log_softmax(model.apply({"params": params}, tokens[:, :-1]))
+    return (jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0] * answer).sum(1)
+
+
+@pytest.fixture(scope="module")
+def sft():
+    """The policy after "SFT": trained on the answers in proportion until their probabilities match."""
+    c, tok = _grpo_config(), CharTokenizer()
+    model = GPT(c.model)
+    params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    target = np.array(list(ANSWERS.values()))
+    tx = optax.adam(1e-2)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(lambda q: -(target * _answer_logprobs(model, q, tok)).sum())(params)
+        updates, state = tx.update(grads, state)
+        return optax.apply_updates(params, updates), state, loss
+
+    for _ in range(150):
+        params, state, _ = step(params, state)
+    probs = np.exp(np.asarray(_answer_logprobs(model, params, tok)))
+    np.testing.assert_allclose(probs, target, atol=0.03)
+    return tok, params
+
+
+@pytest.fixture(scope="module")
+def machinery(sft):
+    """The generator and the jitted GRPO train step (the same for GRPO's and RLOO's advantages), compiled once."""
+    tok, policy = sft
+    c = _grpo_config()
+    step = jax.jit(make_train_step(c, grpo.grpo_loss(ActorCritic(c.model, critic=False), c)))
+    return Generator(c.model, policy, pad_id=tok.pad_id), step
+
+
+def _train(sft, machinery, advantage, reward, iterations):
+    """GRPO/RLOO from the SFT policy against reward(response) -> float; per iteration: P("a") before it, the
+    first minibatch's metrics, the rollout's metrics."""
+    tok, policy = sft
+    generator, step = machinery
+    c = _grpo_config(advantage)
+    rollouts = rollout.Rollouts(c, tok, [PROMPT], generator, (policy, None), range(c.train.batch_size),
+                                reward_fn=lambda prompts, texts: [reward(t) for t in texts])
+    params = {"policy": policy}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer(c.optim).init(params))
+    model = GPT(c.model)
+    curve, first, rolled = [], [], []
+    per_iteration = c.ppo.rollout_batch // c.train.batch_size
+    for i in range(iterations * per_iteration):
+        if i % per_iteration == 0:
+            curve.append(float(np.exp(_answer_logprobs(model, state.params["policy"], tok)[0])))
+        rolled.append(rollouts.before_step(state.params, i))
+        state, metrics = step(state, next(rollouts))
+        if i % per_iteration == 0:
+            first.append(jax.device_get(metrics))
+    curve.append(float(np.exp(_answer_logprobs(model, state.params["policy"], tok)[0])))
+    return np.array(curve), first, [m for m in rolled if m]
+
+
+@pytest.fixture(scope="module")
+def runs(sft, machinery):
+    """One training run per advantage, shared by the tests that read it."""
+    cache = {}
+
+    def get(advantage):
+        if advantage not in cache:
+            cache[advantage] = _train(sft, machinery, advantage, lambda text: float(text == "a"), iterations=15)
+        return cache[advantage]
+
+    return get
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_baselines_raise_the_preferred_answer_above_0_9(runs, advantage):
+    curve, _, rolled = runs(advantage)
+    assert curve[0] < 0.3
+    assert curve.max() > 0.9 and curve[-1] > 0.9, curve.round(3)
+    assert rolled[-1]["reward"] > rolled[0]["reward"]
+    assert "kl_coef" not in rolled[0] and "explained_variance" not in rolled[0]  # no critic, no KL in the reward
+
+
+def test_first_grpo_minibatch_of_every_iteration_is_on_policy(runs):
+    """Each iteration's first minibatch recomputes the rollout's own log-probs: ratio 1, nothing clipped; and the
+    k3 KL to the reference (the SFT policy) grows from exactly 0 as the policy leaves it."""
+    _, first, _ = runs("grpo")
+    for m in first:
+        assert abs(float(m["approx_kl"])) < 1e-6 and float(m["clip_fraction"]) == 0.0, m
+    assert float(first[0]["kl_loss"]) < 1e-6 < float(first[-1]["kl_loss"])
+
+
+def test_skip_zero_spread_masks_groups_whose_samples_score_the_same(sft, machinery):
+    """Two prompts: every sample of "pick" scores 1 (no spread), "pack"'s score at random. With
+    grpo.skip_zero_spread the served minibatches carry no response token of the "pick" groups and
+    'skipped_episodes' says half the episodes; without it they carry them all."""
+    tok, policy = sft
+    generator, _ = machinery
+    rng = np.random.default_rng(8)
+    reward = lambda prompts, texts: [1.0 if q == "pick" else float(rng.normal()) for q in prompts]  # noqa: E731
+    pick = np.array(prompt_ids(tok, "pick"))
+    assert len(prompt_ids(tok, "pack")) == len(pick)
+    served = {}
+    for skip in (True, False):
+        c = _grpo_config(skip_zero_spread=skip)
+        rollouts = rollout.Rollouts(c, tok, ["pick", "pack"], generator, (policy, None), range(c.train.batch_size),
+                                    reward_fn=reward)
+        metrics = rollouts.before_step({"policy": policy}, 0)
+        batches = [next(rollouts) for _ in range(c.ppo.rollout_batch // c.train.batch_size)]
+        served[skip] = metrics, {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    metrics, batch = served[True]
+    is_pick = np.all(batch["inputs"][:, :len(pick)] == pick, axis=1)
+    assert is_pick.sum() == 16  # 2 of the 4 groups of 8
+    assert np.all(batch["mask"][is_pick] == 0)
+    assert np.all(batch["mask"][~is_pick].sum(1) >= 1)
+    assert metrics["skipped_episodes"] == pytest.approx(0.5)
+    assert metrics["zero_spread_groups"] == pytest.approx(0.5)
+    metrics, batch = served[False]
+    is_pick = np.all(batch["inputs"][:, :len(pick)] == pick, axis=1)
+    assert np.all(batch["mask"].sum(1) >= 1) and is_pick.sum() == 16
+    assert "skipped_episodes" not in metrics
+
+
+class OneLogitPair(nn.Module):
+    """A policy over two tokens with a logit each (the same at every position), no critic."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        logits = self.param("logits", nn.initializers.zeros_init(), (2,))
+        return jnp.broadcast_to(logits, tokens.shape + (2,)), jnp.zeros(tokens.shape, jnp.float32)
+
+
+@pytest.mark.parametrize("gap", [10.0, 100.0])
+def test_grpo_loss_ignores_positions_off_the_response(gap):
+    """Position 0 is a response token (token 0, sampled by this very policy: ratio 1, k3 0, advantage 1), position
+    1 is not (mask 0; its target, token 1, at log-prob -gap, and the rollout's 0 there, as the scorer leaves it).
+    The loss is the response tokens' mean, -1, with a finite gradient, however unlikely the masked target is
+    (a padding or prompt token far below the policy's choice, e.g. at a low rollout temperature)."""
+    c = ml_collections.ConfigDict(dict(ppo=dict(temperature=1.0, clip=0.2), grpo=dict(beta=0.04)))
+    loss_fn = grpo.grpo_loss(OneLogitPair(), c)
+    params = {"logits": jnp.array([0.0, -gap], jnp.float32)}
+    taken = float(jax.nn.log_softmax(params["logits"])[0])
+    batch = {"inputs": np.zeros((1, 2), np.int32), "targets": np.array([[0, 1]], np.int32),
+             "mask": np.array([[1.0, 0.0]], np.float32), "old_logprobs": np.array([[taken, 0.0]], np.float32),
+             "ref_logprobs": np.array([[taken, 0.0]], np.float32), "advantages": np.array([[1.0, 0.0]], np.float32)}
+    (loss, sums), grads = jax.value_and_grad(lambda q: loss_fn(q, batch, None), has_aux=True)(params)
+    assert float(loss) == pytest.approx(-1.0) and float(sums["kl_loss"]) == 0.0, {k: float(v) for k, v in sums.items()}
+    assert np.all(np.isfinite(np.asarray(grads["logits"])))
