@@ -20,5 +20,5 @@ def get_config():
     c.ppo.update(max_new_tokens=16, rollout_batch=512, eval_prompts=128)
     c.train.update(steps=200, batch_size=16, seq_len=48, log_every=10, eval_every=200, eval_batches=20,
                    checkpoint_every=100)
-    c.optim.update(lr=3e-5, warmup_steps=10, weight_decay=0.0)
+    c.optim.update(lr=1e-4, warmup_steps=10, weight_decay=0.0)
     return c

@@ -16,7 +16,8 @@ exact match, win rate and KL to SFT, pretraining perplexity, episodes and wall t
     suite_seed  which instance of the offline suite (data.suite_seed of every stage after pretraining)
     pretrained  an existing pretraining workdir (e.g. runs/tiny): skip the pretrain stage
     configs.K   the config file of stage or method K; overrides.K: "KEY=VALUE ..." passed to it as --config.KEY=VALUE
-                (K in pretrain, sft, label, rm and the methods)
+                (K in pretrain, sft, label, rm and the methods; overrides.every_method goes to every method,
+                before its own: e.g. "cpu_devices=2")
     dry_run     print the stage commands, run nothing
 """
 import ml_collections
@@ -26,7 +27,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.stage = "post_training"
     c.name = "post_training"
-    c.methods = "best_of_n,dpo,ppo,grpo,grpo_verifier"
+    c.methods = "dpo,grpo,grpo_verifier,ppo,best_of_n"
     c.seeds = 3
     c.seed = 0
     c.suite_seed = 0
@@ -36,8 +37,10 @@ def get_config():
         pretrain="configs/tiny.py", sft="configs/sft_tiny.py", label="configs/label_tiny.py",
         rm="configs/rm_tiny.py", best_of_n="configs/best_of_n_tiny.py", dpo="configs/dpo_tiny.py",
         ppo="configs/ppo_tiny.py", grpo="configs/grpo_tiny.py", grpo_verifier="configs/grpo_tiny.py"))
-    # SFT and the reward model exactly as experiments/instructgpt.py's, so either command reuses the other's.
+    # SFT and the reward model exactly as experiments/instructgpt.py's, so either command reuses the other's. Every
+    # method is evaluated once, at its end, on all the suite's held-out prompts (197 fit).
+    judge = "ppo.eval_prompts=200"
     c.overrides = ml_collections.ConfigDict(dict(
-        pretrain="", sft="", label="", rm="train.steps=200 train.seq_len=48", best_of_n="", dpo="", ppo="",
-        grpo="", grpo_verifier=""))
+        pretrain="", sft="", label="", rm="train.steps=200 train.seq_len=48", every_method="", best_of_n=judge, dpo=judge,
+        ppo=judge + " train.eval_every=64", grpo=judge, grpo_verifier=judge))
     return c

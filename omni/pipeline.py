@@ -68,15 +68,17 @@ def _check_configs(c: ml_collections.ConfigDict, keys) -> None:
         raise ConfigError(f"config.suite_seed={c.suite_seed!r}: must be an int >= 0")
 
 
-def _step(c: ml_collections.ConfigDict, name: str, kind: str, extra: list, keys: tuple[str, ...] = ()) -> Step:
-    """Stage `kind` in W/name from config file c.configs[keys[0]] (default: kind) with, in order, train.seed = c.seed
-    (unless `extra` sets it), data.suite_seed (after pretraining), `extra` and the overrides of each of `keys`."""
+def _step(c: ml_collections.ConfigDict, name: str, kind: str, extra: list, keys: tuple[str, ...] = (),
+          config: str = "") -> Step:
+    """Stage `kind` in W/name from config file c.configs[config or keys[0]] (default: kind) with, in order,
+    train.seed = c.seed (unless `extra` sets it), data.suite_seed (after pretraining), `extra` and the overrides of
+    each of `keys`."""
     keys = keys or (kind,)
     own = [pair for key in keys for pair in _overrides(c.overrides[key], key)]
     common = [] if any(k == "train.seed" for k, _ in extra) else [("train.seed", str(c.seed))]
     if kind != "pretrain":  # every stage after pretraining reads the same instance of the suite
         common.append(("data.suite_seed", str(c.suite_seed)))
-    return Step(name, kind, c.configs[keys[0]], tuple(common + extra + own))
+    return Step(name, kind, c.configs[config or keys[0]], tuple(common + extra + own))
 
 
 def _sft(c: ml_collections.ConfigDict, path) -> list[Step]:
@@ -157,7 +159,7 @@ def post_training_plan(c: ml_collections.ConfigDict, workdir: str) -> list[Step]
             extra.append(("ppo.reference_from", sft))  # best-of-n's reference is its init_from
         if m == "grpo_verifier":
             extra.append(("grpo.reward", "labeler"))
-        steps += [_step(c, f"{m}-seed{s}", kind, extra + [("train.seed", str(c.seed + s))], (m,))
+        steps += [_step(c, f"{m}-seed{s}", kind, extra + [("train.seed", str(c.seed + s))], ("every_method", m), m)
                   for s in range(c.seeds)]
     return steps
 

@@ -74,13 +74,14 @@ def test_post_training_dry_run_prints_each_method_and_seed_from_one_sft_and_rm(m
     monkeypatch.chdir(ROOT)
     c = _config("post_training", pretrained="P", seeds=2, seed=5, dry_run=True)
     c.overrides.grpo = "ppo.iterations=2"
+    c.overrides.every_method = "cpu_devices=2"
     assert pipeline.run(c, "W") == 0
     commands = {}
     for line in capsys.readouterr().out.strip().splitlines():
         args = shlex.split(line)
         flags = dict(a[len("--config."):].split("=", 1) for a in args if a.startswith("--config."))
         commands[args[-1].removeprefix("--workdir=W/")] = ([a for a in args if a.startswith("--config=")][0], flags)
-    methods = ["best_of_n", "dpo", "ppo", "grpo", "grpo_verifier"]
+    methods = ["dpo", "grpo", "grpo_verifier", "ppo", "best_of_n"]
     assert list(commands) == ["sft", "label", "rm"] + [f"{m}-seed{s}" for m in methods for s in (0, 1)]
     assert commands["sft"][1]["init_from"] == "P" and commands["rm"][1]["train.steps"] == "200"  # instructgpt's
     for m in methods:
@@ -89,6 +90,7 @@ def test_post_training_dry_run_prints_each_method_and_seed_from_one_sft_and_rm(m
             assert config == f"--config=configs/{m.replace('_verifier', '')}_tiny.py"
             assert flags["init_from"] == "W/sft" and flags["ppo.reward_from"] == "W/rm", m
             assert flags["train.seed"] == str(5 + s) and flags["data.suite_seed"] == "0"
+            assert flags["cpu_devices"] == "2", m  # overrides.every_method
     dpo = commands["dpo-seed1"][1]
     assert (dpo["dpo.path"], dpo["dpo.eval_path"]) == ("W/label/train", "W/label/eval")
     assert dpo["dpo.reference_from"] == "W/sft"
