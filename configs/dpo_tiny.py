@@ -5,7 +5,8 @@
 
 The offline suite's own rankings by default (a label stage's files with dpo.path), the reward model's data; the
 held-out evaluation is PPO's (ppo.eval_*, with the reward model of ppo.reward_from where given). One epoch over
-the ranked prompts in batches of 16 prompts (all pairs of a prompt in one element), no dropout.
+the ranked prompts in batches of 16 prompts (all pairs of a prompt in one element), no dropout; rows of 56
+tokens as PPO's, so that the held-out prompts that fit are the same.
 """
 from omni.config import base_config
 
@@ -18,7 +19,7 @@ def get_config():
     c.model.dropout = 0.0
     c.dpo.update(beta=0.1, loss="sigmoid")
     c.ppo.update(max_new_tokens=16, rollout_batch=512, eval_prompts=128)
-    c.train.update(steps=200, batch_size=16, seq_len=48, log_every=10, eval_every=200, eval_batches=20,
+    c.train.update(steps=200, batch_size=16, seq_len=56, log_every=10, eval_every=200, eval_batches=20,
                    checkpoint_every=100)
     c.optim.update(lr=1e-4, warmup_steps=10, weight_decay=0.0)
     return c

@@ -108,12 +108,18 @@ def test_stage_inherits_the_architecture_of_init_from(pipeline):
     assert (model["d_model"], model["num_layers"], model["vocab_size"], model["scan_layers"]) == (64, 2, 512, False)
 
 
-def _ppo_flags(pipeline, workdir, **extra):
+def _ptx_text(pipeline) -> str:
+    """PPO-ptx's pretraining text (and the held-out pretraining perplexity's): a few small local documents."""
     text = pipeline["root"] / "ptx"
-    if not text.exists():  # PPO-ptx's pretraining text: a few small local documents
+    if not text.exists():
         text.mkdir()
         for i in range(4):
             (text / f"doc{i}.txt").write_text("def add(a, b):\n    return a + b\n" * (20 + i))
+    return str(text)
+
+
+def _ppo_flags(pipeline, workdir, **extra):
+    text = _ptx_text(pipeline)
     flags = {"init_from": pipeline["sft"], "ppo.reward_from": pipeline["rm"], "data.data_dir": pipeline["data_dir"],
              "ppo.iterations": 2, "ppo.rollout_batch": 8, "ppo.max_new_tokens": 8, "ppo.eval_prompts": 8,
              "ppo.sample_every": 1, "ppo.ptx_coef": 1.0, "ppo.ptx_data": "text", "ppo.ptx_path": str(text),
@@ -180,3 +186,72 @@ def test_gold_reward_is_the_labelers_true_score(pipeline):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         (first,) = [r for r in map(json.loads, f) if "iteration" in r]
     assert first["reward"] == pytest.approx(first["rollout_labeler_score"], abs=1e-5)
+
+
+def _post_flags(pipeline, config, workdir, **extra):
+    """A method of experiments/post_training.py at test size, from the fixture's SFT model and reward model."""
+    flags = {"init_from": pipeline["sft"], "ppo.reward_from": pipeline["rm"], "data.data_dir": pipeline["data_dir"],
+             "ppo.max_new_tokens": 8, "ppo.eval_prompts": 8, "ppo.eval_samples": 2, "ppo.rollout_batch": 16,
+             "ppo.ptx_eval_batches": 1, "ppo.ptx_batch": 2, "ppo.ptx_data": "text", "ppo.ptx_path": _ptx_text(pipeline),
+             "train.seq_len": 48, "train.log_every": 2,
+             "train.eval_every": 100, "train.checkpoint_every": 2, "optim.warmup_steps": 1, **extra}
+    return [f"--config=configs/{config}.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def _served_policy(workdir, stage):
+    """The workdir's policy through omni.load and its generator, as chat and the HF export read it."""
+    import omni
+    from omni.workdir import Workdir
+
+    config, params, _ = omni.load(workdir)
+    assert config.stage == stage and "wte" in params and "score_head" not in params
+    _, generator, tokenizer = Workdir(workdir).generator()
+    assert generator.generate([tokenizer.encode("User: hi")], 3).tokens.shape == (1, 3)
+    return params
+
+
+@pytest.mark.slow  # ~40 s: the stages' parts are checked in CI by tests/test_post_training.py
+def test_grpo_and_rloo_resume_exactly_where_they_stopped(pipeline):
+    """Two iterations in one run equal one iteration, a stop, and a rerun to two (the rollout batch and position
+    restored from the checkpoint): for GRPO on the reward model and RLOO on the labeler's reward."""
+    for advantage, reward in (("grpo", "model"), ("rloo", "labeler")):
+        extra = {"grpo.advantage": advantage, "grpo.reward": reward, "ppo.iterations": 2, "ppo.samples_per_prompt": 4,
+                 "train.batch_size": 8}
+        whole, split = (str(pipeline["root"] / f"{advantage}_{name}") for name in ("whole", "split"))
+        out = run_cli(_post_flags(pipeline, "grpo_tiny", whole, **extra))
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert run_cli(_post_flags(pipeline, "grpo_tiny", split, **{**extra, "ppo.iterations": 1})).returncode == 0
+        out = run_cli(_post_flags(pipeline, "grpo_tiny", split, **extra))
+        assert out.returncode == 0 and "resuming from" in out.stdout, out.stderr[-2000:]
+        for x, y in zip(jax.tree.leaves(_served_policy(whole, "grpo")), jax.tree.leaves(_served_policy(split, "grpo"))):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        s = _summary(whole)
+        assert s["episodes"] == 32 and 0.0 <= s["sampled_labeler_score"] <= 1.0 and np.isfinite(s["kl_to_sft"])
+
+
+@pytest.mark.slow  # ~30 s
+def test_dpo_and_best_of_n_train_and_report_the_held_out_measures(pipeline):
+    dpo, bon = str(pipeline["root"] / "dpo"), str(pipeline["root"] / "bon")
+    out = run_cli(_post_flags(pipeline, "dpo_tiny", dpo, **{"train.steps": 4, "train.batch_size": 4}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = _summary(dpo)
+    assert 0.0 <= s["eval_reward_accuracy"] <= 1.0 and s["pairs"] > 0 and "chosen_logps" in s
+    out = run_cli(_post_flags(pipeline, "best_of_n_tiny", bon, **{"train.steps": 4, "train.batch_size": 4,
+                                                                   "train.seq_len": 64, "best_of_n.n": 2,
+                                                                   "best_of_n.prompts": 8}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(bon, "best_of_n.jsonl")) as f:
+        kept = [json.loads(line) for line in f]
+    assert len(kept) == 8 and all(set(r) == {"prompt", "response", "reward"} for r in kept)
+    for workdir, stage in ((dpo, "dpo"), (bon, "best_of_n")):
+        s = _summary(workdir)
+        for key in ("labeler_score", "sampled_labeler_score", "win_rate_vs_sft", "sft_labeler_score", "rm_agreement"):
+            assert 0.0 <= s[key] <= 1.0, (stage, key)
+        assert np.isfinite(s["kl_to_sft"]) and np.isfinite(s["pretrain_perplexity"])
+        _served_policy(workdir, stage)
+
+
+def test_grpo_names_a_reward_function_it_cannot_import(pipeline):
+    out = run_cli(_post_flags(pipeline, "grpo_tiny", str(pipeline["root"] / "bad_grpo"),
+                              **{"grpo.reward": "no_such_module:score", "ppo.iterations": 1}))
+    assert out.returncode == 2 and "config.grpo.reward='no_such_module:score'" in out.stderr, out.stderr[-2000:]

@@ -522,6 +522,7 @@ class HeldOut:
         out = {k: v for k, v in policy.items() if k not in ("greedy", "greedy_scores")}
         out.update({f"sft_{k}": v for k, v in self.sft.items() if k not in ("greedy", "greedy_scores", "kl_to_sft")})
         out["changed_vs_sft"] = float(np.mean([a != b for a, b in zip(policy["greedy"], self.sft["greedy"])]))
+        out["heldout_prompts"] = len(self.prompts)  # those that fit train.seq_len: compare methods on equal sets
         if "greedy_scores" in policy:
             mine, sft = policy["greedy_scores"], self.sft["greedy_scores"]
             out["win_rate_vs_sft"] = float(np.mean((mine > sft) + 0.5 * (mine == sft)))
