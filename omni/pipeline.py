@@ -412,6 +412,7 @@ def write_post_training_report(c: ml_collections.ConfigDict, workdir: str, steps
     report = {"workdir": workdir, "methods": names, "seeds": c.seeds, "seed": c.seed, "suite_seed": c.suite_seed,
               "pretrained": c.pretrained or os.path.join(workdir, "pretrain"), "stages": stages,
               "policies": policies, "sft_spread": sft_spread,
+              "heldout_prompts": sorted({summaries[n].get("heldout_prompts") for n in method_steps} - {None}),
               "wall_s": sum(v.get("wall_s", 0.0) for v in stages.values()),
               "methods_wall_s": sum(stages[n].get("wall_s", 0.0) for n in method_steps)}
     write_json(os.path.join(workdir, "post_training.json"), report)
@@ -443,7 +444,8 @@ def post_training_markdown(report: dict) -> str:
              + (f" (held-out pairwise accuracy {rm:.3f})" if rm is not None else "") + ".",
              f"Wall time: {report['wall_s'] / 60:.1f} min in all (shared stages, min: {shared}); the methods alone "
              f"{report['methods_wall_s'] / 60:.1f} min.", "",
-             "Held-out prompts: greedy answers (labeler score, exact match), samples at the rollout temperature "
+             f"Held-out prompts ({' / '.join(map(str, report.get('heldout_prompts', []))) or '?'}; the same for "
+             "every method): greedy answers (labeler score, exact match), samples at the rollout temperature "
              "(sampled score). Mean ± std over seeds (sample std, ddof 1); margins over SFT ± their std, and "
              "margin / std (how many standard deviations over seeds a method is above SFT; ∞: no spread). "
              "Episodes: samples a run drew (RL rollouts, best-of-n's n per prompt; DPO draws none and trains on "

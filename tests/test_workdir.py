@@ -8,6 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import load_config
 from omni import data
 from omni.config import ConfigError, base_config
 from omni.models import GPT
@@ -98,7 +99,8 @@ def test_a_model_only_workdir_round_trips(tmp_path, tokenizer_path):
 
 
 def test_the_registry_is_the_one_list_of_stages():
-    assert set(registry.STAGES) == {"pretrain", "sft", "rm", "ppo", "sample", "label", "compress", "eval"}
+    assert set(registry.STAGES) == {"pretrain", "sft", "rm", "ppo", "dpo", "grpo", "best_of_n", "sample", "label",
+                                    "compress", "eval"}
     for stage in registry.STAGES.values():
         assert (stage.step is not None) == stage.trains  # every training stage can be compiled by a dry run
     c = base_config()
@@ -110,3 +112,22 @@ def test_the_registry_is_the_one_list_of_stages():
     c.ppo.update(iterations=3, epochs=2, rollout_batch=16)
     c.train.batch_size = 8
     assert registry.validate(c, 1).train.steps == 3 * 2 * 16 // 8  # PPO's own check derives train.steps
+
+
+@pytest.mark.parametrize("name, key, value, message", [
+    ("dpo_tiny", "dpo.loss", "hinge", "config.dpo.loss='hinge': expected one of ('sigmoid', 'ipo')"),
+    ("dpo_tiny", "model.dropout", 0.1, "config.model.dropout=0.1: DPO compares"),
+    ("grpo_tiny", "grpo.advantage", "ppo", "config.grpo.advantage='ppo': expected 'grpo' or 'rloo'"),
+    ("grpo_tiny", "ppo.samples_per_prompt", 1, "config.ppo.samples_per_prompt=1: is GRPO's group size G"),
+    ("grpo_tiny", "grpo.reward", "gold", "config.grpo.reward='gold': expected 'model', 'labeler' or MODULE:FUNCTION"),
+    ("grpo_tiny", "ppo.ptx_coef", 1.0, "config.ppo.ptx_coef=1.0: GRPO/RLOO have no pretraining term"),
+    ("best_of_n_tiny", "best_of_n.n", 0, "config.best_of_n.n=0: must be a positive int"),
+])
+def test_post_training_stages_name_a_bad_key(name, key, value, message):
+    c = load_config(name)
+    assert registry.validate(c, 1).stage == c.stage  # the shipped config is valid
+    section, _, leaf = key.partition(".")
+    c[section][leaf] = value
+    with pytest.raises(ConfigError) as e:
+        registry.validate(c, 1)
+    assert message in str(e.value)
