@@ -504,7 +504,9 @@ def runs(sft, machinery):
     return get
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+# RLOO's run is out of CI (the suite's budget): its baseline is checked against NumPy above, and the GRPO run
+# exercises everything else it shares.
+@pytest.mark.parametrize("advantage", ["grpo", pytest.param("rloo", marks=pytest.mark.slow)])
 def test_group_baselines_raise_the_preferred_answer_above_0_9(runs, advantage):
     curve, _, rolled = runs(advantage)
     assert curve[0] < 0.3
