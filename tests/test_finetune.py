@@ -253,5 +253,6 @@ def test_dpo_and_best_of_n_train_and_report_the_held_out_measures(pipeline):
 
 def test_grpo_names_a_reward_function_it_cannot_import(pipeline):
     out = run_cli(_post_flags(pipeline, "grpo_tiny", str(pipeline["root"] / "bad_grpo"),
-                              **{"grpo.reward": "no_such_module:score", "ppo.iterations": 1}))
+                              **{"grpo.reward": "no_such_module:score", "ppo.iterations": 1,
+                                 "ppo.samples_per_prompt": 4, "train.batch_size": 8}))
     assert out.returncode == 2 and "config.grpo.reward='no_such_module:score'" in out.stderr, out.stderr[-2000:]
