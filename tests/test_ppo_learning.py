@@ -7,32 +7,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from learning_probe import PROMPT, CharTokenizer, answer_logprobs, fine_tuned
 from omni.config import base_config
-from omni.data.template import prompt_ids, response_ids
+from omni.data.template import prompt_ids
 from omni.generate import Generator
 from omni.models import GPT
 from omni.stages import ppo, rollout
 from omni.train.optim import optimizer
 from omni.train.trainer import TrainState, make_train_step
-
-PROMPT = "pick"
-ANSWERS = {"a": 0.2, "b": 0.3, "c": 0.5}  # what supervised fine-tuning teaches
-
-
-class CharTokenizer:
-    """One id per character (independent of sentencepiece): ids 0-3 are unk, bos, eos and pad."""
-    eos_id, pad_id, vocab_size = 2, 3, 64
-    alphabet = " \n:ASUabcdefghijklmnopqrstuvwxyz"
-
-    def encode(self, text):
-        return [4 + self.alphabet.index(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(self.alphabet[i - 4] if i - 4 < len(self.alphabet) else "#" for i in ids if i >= 4)
-
 
 def _config(lr=3e-3):
     c = base_config()
@@ -44,39 +28,12 @@ def _config(lr=3e-3):
     return c
 
 
-def _answer_logprobs(model, params, tok):
-    """log p(answer + EOS | prompt) of each answer, exactly, from one forward pass."""
-    head = prompt_ids(tok, PROMPT)
-    rows = [head + response_ids(tok, a) for a in ANSWERS]
-    width = max(map(len, rows))
-    tokens = np.array([r + [tok.pad_id] * (width - len(r)) for r in rows], np.int32)
-    answer = np.array([[len(head) - 1 <= t < len(r) - 1 for t in range(width - 1)] for r in rows], np.float32)
-    logp = jax.nn.log_softmax(model.apply({"params": params}, tokens[:, :-1]))
-    return (jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0] * answer).sum(1)
-
-
 @pytest.fixture(scope="module")
 def sft():
-    """The policy after "SFT": trained on the answers in proportion until their probabilities match."""
+    """The policy after "SFT" (tests/learning_probe.py), and a fresh value model."""
     c, tok = _config(), CharTokenizer()
-    model = GPT(c.model)
-    params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
-    target = np.array(list(ANSWERS.values()))
-    tx = optax.adam(3e-3)
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-        loss, grads = jax.value_and_grad(lambda q: -(target * _answer_logprobs(model, q, tok)).sum())(params)
-        updates, state = tx.update(grads, state)
-        return optax.apply_updates(params, updates), state, loss
-
-    for _ in range(300):
-        params, state, _ = step(params, state)
-    probs = np.exp(np.asarray(_answer_logprobs(model, params, tok)))
-    np.testing.assert_allclose(probs, target, atol=0.03)
     value = nn.unbox(GPT(ppo.value_config(c.model)).init(jax.random.key(2), jnp.zeros((1, 8), jnp.int32))["params"])
-    return c, tok, params, value
+    return c, tok, fine_tuned(c.model, tok, lr=3e-3, steps=300), value
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +57,12 @@ def _train(sft, machinery, reward, iterations):
     per_iteration = c.ppo.rollout_batch // c.train.batch_size
     for i in range(iterations * per_iteration):
         if i % per_iteration == 0:
-            curve.append(float(np.exp(_answer_logprobs(GPT(c.model), state.params["policy"], tok)[0])))
+            curve.append(float(np.exp(answer_logprobs(GPT(c.model), state.params["policy"], tok)[0])))
         rollouts.before_step(state.params, i)
         state, metrics = step(state, next(rollouts))
         if i % per_iteration == 0:
             first.append(jax.device_get(metrics))
-    curve.append(float(np.exp(_answer_logprobs(GPT(c.model), state.params["policy"], tok)[0])))
+    curve.append(float(np.exp(answer_logprobs(GPT(c.model), state.params["policy"], tok)[0])))
     return np.array(curve), first
 
 
