@@ -30,7 +30,10 @@ setup(
     extras_require={
         # torch and transformers: tests/test_hf.py checks logits against transformers' GPT-2. The pinned torch
         # is the CPU wheel; an unpinned one would pull GBs of CUDA libraries.
-        "test": ["pytest", "torch==2.13.0", "transformers"],
+        # openai: tests/test_serve.py talks to omni.serve through the official client.
+        "test": ["pytest", "torch==2.13.0", "transformers", "openai", "starlette", "uvicorn"],
+        # omni.serve's HTTP server.
+        "serve": ["starlette", "uvicorn"],
         # libtpu, at the jax version pip resolves for omni: compiles for any TPU slice ahead of time on any host
         # (omni/aot.py, `--config.dry_run=True`; tests/test_aot.py), and runs omni on a TPU VM.
         "tpu": ["jax[tpu]"],

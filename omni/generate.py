@@ -85,6 +85,18 @@ def bucket(length: int, limit: int) -> int:
     return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), limit)
 
 
+def check_prompt(m: ml_collections.ConfigDict, prompt: Sequence[int], name: str = "the prompt") -> None:
+    """Raises GenerationError unless `prompt` is 1 to max_len - 1 ids of the model's vocabulary."""
+    if len(prompt) == 0:
+        raise GenerationError(f"{name} is empty: give at least one token")
+    if len(prompt) >= m.max_len:
+        raise GenerationError(f"{name} has {len(prompt)} tokens but the model's context is {m.max_len} "
+                              "(model.max_len), which leaves no room to generate")
+    if max(prompt) >= m.vocab_size or min(prompt) < 0:
+        raise GenerationError(f"{name} has token ids outside the model's vocabulary [0, {m.vocab_size}): "
+                              "was it encoded with another tokenizer?")
+
+
 class Generator:
     """A model's parameters with compiled prefill + decode programs. Under `mesh` (params already placed on
     it, as the trainer and omni.load leave them) activations and the cache follow the rules table."""
@@ -101,9 +113,9 @@ class Generator:
         # convert them to float once before it and stream 4x the bytes every token (measured at batch 1 on the
         # benchmark's model: 149-206 tokens/s with it, 283-413 without; float weights gained nothing measurable).
         quantized = model_config.get("quant", "none") != "none"
-        options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if quantized else {}
+        self.compiler_options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if quantized else {}
         self._run = jax.jit(functools.partial(_generate, GPT(self.config)),
-                            static_argnames=("max_new", "slots", "sampling"), compiler_options=options)
+                            static_argnames=("max_new", "slots", "sampling"), compiler_options=self.compiler_options)
 
     def set_params(self, params) -> None:
         """New values for the same model (e.g. after training steps): the compiled programs are kept."""
@@ -131,16 +143,9 @@ class Generator:
         m = self.config
         if len(prompts) == 0:
             raise GenerationError("no prompts given")
+        for i, p in enumerate(prompts):
+            check_prompt(m, p, f"prompt {i}")
         lengths = [len(p) for p in prompts]
-        for i, n in enumerate(lengths):
-            if n == 0:
-                raise GenerationError(f"prompt {i} is empty: give at least one token")
-            if n >= m.max_len:
-                raise GenerationError(f"prompt {i} has {n} tokens but the model's context is {m.max_len} "
-                                      "(model.max_len), which leaves no room to generate")
-            if max(prompts[i]) >= m.vocab_size or min(prompts[i]) < 0:
-                raise GenerationError(f"prompt {i} has token ids outside the model's vocabulary "
-                                      f"[0, {m.vocab_size}): was it encoded with another tokenizer?")
         width = bucket(max(lengths), m.max_len)
         tokens = np.full((len(prompts), width), self.pad_id, np.int32)
         for i, p in enumerate(prompts):
@@ -197,6 +202,24 @@ def process_logits(logits: jax.Array, seen: jax.Array, counts: jax.Array, sampli
             cutoff = jnp.maximum(cutoff, jnp.min(kept, axis=-1))
         logits = jnp.where(logits >= cutoff[:, None], logits, -jnp.inf)
     return logits
+
+
+def process_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """process_logits without penalties, each row [batch, vocab] with its own temperature, top_k and top_p
+    ([batch] arrays), so that requests sampled differently share one compiled program (omni/engine.py). Rows
+    at temperature 0 come back unchanged: their argmax is the greedy choice."""
+    greedy = temperature == 0.0
+    logits = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, top_k, logits.shape[-1])  # 0: every token, the last one sorted is the cutoff
+    cutoff = jnp.take_along_axis(ordered, k[:, None] - 1, axis=-1)[:, 0]
+    ordered = jnp.where(ordered >= cutoff[:, None], ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    p = jnp.where(top_p < 1.0, top_p, jnp.inf)  # off: keep all, even where rounding takes the sum past 1
+    kept = jnp.where(before < p[:, None], ordered, jnp.inf)
+    cutoff = jnp.maximum(cutoff, jnp.min(kept, axis=-1))
+    return jnp.where(greedy[:, None] | (logits >= cutoff[:, None]), logits, -jnp.inf)
 
 
 def _choose(logits, rng, sampling):

@@ -22,7 +22,7 @@ def test_help_lists_every_command():
     out = omni("--help")
     assert out.returncode == 0, out.stderr
     listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ")]
-    assert listed == ["train", "sample", "chat", "hf", "sweep", "tpu"]
+    assert listed == ["train", "sample", "chat", "serve", "hf", "sweep", "tpu"]
 
 
 def test_unknown_command_is_one_line_and_exit_2():

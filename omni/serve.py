@@ -1,0 +1,665 @@
+"""An OpenAI-compatible HTTP server over omni workdirs, decoding requests with continuous batching (omni/engine.py);
+it needs the serve extra (pip install -e ".[serve]"):
+
+    python -m omni.serve --workdir=runs/sft_tiny [--workdir=DIR ...] [--host=127.0.0.1] [--port=8000]
+        [--api-key=KEY] [--slots=8] [--queue=64] [--review_log=PATH] [--blocklist=FILE|none] [--classifier=mod:fn]
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+    client.completions.create(model="sft_tiny", prompt="def main(", max_tokens=32, stream=True)
+
+Each workdir is a model named by its path as given, and by its basename too when no other workdir has that
+basename; `GET /v1/models` lists the names. `POST /v1/completions` continues `prompt` (a string or a list of them)
+as it is, up to max_tokens or the context's end (finish_reason "length"). `POST /v1/chat/completions` answers the last of `messages` in omni's chat template
+(omni/data/template.py): user and assistant messages alternate and end with the user's; system messages' text goes
+before the last user message. As in omni.chat, the oldest turns are dropped when the dialogue would leave the reply
+fewer than max_tokens (default: half the context), the user's message and the reply pass the safety filter
+(--blocklist, --classifier) and the reply is post-processed (cut at a stop, repeated lines and loops removed). A
+refused message or withheld reply is answered with omni.chat.REFUSAL as a normal reply (finish_reason "stop") and
+appended as one JSON line to the review log (--review_log; default serve_review.jsonl in the first workdir). So a
+chat reply streams as one piece once it is whole (a withheld reply must never have been half-sent), while
+completions stream token by token.
+
+Both endpoints take model, max_tokens (or max_completion_tokens), temperature (0: greedy), top_p, top_k,
+seed, stop (a string or a list of up to 4), n, stream (server-sent events ending with `data: [DONE]`; usage in a
+last chunk with stream_options.include_usage) and logprobs (completions: the number of alternatives, 0 to 5;
+chat: true, with top_logprobs 0 to 20), and report usage. Log-probabilities are the model's after the temperature,
+before top-k and top-p (as omni.generate's). A given seed makes sampled choices reproducible whatever else the
+server is doing.
+
+Security: the server listens on 127.0.0.1 unless --host says otherwise, and refuses to start on a non-loopback
+host without an API key (--api-key, or the environment variable OMNI_API_KEY); with a key, every request needs
+`Authorization: Bearer KEY`. Errors are OpenAI's JSON, {"error": {"message", "type", "code"}}: 400 (malformed JSON,
+a missing or mistyped field, a bad value, a prompt the context cannot hold), 401 (API key), 404 (unknown model or
+path), 413 (a body over 1 MiB), 429 (the queue of waiting requests is full: retry later).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import datetime
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+import sys
+import time
+import uuid
+from typing import Any, AsyncIterator, Sequence
+
+import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from omni import engine as engine_lib
+from omni.chat import REFUSAL, STOP_STRINGS, SafetyFilter, fit_history, postprocess
+from omni.data.template import messages_to_turns
+from omni.engine import Engine, QueueFull, Token
+from omni.generate import GenerationError, Sampling, stop_sequences, trim_at_stop
+from omni.train.checkpoint import CheckpointError
+from omni.workdir import Workdir, WorkdirError
+
+MAX_BODY = 1 << 20  # bytes: a context's worth of text is far less
+MAX_STOPS = 4
+MAX_N = 16
+REVIEW_LOG = "serve_review.jsonl"
+MISSING = object()
+# Fields of OpenAI's API this server does not implement, with the values that mean "not used".
+UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},), "presence_penalty": (0,),
+               "frequency_penalty": (0,), "tools": ([],), "functions": ([],)}
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON: {"error": {"message", "type", "code"}} with this HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str = "invalid_value", kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind = status, message, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "code": self.code}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A served workdir: its engine (and through it the Generator) and tokenizer."""
+    engine: Engine
+    tokenizer: Any
+
+    @property
+    def context(self) -> int:
+        return self.engine.generator.config.max_len
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What both endpoints read from a request body."""
+    name: str
+    model: Model
+    max_tokens: int
+    n: int
+    sampling: Sampling
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    usage_in_stream: bool
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a request
+
+def _field(body: dict, name: str, kinds: tuple, must: str, default: Any = MISSING, ok=lambda value: True) -> Any:
+    """body[name] if it is one of `kinds` (bool only where named: JSON's true is no number) and `ok`; absent or
+    null: `default`, or a 400 when there is none."""
+    value = body.get(name)
+    if value is None:
+        if default is MISSING:
+            raise ApiError(400, f"'{name}' is missing: it must be {must}", "missing_field")
+        return default
+    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or not ok(value):
+        raise ApiError(400, f"'{name}' must be {must}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    stop = _field(body, "stop", (str, list), f"a string or a list of at most {MAX_STOPS} strings", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings")
+    return [s for s in stop if s]
+
+
+def _check_supported(body: dict) -> None:
+    for name, unused in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in unused:
+            raise ApiError(400, f"'{name}' is not supported by this server", "unsupported_parameter")
+
+
+def _dialogue(messages: Any) -> tuple[list[tuple[str, str]], str]:
+    """(earlier (user, assistant) turns, the user's message) of the API's `messages`; system (or developer)
+    messages' text goes before the user's last message, the template having no place of its own for it."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {'role', 'content'} objects",
+                       "missing_field" if messages is None else "invalid_value")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("content"), str)
+                and message.get("role") in ("system", "developer", "user", "assistant")):
+            raise ApiError(400, f"messages[{i}] must be {{'role': 'system'|'user'|'assistant', 'content': str}}")
+    system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
+    dialogue = [m for m in messages if m["role"] in ("user", "assistant")]
+    if not dialogue or dialogue[-1]["role"] != "user":
+        raise ApiError(400, "the last user or assistant message must be the user's")
+    try:
+        turns = messages_to_turns(dialogue[:-1]) if len(dialogue) > 1 else []
+    except ValueError as e:
+        raise ApiError(400, f"user and assistant messages must alternate from a user's: {e}") from None
+    return turns, "\n\n".join(system + [dialogue[-1]["content"]])
+
+
+def _seeds(seed: int | None, count: int) -> list[int]:
+    """An engine seed per choice: from the request's seed (choices differ, calls repeat), or random."""
+    if seed is None:
+        return [secrets.randbits(32) for _ in range(count)]
+    return [int(np.random.SeedSequence([seed % 2 ** 64, i]).generate_state(1)[0]) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A choice's text and the engine requests behind a call
+
+def _piece(tokenizer, before: int, token: int) -> str:
+    """The text `token` adds after the token `before` (decoded alone, a piece would lose its leading space)."""
+    return tokenizer.decode([before, token])[len(tokenizer.decode([before])):]
+
+
+class _Text:
+    """One choice's text as its tokens arrive, ending before the first stop string or EOS. `add` returns the text
+    that became final: it holds back an end that could begin a stop string, and an unfinished UTF-8 character
+    (U+FFFD until its last byte comes)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], last_prompt_token: int):
+        self.tokenizer, self.stop, self.prompt_last = tokenizer, [s for s in stop if s], last_prompt_token
+        self.tokens: list[Token] = []
+        self.pieces: list[str] = []  # each token's text and its offset in the choice's text: for logprobs
+        self.offsets: list[int] = []
+        self.sent, self.finish = "", None
+
+    def add(self, token: Token) -> str:
+        before = self.tokens[-1].id if self.tokens else self.prompt_last
+        self.offsets.append(self.offsets[-1] + len(self.pieces[-1]) if self.pieces else 0)
+        self.pieces.append(_piece(self.tokenizer, before, token.id))
+        self.tokens.append(token)
+        text = self.tokenizer.decode([t.id for t in self.tokens if t.id != self.tokenizer.eos_id])
+        cut = trim_at_stop(text, self.stop)
+        if len(cut) < len(text):
+            self.finish, text = "stop", cut
+        elif token.finish:
+            self.finish = token.finish
+        else:
+            text = text[: len(text) - self._held(text)]
+        new = text[len(self.sent):]
+        self.sent += new
+        return new
+
+    def _held(self, text: str) -> int:
+        partial = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return max(partial, len(text) - len(text.rstrip("\ufffd")))
+
+    def alternatives(self, j: int, count: int) -> list[tuple[str, float]]:
+        """(text, logprob) of the `count` likeliest tokens in place of the j-th."""
+        before = self.tokens[j - 1].id if j else self.prompt_last
+        return [(_piece(self.tokenizer, before, t), lp) for t, lp in self.tokens[j].top[:count]]
+
+
+class _Run:
+    """The engine requests of one API call (each prompt's n choices, in order) and their tokens as they come."""
+
+    def __init__(self, engine: Engine, requests: list[engine_lib.Request], events: asyncio.Queue):
+        self.engine, self.requests, self.events = engine, requests, events
+        self.live = set(range(len(requests)))
+
+    async def tokens(self) -> AsyncIterator[tuple[int, Token]]:
+        """(choice, token) until every choice is done."""
+        while self.live:
+            i, event = await self.events.get()
+            if i not in self.live:  # finished early by finish(i)
+                continue
+            if isinstance(event, Exception):
+                raise ApiError(500, f"generation failed: {event}", "generation_failed", "server_error")
+            if event.finish:
+                self.live.discard(i)
+            yield i, event
+
+    def finish(self, i: int) -> None:
+        """Choice i is done (a stop string): its row is freed."""
+        self.live.discard(i)
+        self.engine.cancel(self.requests[i])
+
+    def close(self) -> None:
+        for request in self.requests:
+            self.engine.cancel(request)
+
+
+async def _consume(run: _Run, texts: list[_Text]) -> None:
+    """Feeds every choice's tokens to its text until all are done (or this is cancelled: the run ends too)."""
+    try:
+        async for i, token in run.tokens():
+            texts[i].add(token)
+            if texts[i].finish:
+                run.finish(i)
+    finally:
+        run.close()
+
+
+async def _unless_gone(request: Request, work: asyncio.Future):
+    """`work`'s result; when the client hangs up first, `work` is cancelled (its engine requests with it)."""
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            continue
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise ApiError(499, "the client closed the connection", "client_closed")
+        return work.result()
+    finally:
+        work.cancel()
+        watch.cancel()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Responses
+
+def _usage(prompt_tokens: int, texts: Sequence[_Text]) -> dict:
+    completion = sum(len(t.tokens) for t in texts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def _envelope(call: _Call, kind: str, ident: str, choices: list[dict], usage: dict | None = None) -> dict:
+    out = {"id": ident, "object": kind, "created": int(time.time()), "model": call.name, "choices": choices}
+    return out if usage is None else dict(out, usage=usage)
+
+
+def _completion_choice(i: int, text: _Text, content: str, logprobs: int | None, prompt_chars: int,
+                       tokens: range) -> dict:
+    """A completions choice; with logprobs, those of `tokens` (text offsets count the prompt's characters)."""
+    lp = None
+    if logprobs is not None:
+        lp = {"tokens": [text.pieces[j] for j in tokens],
+              "token_logprobs": [text.tokens[j].logprob for j in tokens],
+              "top_logprobs": [dict(text.alternatives(j, logprobs)) for j in tokens],
+              "text_offset": [prompt_chars + text.offsets[j] for j in tokens]}
+    return {"index": i, "text": content, "logprobs": lp, "finish_reason": text.finish}
+
+
+def _chat_logprobs(text: _Text, top: int) -> dict:
+    def entry(piece: str, logprob: float) -> dict:
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    return {"content": [dict(entry(text.pieces[j], token.logprob),
+                             top_logprobs=[entry(*a) for a in text.alternatives(j, top)])
+                        for j, token in enumerate(text.tokens)]}
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events: each chunk as `data: JSON`, then `data: [DONE]` (or an error event if one comes)."""
+    async def lines():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except ApiError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+            return
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _api_error(request: Request, e: ApiError) -> Response:
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}.get(e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _http_error(request: Request, e: HTTPException) -> Response:
+    """An unknown path (404) or method (405), in the API's error format."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return await _api_error(request, ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                              code))
+
+
+async def _internal_error(request: Request, e: Exception) -> Response:
+    return await _api_error(request, ApiError(500, f"internal error ({type(e).__name__})", "internal_error",
+                                              "server_error"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The API
+
+class Api:
+    """The HTTP API over `models` ({name: Model}); `app()` is its ASGI application. Every refused or withheld chat
+    exchange is appended to `review_log`."""
+
+    def __init__(self, models: dict[str, Model], review_log: str, api_key: str | None = None,
+                 safety: SafetyFilter | None = None, max_body: int = MAX_BODY):
+        self.models, self.review_log, self.api_key = models, review_log, api_key
+        self.safety, self.max_body = safety or SafetyFilter(), max_body
+        self.created = int(time.time())
+
+    def app(self) -> Starlette:
+        routes = [Route("/v1/models", self.list_models, methods=["GET"]),
+                  Route("/v1/completions", self.completions, methods=["POST"]),
+                  Route("/v1/chat/completions", self.chat_completions, methods=["POST"])]
+        handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+        return Starlette(routes=routes, exception_handlers=handlers)
+
+    # -- endpoints ---------------------------------------------------------------------------------------------
+    async def list_models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "omni"} for name in self.models]})
+
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._body(request)
+        call = self._call(body, default_max_tokens=16)  # OpenAI's default
+        logprobs = _field(body, "logprobs", (int,), "an integer from 0 to 5", None, lambda v: 0 <= v <= 5)
+        prompts, ids = self._prompts(body, call.model)
+        prompts, ids = [p for p in prompts for _ in range(call.n)], [p for p in ids for _ in range(call.n)]
+        texts = [_Text(call.model.tokenizer, call.stop, p[-1]) for p in ids]
+        run = self._start(call, ids, stop_sequences(call.model.tokenizer, call.stop))
+        ident, prompt_tokens = f"cmpl-{uuid.uuid4().hex}", sum(map(len, ids[::call.n]))
+        if call.stream:
+            return _sse(self._completion_chunks(call, ident, run, texts, logprobs, prompts, prompt_tokens))
+        await _unless_gone(request, asyncio.ensure_future(_consume(run, texts)))
+        choices = [_completion_choice(i, t, t.sent, logprobs, len(prompts[i]), range(len(t.tokens)))
+                   for i, t in enumerate(texts)]
+        return JSONResponse(_envelope(call, "text_completion", ident, choices, _usage(prompt_tokens, texts)))
+
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._body(request)
+        call = self._call(body, default_max_tokens=None)
+        turns, message = _dialogue(body.get("messages"))
+        logprobs = _field(body, "logprobs", (bool,), "true or false", False)
+        top = _field(body, "top_logprobs", (int,), f"an integer from 0 to {engine_lib.TOP_LOGPROBS}", 0,
+                     lambda v: 0 <= v <= engine_lib.TOP_LOGPROBS)
+        if reason := self.safety.reason(message):
+            self._review(call.name, body["messages"], "message refused", reason)
+            answer = asyncio.ensure_future(self._refusal(call))
+        else:
+            ids = self._fit(call, turns, message)
+            stop = list(STOP_STRINGS) + call.stop
+            texts = [_Text(call.model.tokenizer, stop, ids[-1]) for _ in range(call.n)]
+            run = self._start(call, [ids] * call.n, stop_sequences(call.model.tokenizer, stop))
+            answer = asyncio.ensure_future(self._reply(call, body["messages"], run, texts, logprobs, top, len(ids)))
+        ident = f"chatcmpl-{uuid.uuid4().hex}"
+        if call.stream:
+            return _sse(self._chat_chunks(call, ident, answer))
+        choices, usage = await _unless_gone(request, answer)
+        return JSONResponse(_envelope(call, "chat.completion", ident, choices, usage))
+
+    # -- completions -------------------------------------------------------------------------------------------
+    async def _completion_chunks(self, call: _Call, ident: str, run: _Run, texts: list[_Text],
+                                 logprobs: int | None, prompts: list[str], prompt_tokens: int):
+        """A chunk per token of any choice (its new text may be empty while held back, or with logprobs)."""
+        try:
+            async for i, token in run.tokens():
+                text = texts[i]
+                new = text.add(token)
+                if text.finish:
+                    run.finish(i)
+                if new or text.finish or logprobs is not None:
+                    j = len(text.tokens) - 1
+                    choice = _completion_choice(i, text, new, logprobs, len(prompts[i]), range(j, j + 1))
+                    yield _envelope(call, "text_completion", ident, [choice])
+            if call.usage_in_stream:
+                yield _envelope(call, "text_completion", ident, [], _usage(prompt_tokens, texts))
+        finally:
+            run.close()
+
+    # -- chat --------------------------------------------------------------------------------------------------
+    def _fit(self, call: _Call, turns: list[tuple[str, str]], message: str) -> list[int]:
+        """The prompt's ids, without the oldest turns that leave the reply fewer than max_tokens."""
+        budget = call.model.context - call.max_tokens
+        fitted = fit_history(call.model.tokenizer, turns, message, budget)
+        if fitted is None:
+            raise ApiError(400, f"the last user message does not fit: the model's context is {call.model.context} "
+                                f"tokens and max_tokens={call.max_tokens} are kept for the reply",
+                           "context_length_exceeded")
+        return fitted[0]
+
+    async def _reply(self, call: _Call, messages: list, run: _Run, texts: list[_Text], logprobs: bool, top: int,
+                     prompt_tokens: int) -> tuple[list[dict], dict]:
+        """(choices, usage) once every choice is generated, post-processed and checked."""
+        await _consume(run, texts)
+        choices = []
+        for i, text in enumerate(texts):
+            content = postprocess(text.sent)
+            reason = self.safety.reason(content)
+            if reason:
+                self._review(call.name, messages, "reply withheld", reason, content)
+            choices.append({"index": i, "message": {"role": "assistant", "content": REFUSAL if reason else content},
+                            "logprobs": _chat_logprobs(text, top) if logprobs and not reason else None,
+                            "finish_reason": "stop" if reason else text.finish})
+        return choices, _usage(prompt_tokens, texts)
+
+    async def _refusal(self, call: _Call) -> tuple[list[dict], dict]:
+        choice = {"message": {"role": "assistant", "content": REFUSAL}, "logprobs": None, "finish_reason": "stop"}
+        return [dict(choice, index=i) for i in range(call.n)], _usage(0, [])
+
+    async def _chat_chunks(self, call: _Call, ident: str, answer: asyncio.Future):
+        """The role at once, then each choice's whole reply and its finish."""
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            return _envelope(call, "chat.completion.chunk", ident, choices, usage)
+
+        try:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(call.n)])
+            choices, usage = await answer
+            for c in choices:
+                yield chunk([{"index": c["index"], "delta": {"content": c["message"]["content"]},
+                              "logprobs": c["logprobs"], "finish_reason": None}])
+                yield chunk([{"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}])
+            if call.usage_in_stream:
+                yield chunk([], usage)
+        finally:
+            answer.cancel()
+
+    def _review(self, model: str, messages: list, kind: str, reason: str, reply: str | None = None) -> None:
+        record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "model": model, "kind": kind, "reason": reason, "messages": messages}
+        if reply is not None:
+            record["reply"] = reply
+        with open(self.review_log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- reading a request -------------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "a missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           "invalid_api_key")
+
+    async def _body(self, request: Request) -> dict:
+        """The JSON object of the body, read no further than max_body bytes."""
+        too_large = ApiError(413, f"the request body is over {self.max_body} bytes", "request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise too_large
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > self.max_body:
+                raise too_large
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+        return body
+
+    def _call(self, body: dict, default_max_tokens: int | None) -> _Call:
+        """The fields both endpoints share; default_max_tokens None: half the context (omni.chat's cap)."""
+        _check_supported(body)
+        name = _field(body, "model", (str,), "the name of a served model (GET /v1/models)")
+        if name not in self.models:
+            raise ApiError(404, f"model {name!r} is not served here (GET /v1/models lists them)", "model_not_found")
+        model = self.models[name]
+        context, vocab = model.context, model.engine.generator.config.vocab_size
+        limit = f"an integer from 1 to {context - 1} (the model's context is {context} tokens)"
+        max_tokens = _field(body, "max_completion_tokens", (int,), limit, None, lambda v: 0 < v < context)
+        if max_tokens is None:
+            max_tokens = _field(body, "max_tokens", (int,), limit, default_max_tokens or context // 2,
+                                lambda v: 0 < v < context)
+        sampling = Sampling(
+            temperature=float(_field(body, "temperature", (int, float), "a number from 0 to 2", 1.0,
+                                     lambda v: 0 <= v <= 2)),
+            top_p=float(_field(body, "top_p", (int, float), "a number in (0, 1]", 1.0, lambda v: 0 < v <= 1)),
+            top_k=_field(body, "top_k", (int,), f"an integer from 0 to {vocab} (0: off)", 0,
+                         lambda v: 0 <= v <= vocab))
+        options = _field(body, "stream_options", (dict,), "an object", {})
+        return _Call(name=name, model=model, max_tokens=max_tokens,
+                     n=_field(body, "n", (int,), f"an integer from 1 to {MAX_N}", 1, lambda v: 1 <= v <= MAX_N),
+                     sampling=sampling, seed=_field(body, "seed", (int,), "an integer", None), stop=_stop(body),
+                     stream=_field(body, "stream", (bool,), "true or false", False),
+                     usage_in_stream=_field(options, "include_usage", (bool,), "true or false", False))
+
+    def _prompts(self, body: dict, model: Model) -> tuple[list[str], list[list[int]]]:
+        """The prompt strings and their token ids, each with room to generate."""
+        prompt = _field(body, "prompt", (str, list), "a string or a list of strings")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ApiError(400, "'prompt' must be a string or a non-empty list of strings")
+        ids = [model.tokenizer.encode(p) for p in prompts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise ApiError(400, f"prompt {i} is empty: give at least one token of text")
+            if len(p) >= model.context:
+                raise ApiError(400, f"prompt {i} is {len(p)} tokens but the model's context is {model.context}, "
+                                    "which leaves no room to generate", "context_length_exceeded")
+        return prompts, ids
+
+    def _start(self, call: _Call, prompts: list[list[int]], stop: list[list[int]]) -> _Run:
+        """Queues a request per choice, handing its tokens from the engine's thread to this event loop."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emitter(i: int):
+            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (i, event))
+
+        seeds = _seeds(call.seed, len(prompts))
+        requests = [engine_lib.Request(p, call.max_tokens, emitter(i), call.sampling, seeds[i], stop)
+                    for i, p in enumerate(prompts)]
+        try:
+            call.model.engine.submit(requests)
+        except QueueFull as e:
+            raise ApiError(429, str(e), "queue_full", "rate_limit_error") from None
+        except GenerationError as e:
+            raise ApiError(400, str(e)) from None
+        return _Run(call.model.engine, requests, events)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The program
+
+def model_names(paths: Sequence[str]) -> dict[str, str]:
+    """{name: workdir}: each path as given, and its basename where no other path has the same basename."""
+    base = {p: os.path.basename(os.path.normpath(p)) for p in paths}
+    counts = collections.Counter(base.values())
+    names = {p: p for p in paths}
+    for p in paths:
+        if counts[base[p]] == 1:
+            names.setdefault(base[p], p)
+    return names
+
+
+def load_models(paths: Sequence[str], slots: int = 8, queue: int = 64) -> dict[str, Model]:
+    """{name (model_names): Model} of the workdirs' latest checkpoints, each behind its own engine."""
+    served = {}
+    for path in paths:
+        _, generator, tokenizer = Workdir(path).generator()
+        served[path] = Model(Engine(generator, slots, queue), tokenizer)
+    return {name: served[path] for name, path in model_names(paths).items()}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")  # one line (argparse's own prints the usage first)
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        if not (text.isdigit() and low <= int(text) <= high):
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer from {low} to {high}")
+        return int(text)
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m omni.serve", allow_abbrev=False,
+                description="An OpenAI-compatible HTTP API over omni workdirs (see omni/serve.py).")
+    p.add_argument("--workdir", action="append", required=True, help="A model's workdir; repeat for more models.")
+    p.add_argument("--host", default="127.0.0.1", help="A non-loopback address needs an API key.")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    p.add_argument("--api-key", "--api_key", dest="api_key", help="Required from clients (default: $OMNI_API_KEY).")
+    p.add_argument("--slots", type=_int_in(1, 4096), default=8, help="Requests decoded together, per model.")
+    p.add_argument("--queue", type=_int_in(0, 1 << 20), default=64, help="Requests waiting for a slot before 429.")
+    p.add_argument("--review_log", "--review-log", help=f"JSONL of refused chats (default: WORKDIR/{REVIEW_LOG}).")
+    p.add_argument("--blocklist", default="", help="Blocked phrases' file, one per line; 'none': off.")
+    p.add_argument("--classifier", default="", help="module:function(text) -> bool or score; > 0.5 refuses.")
+    return p
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    api_key = args.api_key or os.environ.get("OMNI_API_KEY") or None
+    if api_key is None and not _loopback(args.host):
+        _exit(f"--host={args.host} is not a loopback address: serving other machines needs an API key "
+              "(--api-key=KEY or the OMNI_API_KEY environment variable)")
+    for path in args.workdir:
+        if not os.path.isdir(path):
+            _exit(f"--workdir={path}: no such directory")
+    if len({os.path.realpath(p) for p in args.workdir}) < len(args.workdir):
+        _exit(f"a workdir is given twice: {args.workdir}")
+    review_log = args.review_log or os.path.join(args.workdir[0], REVIEW_LOG)
+    if not os.access(os.path.dirname(os.path.abspath(review_log)), os.W_OK):
+        _exit(f"--review_log={review_log}: its directory is not writable")
+    try:
+        safety = SafetyFilter.from_flags(args.blocklist, args.classifier)
+        models = load_models(args.workdir, args.slots, args.queue)
+    except (ValueError, OSError, CheckpointError, WorkdirError) as e:  # GenerationError is a ValueError
+        _exit(str(e))
+    print(f"omni.serve: {', '.join(models)} at http://{args.host}:{args.port}/v1 (review log: {review_log})",
+          file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(Api(models, review_log, api_key, safety).app(), host=args.host, port=args.port)
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then raises it again: done
+        pass
+    finally:
+        for model in set(models.values()):
+            model.engine.close()
+
+
+if __name__ == "__main__":
+    main()
