@@ -40,10 +40,11 @@ def get_config():
     # SFT as experiments/instructgpt.py's, so either command reuses the other's. Every method is evaluated once, at
     # its end, on all the suite's held-out prompts (197 fit).
     judge = "ppo.eval_prompts=200"
-    # SFT samples of 8,000 training prompts ranked (experiments/instructgpt.py ranks 1,500); DPO for about one epoch
-    # of the ranked prompts (dev set, suite 1: 600 steps gained over 200; benchmarks/RESULTS.md).
+    # SFT samples of 8,000 training prompts ranked (experiments/instructgpt.py ranks 1,500); the reward model for one
+    # epoch of the 8,878 ranked prompts, as InstructGPT's (555 steps of 16); DPO for about one epoch of them too
+    # (dev set, suite 1: 600 steps gained over 200; benchmarks/RESULTS.md).
     c.overrides = ml_collections.ConfigDict(dict(
-        pretrain="", sft="", label="label.prompts=8000", rm="train.steps=200 train.seq_len=48", every_method="",
+        pretrain="", sft="", label="label.prompts=8000", rm="train.steps=555 train.seq_len=48", every_method="",
         best_of_n=judge, dpo=judge + " train.steps=600 train.eval_every=600 train.checkpoint_every=300",
         ppo=judge + " train.eval_every=64", grpo=judge, grpo_verifier=judge))
     return c

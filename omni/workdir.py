@@ -8,6 +8,8 @@
     summary.json      the stage's headline metrics, written when it finishes: a workdir with it is done
     lock              while a run holds the workdir: who (host, pid, command)
     damaged/          checkpoint steps found damaged, set aside (never deleted)
+    cache/            values computed from this run's model by later stages, keyed by a fingerprint of all they
+                      depend on (the held-out measures of a reference policy, DPO's reference log-probabilities)
 
 Stages, the trainer, the pipeline and the sweep read and write these files only through `Workdir`.
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -26,6 +30,7 @@ import socket
 import sys
 import tempfile
 import time
+import zipfile
 from typing import Any, Callable
 
 from flax import traverse_util
@@ -48,7 +53,7 @@ from omni.train import checkpoint
 from omni.train.checkpoint import CheckpointError
 
 CONFIG, SUMMARY, METRICS, TENSORBOARD = "config.json", "summary.json", "metrics.jsonl", "tb"
-CHECKPOINTS, SAMPLES, LOCK, DAMAGED = "checkpoints", "samples.jsonl", "lock", "damaged"
+CHECKPOINTS, SAMPLES, LOCK, DAMAGED, CACHE = "checkpoints", "samples.jsonl", "lock", "damaged", "cache"
 
 # The keys a rerun may change and still resume the workdir's run (a key, or a whole section "name."): how long
 # and how fast it runs, its learning-rate schedule, how often it logs, evaluates and saves, and the devices.
@@ -72,6 +77,24 @@ def write_json(path: str, obj: dict) -> None:
     write_atomic(path, text.encode())
 
 
+def fingerprint(settings: dict, *trees) -> str:
+    """A key of everything a computed value depends on: JSON-able `settings` and the bytes of `trees` (params
+    pytrees, NumPy arrays; gathered to this host), and the bytes of the files listed under settings['files'] (the
+    modules that compute the value, so that changing how it is computed never serves a stale one; a tokenizer)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in settings.items() if k != "files"}, sort_keys=True, default=str).encode())
+    for path in settings.get("files", []):  # by content: where they are does not matter
+        with open(path, "rb") as f:
+            part = f.read()
+        h.update(hashlib.sha256(part).digest())
+    for tree in trees:
+        for leaf in jax.tree_util.tree_leaves(tree):
+            a = np.asarray(leaf)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:24]
+
+
 class Workdir:
     """A run's directory. Reading a checkpoint's meta or params opens one read-only Orbax manager, kept."""
 
@@ -87,6 +110,27 @@ class Workdir:
     def create(self) -> "Workdir":
         os.makedirs(self.path, exist_ok=True)
         return self
+
+    def cached(self, name: str, compute: Callable[[], dict]) -> dict:
+        """compute()'s dict, kept in cache/NAME once computed and read from there after (NAME.json: JSON values;
+        NAME.npz: arrays). NAME must carry a `fingerprint` of all the value depends on. Runs of several processes
+        compute it every time (they would disagree on whether the file is there); a cache that cannot be read or
+        written is computed anew, with a warning."""
+        path = os.path.join(self.file(CACHE), name)
+        if jax.process_count() > 1:
+            return compute()
+        if os.path.exists(path):
+            try:
+                return _read_cached(path)
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                print(f"warning: {path} is unreadable ({e}): computing it again", file=sys.stderr, flush=True)
+        value = compute()
+        try:
+            os.makedirs(self.file(CACHE), exist_ok=True)
+            write_atomic(path, _cache_bytes(path, value))
+        except OSError as e:
+            print(f"warning: could not keep {path} ({e})", file=sys.stderr, flush=True)
+        return value
 
     # -- holding the workdir for one run -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -438,6 +482,22 @@ class Workdir:
         else:
             tokenizer = data.get_tokenizer(config)
         return data.Tokenizer(tokenizer.save(self.create().path))  # atomic: every process writes the same file
+
+
+def _cache_bytes(path: str, value: dict) -> bytes:
+    if path.endswith(".npz"):
+        buffer = io.BytesIO()
+        np.savez(buffer, **value)
+        return buffer.getvalue()
+    return json.dumps(value).encode()
+
+
+def _read_cached(path: str) -> dict:
+    if path.endswith(".npz"):
+        with np.load(path) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _json_line(line: bytes) -> dict | None:

@@ -4,6 +4,9 @@ against a NumPy recomputation of every response's log-probability, its gradient 
 against its small-beta limit, and its saturation on pairs already ordered; GRPO and RLOO learning probes (one
 prompt, a reward that prefers "a", as tests/test_ppo_learning.py's PPO probe); DAPO's skipping of groups whose
 samples all score the same."""
+import json
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -393,6 +396,27 @@ def test_preference_groups_and_with_reference_score_the_response_tokens_and_eos(
     assert groups["exists"][1, 2] == 0 and groups["ref_logps"][1, 2] == 0.0
 
 
+def test_dpo_reference_logps_are_kept_in_the_reference_workdir_for_the_same_rankings(tiny_gpt, tmp_path):
+    """with_reference(..., reference_dir) gives the very numbers it computes without one, keeps them in the
+    reference's cache/, and the next run on the same rankings and reference reads them from there (a file
+    altered by hand is what it returns); other rankings or another reference are computed anew."""
+    model, params = tiny_gpt
+    tok, seq_len, ref = CharTokenizer(), 28, str(tmp_path / "sft")
+    records = [("pick", ["a", "bb", "c"], [0, 1, 1]), ("go", ["long answer here", "x"], [1, 0])]
+    groups = preference_groups(tok, records, seq_len, 3)
+    want = dpo.with_reference(groups, model, params)["ref_logps"]
+    np.testing.assert_array_equal(dpo.with_reference(groups, model, params, ref)["ref_logps"], want)
+    [name] = os.listdir(os.path.join(ref, "cache"))
+    np.savez(os.path.join(ref, "cache", name), ref_logps=want + 1.0)
+    np.testing.assert_array_equal(dpo.with_reference(groups, model, params, ref)["ref_logps"], want + 1.0)
+    other = preference_groups(tok, records[:1], seq_len, 3)
+    np.testing.assert_allclose(dpo.with_reference(other, model, params, ref)["ref_logps"], want[:1], rtol=1e-6)
+    moved = jax.tree.map(lambda x: x * 1.01, params)
+    np.testing.assert_array_equal(dpo.with_reference(groups, model, moved, ref)["ref_logps"],
+                                  dpo.with_reference(groups, model, moved)["ref_logps"])
+    assert len(os.listdir(os.path.join(ref, "cache"))) == 3
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GRPO and RLOO learning probes (tests/test_ppo_learning.py's setup, with the group stages' pieces)
 
@@ -510,6 +534,47 @@ def test_skip_zero_spread_masks_groups_whose_samples_score_the_same(sft, machine
     is_pick = np.all(batch["inputs"][:, :len(pick)] == pick, axis=1)
     assert np.all(batch["mask"].sum(1) >= 1) and is_pick.sum() == 16
     assert "skipped_episodes" not in metrics
+
+
+class FileCharTokenizer(CharTokenizer):
+    def __init__(self, model_path):
+        self.model_path = model_path
+
+
+def test_the_reference_policys_held_out_measures_are_computed_once_per_fingerprint(sft, machinery, tmp_path):
+    """HeldOut keeps the reference's own measures in its workdir: a second run against the same reference with the
+    same judging settings reads them (here: a value altered by hand comes back), and they equal those computed
+    without a cache; another seed of the policy's training shares them, a change in how the policy is judged
+    (more samples per prompt) does not."""
+    tok, policy = sft
+    generator, _ = machinery
+    (tmp_path / "tokenizer.model").write_bytes(b"chars")
+    tok = FileCharTokenizer(str(tmp_path / "tokenizer.model"))
+    ref = str(tmp_path / "sft")
+
+    def measures(reference_dir, **changes):
+        c = _grpo_config()
+        c.ppo.update({"eval_samples": 4, **changes})
+        rollouts = rollout.Rollouts(c, tok, [PROMPT], generator, (policy, None), range(c.train.batch_size),
+                                    labeler=lambda prompt, answer: float(answer == "a") + 0.1 * len(answer))
+        held = rollout.HeldOut(rollouts, [PROMPT, "pack"], reference_dir=reference_dir)
+        return {k: v for k, v in held({"policy": policy}, {}).items() if k.startswith("sft_")}, held
+
+    uncached, _ = measures("")
+    first, _ = measures(ref)
+    assert first == uncached and {"sft_labeler_score", "sft_sampled_labeler_score", "sft_pass@4"} <= set(first)
+    [name] = os.listdir(os.path.join(ref, "cache"))
+    path = os.path.join(ref, "cache", name)
+    kept = json.load(open(path))
+    assert len(kept["greedy"]) == 2 and "kl_to_sft" not in kept
+    kept["greedy"] = ["altered", "by hand"]
+    with open(path, "w") as f:
+        json.dump(kept, f)
+    _, held = measures(ref)
+    assert held._reference({"policy": policy})["greedy"] == ["altered", "by hand"]
+    _, held = measures(ref, eval_samples=8)
+    assert held._reference({"policy": policy})["greedy"] == measures("")[1]._reference({"policy": policy})["greedy"]
+    assert len(os.listdir(os.path.join(ref, "cache"))) == 2
 
 
 class OneLogitPair(nn.Module):

@@ -15,7 +15,7 @@ from omni.models import GPT
 from omni.models.actor_critic import ActorCritic
 from omni.stages import registry
 from omni.train import checkpoint
-from omni.workdir import Workdir, starting_point, write_json
+from omni.workdir import Workdir, fingerprint, starting_point, write_json
 
 
 def test_json_files_summary_and_metrics(tmp_path):
@@ -38,6 +38,55 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         write_json(path, {"a": object.__new__(type("Opaque", (), {"__str__": None}))})
     assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_cached_values_are_computed_once_and_read_back_exactly(tmp_path, capsys):
+    run, calls = Workdir(str(tmp_path / "ref")), []
+
+    def compute(value):
+        def f():
+            calls.append(1)
+            return value
+        return f
+
+    measures = {"score": 1 / 3, "texts": ["a", "é\n"], "scores": [0.1, 2.0 ** -30]}
+    assert run.cached("m.json", compute(measures)) == measures and len(calls) == 1
+    assert run.cached("m.json", compute({"other": 1})) == measures and len(calls) == 1  # read, not computed
+    arrays = {"logps": np.float32([-1.5, np.pi, -1e-8])}
+    np.testing.assert_array_equal(run.cached("a.npz", compute(arrays))["logps"], arrays["logps"])
+    got = run.cached("a.npz", compute({"logps": np.zeros(3)}))
+    assert got["logps"].dtype == np.float32 and np.array_equal(got["logps"], arrays["logps"]) and len(calls) == 2
+    # a damaged file is computed again, with a warning that names it; one that cannot be written is only computed
+    with open(run.file("cache/a.npz"), "wb") as f:
+        f.write(b"PK\x03\x04 cut short")
+    assert run.cached("a.npz", compute({"logps": np.ones(2)}))["logps"].tolist() == [1.0, 1.0]
+    assert "cache/a.npz is unreadable" in capsys.readouterr().err
+    os.chmod(run.file("cache"), 0o500)
+    try:
+        if not os.access(run.file("cache"), os.W_OK):  # (root writes anyway)
+            assert run.cached("new.json", compute({"x": 1})) == {"x": 1}
+            assert "could not keep" in capsys.readouterr().err and not os.path.exists(run.file("cache/new.json"))
+    finally:
+        os.chmod(run.file("cache"), 0o700)
+
+
+def test_a_fingerprint_changes_with_every_input_and_nothing_else(tmp_path):
+    code, copy = tmp_path / "code.py", tmp_path / "elsewhere" / "code.py"
+    code.write_text("x = 1\n")
+    copy.parent.mkdir()
+    copy.write_text("x = 1\n")
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
+    base = fingerprint({"n": 8, "files": [str(code)]}, params, None)
+    assert fingerprint({"n": 8, "files": [str(copy)]}, params, None) == base  # files by content, not by place
+    assert fingerprint({"files": [str(code)], "n": 8}, {"b": params["b"], "w": params["w"]}, None) == base
+    changed = [fingerprint({"n": 9, "files": [str(code)]}, params, None),
+               fingerprint({"n": 8, "files": [str(code)]}, {**params, "b": np.float32([0, 0, 1e-30])}, None),
+               fingerprint({"n": 8, "files": [str(code)]}, {**params, "w": params["w"].reshape(3, 2)}, None),
+               fingerprint({"n": 8, "files": [str(code)]}, {**params, "b": params["b"].astype(np.float64)}, None),
+               fingerprint({"n": 8, "files": [str(code)]}, params, params)]
+    code.write_text("x = 2\n")
+    changed.append(fingerprint({"n": 8, "files": [str(code)]}, params, None))
+    assert base not in changed and len(set(changed)) == len(changed)
 
 
 def test_starting_point_names_what_the_stage_needs():

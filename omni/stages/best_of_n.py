@@ -112,5 +112,5 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     return Task(model=model, loss_fn=lm_loss(model), train_iter=finetune.train_iterator(train_rows, config, rows),
                 eval_batches=eval_batches, tokenizer_path=tokenizer.model_path, example_batch=eval_batches[0],
                 flops_per_token=flops_per_token(config.model, seq_len),
-                eval_extra=policy_evaluation(config, tokenizer, mesh, policy),
+                eval_extra=policy_evaluation(config, tokenizer, mesh, policy, config.init_from),
                 summary_extras={"kept_answers": len(kept)})

@@ -26,10 +26,10 @@ from omni import parallel
 from omni.config import require
 from omni.data import finetune
 from omni.losses import dpo_loss, ipo_loss, ranked_pairs, token_logprobs  # noqa: F401 (dpo_loss: the contract)
-from omni.models import GPT, flops_per_token
+from omni.models import GPT, flops_per_token, gpt
 from omni.stages.rollout import frozen_params, policy_evaluation
 from omni.train.trainer import Task
-from omni.workdir import Workdir, starting_point
+from omni.workdir import Workdir, fingerprint, starting_point
 
 LOSSES = {"sigmoid": dpo_loss, "ipo": ipo_loss}
 
@@ -95,13 +95,25 @@ def step(config: ml_collections.ConfigDict):
     return model, dpo_objective(model, config.dpo), batch_shapes(config, config.label.responses)
 
 
-def with_reference(groups: dict[str, np.ndarray], model: GPT, ref_params, batch: int = 64) -> dict[str, np.ndarray]:
-    """`groups` with 'ref_logps': the reference's summed log-probability of every response, computed once."""
-    logps = jax.jit(lambda params, b: response_logps(model, params, b))
+def with_reference(groups: dict[str, np.ndarray], model: GPT, ref_params, reference_dir: str = "",
+                   batch: int = 64) -> dict[str, np.ndarray]:
+    """`groups` with 'ref_logps': the reference's summed log-probability of every response, computed once and kept
+    in the reference's workdir `reference_dir` (cache/), where the next run on the same rankings reads them."""
     keys = ("inputs", "first", "last")
-    n = len(groups["inputs"])
-    out = [np.asarray(logps(ref_params, {k: groups[k][i:i + batch] for k in keys})) for i in range(0, n, batch)]
-    return {**groups, "ref_logps": np.concatenate(out).astype(np.float32)}
+
+    def compute() -> dict[str, np.ndarray]:
+        logps = jax.jit(lambda params, b: response_logps(model, params, b))
+        n = len(groups["inputs"])
+        out = [np.asarray(logps(ref_params, {k: groups[k][i:i + batch] for k in keys})) for i in range(0, n, batch)]
+        return {"ref_logps": np.concatenate(out).astype(np.float32)}
+
+    if reference_dir:
+        settings = {"model": model.config.to_dict(), "files": [__file__, gpt.__file__]}
+        key = fingerprint(settings, ref_params, [groups[k] for k in keys])
+        cached = Workdir(reference_dir).cached(f"dpo-reference-{key}.npz", compute)
+    else:
+        cached = compute()
+    return {**groups, "ref_logps": cached["ref_logps"]}
 
 
 def _preferences(config: ml_collections.ConfigDict, split: str) -> list:
@@ -125,8 +137,8 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     reference_from, key = (d.reference_from, "dpo.reference_from") if d.reference_from else (config.init_from, "init_from")
     ref_params = frozen_params(config, reference_from, "lm", key, mesh)
     model = GPT(config.model)
-    train_groups = with_reference(finetune.preference_groups(tokenizer, train, seq_len, k), model, ref_params)
-    eval_groups = with_reference(finetune.preference_groups(tokenizer, held_out, seq_len, k), model, ref_params)
+    train_groups, eval_groups = (with_reference(finetune.preference_groups(tokenizer, rankings, seq_len, k), model,
+                                                ref_params, reference_from) for rankings in (train, held_out))
     eval_batches = finetune.fixed_batches(eval_groups, config.train.batch_size, config.train.eval_batches, rows,
                                           ("exists",))
     pairs = int(np.asarray(ranked_pairs(train_groups["ranks"], train_groups["exists"])).sum())
@@ -138,5 +150,5 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
                 train_iter=finetune.train_iterator(train_groups, config, rows), eval_batches=eval_batches,
                 tokenizer_path=tokenizer.model_path, example_batch=eval_batches[0],
                 flops_per_token=flops_per_token(config.model, seq_len), language_model=False,
-                eval_extra=policy_evaluation(config, tokenizer, mesh, ref_params),
+                eval_extra=policy_evaluation(config, tokenizer, mesh, ref_params, reference_from),
                 summary_extras={"ranked_prompts": len(train), "pairs": pairs, "epochs": math.floor(epochs * 100) / 100})

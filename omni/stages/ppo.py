@@ -161,7 +161,8 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
                 tokenizer_path=tokenizer.model_path, example_batch=rollouts.example(),
                 flops_per_token=flops_per_token(config.model, seq_len) + flops_per_token(value_config(config.model),
                                                                                        seq_len),
-                eval_extra=HeldOut(rollouts, eval_prompts[:p.eval_prompts], lm_eval, task_of),
+                eval_extra=HeldOut(rollouts, eval_prompts[:p.eval_prompts], lm_eval, task_of,
+                                   p.reference_from or config.init_from),
                 before_step=rollouts.before_step, initial_params=_initial_params(config, mesh), language_model=False,
                 checkpoint_models=models(config),
                 summary_extras={"prompts": len(train_prompts), "episodes": p.iterations * p.rollout_batch})

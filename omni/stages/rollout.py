@@ -25,19 +25,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from omni import data, parallel
+from omni import data, generate, parallel
 from omni.config import ARCHITECTURE, ConfigError
-from omni.data import DataError, finetune
+from omni.data import DataError, finetune, instructions
 from omni.data.instructions import labeler_score, parse_prompt
 from omni.data.template import prompt_ids
 from omni.generate import Generator, Sampling
 from omni.losses import (explained_variance, gae, group_advantages, lm_loss, response_scores, rloo_advantages,
                          token_logprobs, whiten)
-from omni.models import GPT
+from omni.models import GPT, gpt
 from omni.models.actor_critic import ActorCritic, value_config
 from omni.stages import heldout
 from omni.train.trainer import evaluate
-from omni.workdir import Workdir
+from omni.workdir import Workdir, fingerprint
 
 
 # ----- what the on-policy stages load: frozen models, prompts, the labeler, pretraining data
@@ -115,9 +115,10 @@ def labeler_of(config: ml_collections.ConfigDict) -> tuple[Callable | None, Call
     return labeler_score, lambda prompt: parse_prompt(prompt).task
 
 
-def policy_evaluation(config: ml_collections.ConfigDict, tokenizer, mesh, ref_params) -> Callable[[Any, dict], dict]:
+def policy_evaluation(config: ml_collections.ConfigDict, tokenizer, mesh, ref_params, reference_dir: str
+                      ) -> Callable[[Any, dict], dict]:
     """eval_extra for a stage that trains a bare policy (DPO, best-of-n): HeldOut's measures against the reference
-    policy `ref_params`, with the reward model of ppo.reward_from where one is given, so that every post-training
+    policy `ref_params` (from workdir `reference_dir`), with the reward model of ppo.reward_from where one is given, so that every post-training
     method is judged on the same prompts by the same measures as PPO."""
     p = config.ppo
     rm = frozen_params(config, p.reward_from, "scalar", "ppo.reward_from", mesh) if p.reward_from else None
@@ -126,7 +127,8 @@ def policy_evaluation(config: ml_collections.ConfigDict, tokenizer, mesh, ref_pa
     generator = Generator(config.model, ref_params, mesh, pad_id=tokenizer.pad_id)
     judge = Rollouts(config, tokenizer, [], generator, (ref_params, rm),
                      parallel.process_rows(mesh, config.train.batch_size), labeler=labeler)
-    held = HeldOut(judge, fitting_prompts(config, tokenizer, "validation")[:p.eval_prompts], lm_eval, task_of)
+    held = HeldOut(judge, fitting_prompts(config, tokenizer, "validation")[:p.eval_prompts], lm_eval, task_of,
+                   reference_dir)
     return lambda params, evals: held({"policy": params}, evals)
 
 
@@ -505,12 +507,15 @@ class HeldOut:
     log-ratio of the policy's samples: its KL from the reference), `eval_reward` (reward-model score) and
     `best_of_k` (the labeler's score of the sample the reward model prefers), `rm_agreement` (the share of
     pairs of samples the labeler separates that the reward model orders the same way). The reference's own
-    numbers (`sft_*`) are computed once; its `sft_best_of_k` is the baseline RL should approach."""
+    numbers (`sft_*`) are computed once and kept in the reference's workdir, since every run judged against it on
+    the same prompts by the same settings gets the same ones (three seeds of five methods: one computation); its
+    `sft_best_of_k` is the baseline RL should approach."""
 
     def __init__(self, rollouts: Rollouts, prompts: list[str], lm_eval: Callable | None = None,
-                 task_of: Callable[[str], str] | None = None):
+                 task_of: Callable[[str], str] | None = None, reference_dir: str = ""):
         self.r, self.prompts, self.lm_eval = rollouts, prompts, lm_eval  # lm_eval: policy params -> perplexity
         self.task_of = task_of
+        self.reference_dir = reference_dir  # the reference's workdir, where its measures are kept (cache/)
         self.ids = [prompt_ids(rollouts.tokenizer, t) for t in prompts]
         self.sft: dict | None = None
 
@@ -531,11 +536,34 @@ class HeldOut:
         return out
 
     def _reference(self, params) -> dict:
-        """The reference policy's measures, and its pretraining perplexity where PPO-ptx evaluates one."""
-        sft = self._measure(self.r.ref_params, params)
-        if self.lm_eval is not None:
-            sft["pretrain_perplexity"] = self.lm_eval(self.r.ref_params)
-        return sft
+        """The reference policy's measures, and its pretraining perplexity where PPO-ptx evaluates one: read from
+        the reference's workdir where a run with the same fingerprint (`_reference_settings`) computed them."""
+        def measure() -> dict:
+            sft = self._measure(self.r.ref_params, params)
+            del sft["kl_to_sft"]  # the policy's log-ratio on the reference's samples: not the reference's own
+            if self.lm_eval is not None:
+                sft["pretrain_perplexity"] = self.lm_eval(self.r.ref_params)
+            return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in sft.items()}
+
+        if self.reference_dir:
+            key = fingerprint(self._reference_settings(), self.r.ref_params, self.r.rm_params)
+            sft = Workdir(self.reference_dir).cached(f"heldout-{key}.json", measure)
+        else:
+            sft = measure()
+        return {**sft, "greedy_scores": np.asarray(sft["greedy_scores"])} if "greedy_scores" in sft else sft
+
+    def _reference_settings(self) -> dict:
+        """All the reference's measures depend on besides its params and the reward model's: the prompts, the
+        sampling, the pretraining evaluation, the devices, and the code and tokenizer that compute them."""
+        c, p = self.r.config, self.r.p
+        return {"prompts": self.prompts, "model": c.model.to_dict(), "data": c.data.to_dict(),
+                "seq_len": c.train.seq_len, "mesh": c.mesh.to_dict(), "cpu_devices": c.cpu_devices,
+                "ppo": {k: p[k] for k in ("max_new_tokens", "temperature", "rollout_batch", "eval_samples",
+                                          "ptx_data", "ptx_path", "ptx_batch", "ptx_eval_batches")},
+                "labeler": self.r.labeler is not None, "tasks": self.task_of is not None,
+                "perplexity": self.lm_eval is not None,
+                "files": [__file__, heldout.__file__, generate.__file__, instructions.__file__, gpt.__file__,
+                          self.r.tokenizer.model_path]}
 
     def _measure(self, policy_params, params) -> dict:
         """The held-out measures of one policy; `greedy` and `greedy_scores` kept for the comparison."""
