@@ -6,6 +6,7 @@ setup(
     description="A JAX-native framework for the whole life of a GPT model.",
     python_requires=">=3.10",
     packages=find_packages(include=["omni", "omni.*"]),
+    package_data={"omni": ["web/*.html"]},  # omni serve's page
     entry_points={"console_scripts": ["omni=omni.cli:main"]},
     install_requires=[
         "jax>=0.6",
@@ -30,8 +31,9 @@ setup(
     extras_require={
         # torch and transformers: tests/test_hf.py checks logits against transformers' GPT-2. The pinned torch
         # is the CPU wheel; an unpinned one would pull GBs of CUDA libraries.
-        # openai: tests/test_serve.py talks to omni.serve through the official client.
-        "test": ["pytest", "torch==2.13.0", "transformers", "openai", "starlette", "uvicorn"],
+        # openai: tests/test_serve.py talks to omni.serve through the official client, selenium drives its page in
+        # Debian's chromium (apt-get install chromium chromium-driver).
+        "test": ["pytest", "torch==2.13.0", "transformers", "openai", "selenium", "starlette", "uvicorn"],
         # omni.serve's HTTP server.
         "serve": ["starlette", "uvicorn"],
         # libtpu, at the jax version pip resolves for omni: compiles for any TPU slice ahead of time on any host

@@ -64,11 +64,7 @@ def fit_history(tokenizer, turns: list[tuple[str, str]], message: str, budget: i
 def postprocess(text: str, stop: Sequence[str] = STOP_STRINGS, ngram: int = 4, max_repeats: int = 2) -> str:
     """Cuts at the first stop string, drops a line identical to the one before it, and ends the text before
     any phrase of `ngram` words comes back more than `max_repeats` times (small models loop)."""
-    lines = []
-    for line in trim_at_stop(text, stop).split("\n"):
-        if not lines or line.strip() == "" or line != lines[-1]:
-            lines.append(line)
-    text = "\n".join(lines)
+    text = "\n".join(_kept_lines(trim_at_stop(text, stop)))
     seen: dict[tuple[str, ...], int] = {}
     words = list(re.finditer(r"\S+", text))
     for i in range(len(words) - ngram + 1):
@@ -78,6 +74,35 @@ def postprocess(text: str, stop: Sequence[str] = STOP_STRINGS, ngram: int = 4, m
             text = text[: words[i].start()]
             break
     return text.strip()
+
+
+def _kept_lines(text: str) -> list[str]:
+    """The lines of `text` less each one identical to the line kept before it (blank lines are all kept)."""
+    lines: list[str] = []
+    for line in text.split("\n"):
+        if not lines or line.strip() == "" or line != lines[-1]:
+            lines.append(line)
+    return lines
+
+
+def settled_reply(raw: str, safety: "SafetyFilter", ngram: int = 4) -> str:
+    """The start of a reply still being generated (its text so far, `raw`) that no continuation changes: what a
+    stream may send now (its post-processed text, less its last words where a loop of `ngram` words or a blocked
+    phrase may still complete, and less a last line that may yet repeat the one before it). Nothing while the
+    held text has a blocked phrase in it (the reply will be withheld: none of the phrase is ever sent), and
+    nothing until the end where a classifier judges the whole reply."""
+    if safety.judges_whole:
+        return ""
+    reply = postprocess(raw, ngram=ngram)
+    words = [m.start() for m in re.finditer(r"\S+", reply)]
+    hold = max(ngram, safety.phrase_words)  # the last word may be unfinished
+    end = words[-hold] if len(words) >= hold else 0
+    lines = _kept_lines(trim_at_stop(raw, STOP_STRINGS))
+    if len(lines) > 1 and lines[-2].startswith(lines[-1]):  # the line so far may yet be dropped as a repeat
+        end = min(end, reply.rfind("\n") + 1)
+    if safety.reason(reply[:words[-1]] if words else ""):
+        return ""
+    return reply[:end].rstrip()
 
 
 def _phrase_pattern(phrase: str) -> str:
@@ -97,6 +122,8 @@ class SafetyFilter:
         patterns = [_phrase_pattern(p) for p in blocklist if p.strip()]
         self._pattern = re.compile("|".join(patterns), re.IGNORECASE) if patterns else None
         self._classifier = classifier
+        self.phrase_words = max((len(p.split()) for p in blocklist), default=0)  # the longest phrase's
+        self.judges_whole = classifier is not None  # a classifier sees only a whole reply
 
     def reason(self, text: str) -> str | None:
         """Why `text` is unsafe, or None when it is not."""

@@ -15,9 +15,12 @@ before the last user message. As in omni.chat, the oldest turns are dropped when
 fewer than max_tokens (default: half the context), the user's message and the reply pass the safety filter
 (--blocklist, --classifier) and the reply is post-processed (cut at a stop, repeated lines and loops removed). A
 refused message or withheld reply is answered with omni.chat.REFUSAL as a normal reply (finish_reason "stop") and
-appended as one JSON line to the review log (--review_log; default serve_review.jsonl in the first workdir). So a
-chat reply streams as one piece once it is whole (a withheld reply must never have been half-sent), while
-completions stream token by token.
+appended as one JSON line to the review log (--review_log; default serve_review.jsonl in the first workdir).
+Completions stream token by token; a chat reply streams as its text settles (omni.chat.settled_reply: a few words
+behind the tokens, where a loop or a blocked phrase could still complete, so that nothing sent is ever taken back
+and no word of a blocked phrase is sent). A reply withheld after part of it was sent ends with finish_reason
+"content_filter", as OpenAI's do. With a classifier (it judges whole replies) or with logprobs, a chat reply
+streams in one piece once it is whole.
 
 Both endpoints take model, max_tokens (or max_completion_tokens), temperature (0: greedy), top_p, top_k,
 seed, stop (a string or a list of up to 4), n, stream (server-sent events ending with `data: [DONE]`; usage in a
@@ -43,48 +46,35 @@ import hmac
 import ipaddress
 import json
 import os
-import secrets
+import pathlib
 import sys
 import time
 import uuid
 from typing import Any, AsyncIterator, Sequence
 
-import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from omni import engine as engine_lib
-from omni.chat import REFUSAL, STOP_STRINGS, SafetyFilter, fit_history, postprocess
-from omni.data.template import messages_to_turns
+from omni.chat import REFUSAL, STOP_STRINGS, SafetyFilter, fit_history, postprocess, settled_reply
 from omni.engine import Engine, QueueFull, Token
-from omni.generate import GenerationError, Sampling, stop_sequences, trim_at_stop
+from omni.generate import GenerationError, Sampling, stop_sequences
+from omni.openai_format import (MAX_N, ApiError, ChoiceText, chat_logprobs, check_supported, choice_seeds,
+                                completion_choice, dialogue, envelope, field, stop_strings, usage_counts)
 from omni.train.checkpoint import CheckpointError
 from omni.workdir import Workdir, WorkdirError
 
 MAX_BODY = 1 << 20  # bytes: a context's worth of text is far less
-MAX_STOPS = 4
-MAX_N = 16
 REVIEW_LOG = "serve_review.jsonl"
-MISSING = object()
-# Fields of OpenAI's API this server does not implement, with the values that mean "not used".
-UNSUPPORTED = {"echo": (False,), "suffix": ("",), "best_of": (1,), "logit_bias": ({},), "presence_penalty": (0,),
-               "frequency_penalty": (0,), "tools": ([],), "functions": ([],)}
+PAGE = pathlib.Path(__file__).parent / "web" / "chat.html"
 
 
-class ApiError(Exception):
-    """An error answered as OpenAI's JSON: {"error": {"message", "type", "code"}} with this HTTP status."""
-
-    def __init__(self, status: int, message: str, code: str = "invalid_value", kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "code": self.code}}
-
+# ---------------------------------------------------------------------------------------------------------
+# A call's engine requests
 
 @dataclasses.dataclass(frozen=True)
 class Model:
@@ -109,111 +99,6 @@ class _Call:
     stop: list[str]
     stream: bool
     usage_in_stream: bool
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading a request
-
-def _field(body: dict, name: str, kinds: tuple, must: str, default: Any = MISSING, ok=lambda value: True) -> Any:
-    """body[name] if it is one of `kinds` (bool only where named: JSON's true is no number) and `ok`; absent or
-    null: `default`, or a 400 when there is none."""
-    value = body.get(name)
-    if value is None:
-        if default is MISSING:
-            raise ApiError(400, f"'{name}' is missing: it must be {must}", "missing_field")
-        return default
-    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds) or not ok(value):
-        raise ApiError(400, f"'{name}' must be {must}, got {json.dumps(value)[:80]}")
-    return value
-
-
-def _stop(body: dict) -> list[str]:
-    stop = _field(body, "stop", (str, list), f"a string or a list of at most {MAX_STOPS} strings", [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings")
-    return [s for s in stop if s]
-
-
-def _check_supported(body: dict) -> None:
-    for name, unused in UNSUPPORTED.items():
-        if body.get(name) is not None and body[name] not in unused:
-            raise ApiError(400, f"'{name}' is not supported by this server", "unsupported_parameter")
-
-
-def _dialogue(messages: Any) -> tuple[list[tuple[str, str]], str]:
-    """(earlier (user, assistant) turns, the user's message) of the API's `messages`; system (or developer)
-    messages' text goes before the user's last message, the template having no place of its own for it."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {'role', 'content'} objects",
-                       "missing_field" if messages is None else "invalid_value")
-    for i, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("content"), str)
-                and message.get("role") in ("system", "developer", "user", "assistant")):
-            raise ApiError(400, f"messages[{i}] must be {{'role': 'system'|'user'|'assistant', 'content': str}}")
-    system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
-    dialogue = [m for m in messages if m["role"] in ("user", "assistant")]
-    if not dialogue or dialogue[-1]["role"] != "user":
-        raise ApiError(400, "the last user or assistant message must be the user's")
-    try:
-        turns = messages_to_turns(dialogue[:-1]) if len(dialogue) > 1 else []
-    except ValueError as e:
-        raise ApiError(400, f"user and assistant messages must alternate from a user's: {e}") from None
-    return turns, "\n\n".join(system + [dialogue[-1]["content"]])
-
-
-def _seeds(seed: int | None, count: int) -> list[int]:
-    """An engine seed per choice: from the request's seed (choices differ, calls repeat), or random."""
-    if seed is None:
-        return [secrets.randbits(32) for _ in range(count)]
-    return [int(np.random.SeedSequence([seed % 2 ** 64, i]).generate_state(1)[0]) for i in range(count)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# A choice's text and the engine requests behind a call
-
-def _piece(tokenizer, before: int, token: int) -> str:
-    """The text `token` adds after the token `before` (decoded alone, a piece would lose its leading space)."""
-    return tokenizer.decode([before, token])[len(tokenizer.decode([before])):]
-
-
-class _Text:
-    """One choice's text as its tokens arrive, ending before the first stop string or EOS. `add` returns the text
-    that became final: it holds back an end that could begin a stop string, and an unfinished UTF-8 character
-    (U+FFFD until its last byte comes)."""
-
-    def __init__(self, tokenizer, stop: Sequence[str], last_prompt_token: int):
-        self.tokenizer, self.stop, self.prompt_last = tokenizer, [s for s in stop if s], last_prompt_token
-        self.tokens: list[Token] = []
-        self.pieces: list[str] = []  # each token's text and its offset in the choice's text: for logprobs
-        self.offsets: list[int] = []
-        self.sent, self.finish = "", None
-
-    def add(self, token: Token) -> str:
-        before = self.tokens[-1].id if self.tokens else self.prompt_last
-        self.offsets.append(self.offsets[-1] + len(self.pieces[-1]) if self.pieces else 0)
-        self.pieces.append(_piece(self.tokenizer, before, token.id))
-        self.tokens.append(token)
-        text = self.tokenizer.decode([t.id for t in self.tokens if t.id != self.tokenizer.eos_id])
-        cut = trim_at_stop(text, self.stop)
-        if len(cut) < len(text):
-            self.finish, text = "stop", cut
-        elif token.finish:
-            self.finish = token.finish
-        else:
-            text = text[: len(text) - self._held(text)]
-        new = text[len(self.sent):]
-        self.sent += new
-        return new
-
-    def _held(self, text: str) -> int:
-        partial = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return max(partial, len(text) - len(text.rstrip("\ufffd")))
-
-    def alternatives(self, j: int, count: int) -> list[tuple[str, float]]:
-        """(text, logprob) of the `count` likeliest tokens in place of the j-th."""
-        before = self.tokens[j - 1].id if j else self.prompt_last
-        return [(_piece(self.tokenizer, before, t), lp) for t, lp in self.tokens[j].top[:count]]
 
 
 class _Run:
@@ -245,7 +130,7 @@ class _Run:
             self.engine.cancel(request)
 
 
-async def _consume(run: _Run, texts: list[_Text]) -> None:
+async def _consume(run: _Run, texts: list[ChoiceText]) -> None:
     """Feeds every choice's tokens to its text until all are done (or this is cancelled: the run ends too)."""
     try:
         async for i, token in run.tokens():
@@ -275,38 +160,6 @@ async def _unless_gone(request: Request, work: asyncio.Future):
 
 # ---------------------------------------------------------------------------------------------------------
 # Responses
-
-def _usage(prompt_tokens: int, texts: Sequence[_Text]) -> dict:
-    completion = sum(len(t.tokens) for t in texts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
-
-
-def _envelope(call: _Call, kind: str, ident: str, choices: list[dict], usage: dict | None = None) -> dict:
-    out = {"id": ident, "object": kind, "created": int(time.time()), "model": call.name, "choices": choices}
-    return out if usage is None else dict(out, usage=usage)
-
-
-def _completion_choice(i: int, text: _Text, content: str, logprobs: int | None, prompt_chars: int,
-                       tokens: range) -> dict:
-    """A completions choice; with logprobs, those of `tokens` (text offsets count the prompt's characters)."""
-    lp = None
-    if logprobs is not None:
-        lp = {"tokens": [text.pieces[j] for j in tokens],
-              "token_logprobs": [text.tokens[j].logprob for j in tokens],
-              "top_logprobs": [dict(text.alternatives(j, logprobs)) for j in tokens],
-              "text_offset": [prompt_chars + text.offsets[j] for j in tokens]}
-    return {"index": i, "text": content, "logprobs": lp, "finish_reason": text.finish}
-
-
-def _chat_logprobs(text: _Text, top: int) -> dict:
-    def entry(piece: str, logprob: float) -> dict:
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
-
-    return {"content": [dict(entry(text.pieces[j], token.logprob),
-                             top_logprobs=[entry(*a) for a in text.alternatives(j, top)])
-                        for j, token in enumerate(text.tokens)]}
-
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     """Server-sent events: each chunk as `data: JSON`, then `data: [DONE]` (or an error event if one comes)."""
@@ -353,13 +206,20 @@ class Api:
         self.created = int(time.time())
 
     def app(self) -> Starlette:
-        routes = [Route("/v1/models", self.list_models, methods=["GET"]),
+        routes = [Route("/", self.page, methods=["GET"]),
+                  Route("/v1/models", self.list_models, methods=["GET"]),
                   Route("/v1/completions", self.completions, methods=["POST"]),
                   Route("/v1/chat/completions", self.chat_completions, methods=["POST"])]
         handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
         return Starlette(routes=routes, exception_handlers=handlers)
 
     # -- endpoints ---------------------------------------------------------------------------------------------
+    async def page(self, request: Request) -> Response:
+        """The chat page (omni/web/chat.html): it holds no data, so it needs no key; the API calls it makes do. It
+        may talk to this server only."""
+        policy = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": policy})
+
     async def list_models(self, request: Request) -> Response:
         self._authorize(request)
         return JSONResponse({"object": "list", "data": [
@@ -369,44 +229,46 @@ class Api:
         self._authorize(request)
         body = await self._body(request)
         call = self._call(body, default_max_tokens=16)  # OpenAI's default
-        logprobs = _field(body, "logprobs", (int,), "an integer from 0 to 5", None, lambda v: 0 <= v <= 5)
+        logprobs = field(body, "logprobs", (int,), "an integer from 0 to 5", None, lambda v: 0 <= v <= 5)
         prompts, ids = self._prompts(body, call.model)
         prompts, ids = [p for p in prompts for _ in range(call.n)], [p for p in ids for _ in range(call.n)]
-        texts = [_Text(call.model.tokenizer, call.stop, p[-1]) for p in ids]
+        texts = [ChoiceText(call.model.tokenizer, call.stop, p[-1]) for p in ids]
         run = self._start(call, ids, stop_sequences(call.model.tokenizer, call.stop))
         ident, prompt_tokens = f"cmpl-{uuid.uuid4().hex}", sum(map(len, ids[::call.n]))
         if call.stream:
             return _sse(self._completion_chunks(call, ident, run, texts, logprobs, prompts, prompt_tokens))
         await _unless_gone(request, asyncio.ensure_future(_consume(run, texts)))
-        choices = [_completion_choice(i, t, t.sent, logprobs, len(prompts[i]), range(len(t.tokens)))
+        choices = [completion_choice(i, t, t.sent, logprobs, len(prompts[i]), range(len(t.tokens)))
                    for i, t in enumerate(texts)]
-        return JSONResponse(_envelope(call, "text_completion", ident, choices, _usage(prompt_tokens, texts)))
+        return JSONResponse(envelope(call.name, "text_completion", ident, choices, usage_counts(prompt_tokens, texts)))
 
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
         body = await self._body(request)
         call = self._call(body, default_max_tokens=None)
-        turns, message = _dialogue(body.get("messages"))
-        logprobs = _field(body, "logprobs", (bool,), "true or false", False)
-        top = _field(body, "top_logprobs", (int,), f"an integer from 0 to {engine_lib.TOP_LOGPROBS}", 0,
+        turns, message = dialogue(body.get("messages"))
+        logprobs = field(body, "logprobs", (bool,), "true or false", False)
+        top = field(body, "top_logprobs", (int,), f"an integer from 0 to {engine_lib.TOP_LOGPROBS}", 0,
                      lambda v: 0 <= v <= engine_lib.TOP_LOGPROBS)
+        ident = f"chatcmpl-{uuid.uuid4().hex}"
         if reason := self.safety.reason(message):
             self._review(call.name, body["messages"], "message refused", reason)
             answer = asyncio.ensure_future(self._refusal(call))
         else:
             ids = self._fit(call, turns, message)
             stop = list(STOP_STRINGS) + call.stop
-            texts = [_Text(call.model.tokenizer, stop, ids[-1]) for _ in range(call.n)]
+            texts = [ChoiceText(call.model.tokenizer, stop, ids[-1]) for _ in range(call.n)]
             run = self._start(call, [ids] * call.n, stop_sequences(call.model.tokenizer, stop))
+            if call.stream and not logprobs and not self.safety.judges_whole:
+                return _sse(self._chat_stream(call, ident, body["messages"], run, texts, len(ids)))
             answer = asyncio.ensure_future(self._reply(call, body["messages"], run, texts, logprobs, top, len(ids)))
-        ident = f"chatcmpl-{uuid.uuid4().hex}"
         if call.stream:
             return _sse(self._chat_chunks(call, ident, answer))
         choices, usage = await _unless_gone(request, answer)
-        return JSONResponse(_envelope(call, "chat.completion", ident, choices, usage))
+        return JSONResponse(envelope(call.name, "chat.completion", ident, choices, usage))
 
     # -- completions -------------------------------------------------------------------------------------------
-    async def _completion_chunks(self, call: _Call, ident: str, run: _Run, texts: list[_Text],
+    async def _completion_chunks(self, call: _Call, ident: str, run: _Run, texts: list[ChoiceText],
                                  logprobs: int | None, prompts: list[str], prompt_tokens: int):
         """A chunk per token of any choice (its new text may be empty while held back, or with logprobs)."""
         try:
@@ -417,10 +279,10 @@ class Api:
                     run.finish(i)
                 if new or text.finish or logprobs is not None:
                     j = len(text.tokens) - 1
-                    choice = _completion_choice(i, text, new, logprobs, len(prompts[i]), range(j, j + 1))
-                    yield _envelope(call, "text_completion", ident, [choice])
+                    choice = completion_choice(i, text, new, logprobs, len(prompts[i]), range(j, j + 1))
+                    yield envelope(call.name, "text_completion", ident, [choice])
             if call.usage_in_stream:
-                yield _envelope(call, "text_completion", ident, [], _usage(prompt_tokens, texts))
+                yield envelope(call.name, "text_completion", ident, [], usage_counts(prompt_tokens, texts))
         finally:
             run.close()
 
@@ -435,29 +297,70 @@ class Api:
                            "context_length_exceeded")
         return fitted[0]
 
-    async def _reply(self, call: _Call, messages: list, run: _Run, texts: list[_Text], logprobs: bool, top: int,
+    async def _reply(self, call: _Call, messages: list, run: _Run, texts: list[ChoiceText], logprobs: bool, top: int,
                      prompt_tokens: int) -> tuple[list[dict], dict]:
         """(choices, usage) once every choice is generated, post-processed and checked."""
         await _consume(run, texts)
         choices = []
         for i, text in enumerate(texts):
-            content = postprocess(text.sent)
-            reason = self.safety.reason(content)
-            if reason:
-                self._review(call.name, messages, "reply withheld", reason, content)
-            choices.append({"index": i, "message": {"role": "assistant", "content": REFUSAL if reason else content},
-                            "logprobs": _chat_logprobs(text, top) if logprobs and not reason else None,
-                            "finish_reason": "stop" if reason else text.finish})
-        return choices, _usage(prompt_tokens, texts)
+            content = self._checked(call, messages, text)
+            choices.append({"index": i, "message": {"role": "assistant", "content": content or REFUSAL},
+                            "logprobs": chat_logprobs(text, top) if logprobs and content is not None else None,
+                            "finish_reason": text.finish if content is not None else "stop"})
+        return choices, usage_counts(prompt_tokens, texts)
+
+    def _checked(self, call: _Call, messages: list, text: ChoiceText) -> str | None:
+        """A whole reply post-processed, or None where the safety filter withholds it (and a reviewer is told)."""
+        content = postprocess(text.sent)
+        if reason := self.safety.reason(content):
+            self._review(call.name, messages, "reply withheld", reason, content)
+            return None
+        return content
+
+    async def _chat_stream(self, call: _Call, ident: str, messages: list, run: _Run, texts: list[ChoiceText],
+                           prompt_tokens: int):
+        """The role, then each choice's reply as it settles (omni.chat.settled_reply: none of it can change or be
+        withheld later), then its finish. A reply withheld once part of it was sent (the part before a blocked
+        phrase) ends with finish_reason 'content_filter', OpenAI's; one withheld before is the refusal."""
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            return envelope(call.name, "chat.completion.chunk", ident, choices, usage)
+
+        def delta(i: int, content: str | None, finish: str | None = None) -> dict:
+            return chunk([{"index": i, "delta": {} if content is None else {"content": content}, "logprobs": None,
+                           "finish_reason": finish}])
+
+        sent = [""] * call.n
+        try:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(call.n)])
+            async for i, token in run.tokens():
+                text = texts[i]
+                text.add(token)
+                if not text.finish:
+                    settled = settled_reply(text.sent, self.safety)
+                    if len(settled) > len(sent[i]) and settled.startswith(sent[i]):
+                        yield delta(i, settled[len(sent[i]):])
+                        sent[i] = settled
+                    continue
+                run.finish(i)
+                content = self._checked(call, messages, text)
+                if content is None:
+                    yield delta(i, None, "content_filter") if sent[i] else delta(i, REFUSAL, "stop")
+                else:
+                    yield delta(i, content[len(sent[i]):], text.finish)
+            if call.usage_in_stream:
+                yield chunk([], usage_counts(prompt_tokens, texts))
+        finally:
+            run.close()
 
     async def _refusal(self, call: _Call) -> tuple[list[dict], dict]:
         choice = {"message": {"role": "assistant", "content": REFUSAL}, "logprobs": None, "finish_reason": "stop"}
-        return [dict(choice, index=i) for i in range(call.n)], _usage(0, [])
+        return [dict(choice, index=i) for i in range(call.n)], usage_counts(0, [])
 
     async def _chat_chunks(self, call: _Call, ident: str, answer: asyncio.Future):
         """The role at once, then each choice's whole reply and its finish."""
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-            return _envelope(call, "chat.completion.chunk", ident, choices, usage)
+            return envelope(call.name, "chat.completion.chunk", ident, choices, usage)
 
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -510,33 +413,33 @@ class Api:
 
     def _call(self, body: dict, default_max_tokens: int | None) -> _Call:
         """The fields both endpoints share; default_max_tokens None: half the context (omni.chat's cap)."""
-        _check_supported(body)
-        name = _field(body, "model", (str,), "the name of a served model (GET /v1/models)")
+        check_supported(body)
+        name = field(body, "model", (str,), "the name of a served model (GET /v1/models)")
         if name not in self.models:
             raise ApiError(404, f"model {name!r} is not served here (GET /v1/models lists them)", "model_not_found")
         model = self.models[name]
         context, vocab = model.context, model.engine.generator.config.vocab_size
         limit = f"an integer from 1 to {context - 1} (the model's context is {context} tokens)"
-        max_tokens = _field(body, "max_completion_tokens", (int,), limit, None, lambda v: 0 < v < context)
+        max_tokens = field(body, "max_completion_tokens", (int,), limit, None, lambda v: 0 < v < context)
         if max_tokens is None:
-            max_tokens = _field(body, "max_tokens", (int,), limit, default_max_tokens or context // 2,
+            max_tokens = field(body, "max_tokens", (int,), limit, default_max_tokens or context // 2,
                                 lambda v: 0 < v < context)
         sampling = Sampling(
-            temperature=float(_field(body, "temperature", (int, float), "a number from 0 to 2", 1.0,
+            temperature=float(field(body, "temperature", (int, float), "a number from 0 to 2", 1.0,
                                      lambda v: 0 <= v <= 2)),
-            top_p=float(_field(body, "top_p", (int, float), "a number in (0, 1]", 1.0, lambda v: 0 < v <= 1)),
-            top_k=_field(body, "top_k", (int,), f"an integer from 0 to {vocab} (0: off)", 0,
+            top_p=float(field(body, "top_p", (int, float), "a number in (0, 1]", 1.0, lambda v: 0 < v <= 1)),
+            top_k=field(body, "top_k", (int,), f"an integer from 0 to {vocab} (0: off)", 0,
                          lambda v: 0 <= v <= vocab))
-        options = _field(body, "stream_options", (dict,), "an object", {})
+        options = field(body, "stream_options", (dict,), "an object", {})
         return _Call(name=name, model=model, max_tokens=max_tokens,
-                     n=_field(body, "n", (int,), f"an integer from 1 to {MAX_N}", 1, lambda v: 1 <= v <= MAX_N),
-                     sampling=sampling, seed=_field(body, "seed", (int,), "an integer", None), stop=_stop(body),
-                     stream=_field(body, "stream", (bool,), "true or false", False),
-                     usage_in_stream=_field(options, "include_usage", (bool,), "true or false", False))
+                     n=field(body, "n", (int,), f"an integer from 1 to {MAX_N}", 1, lambda v: 1 <= v <= MAX_N),
+                     sampling=sampling, seed=field(body, "seed", (int,), "an integer", None), stop=stop_strings(body),
+                     stream=field(body, "stream", (bool,), "true or false", False),
+                     usage_in_stream=field(options, "include_usage", (bool,), "true or false", False))
 
     def _prompts(self, body: dict, model: Model) -> tuple[list[str], list[list[int]]]:
         """The prompt strings and their token ids, each with room to generate."""
-        prompt = _field(body, "prompt", (str, list), "a string or a list of strings")
+        prompt = field(body, "prompt", (str, list), "a string or a list of strings")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ApiError(400, "'prompt' must be a string or a non-empty list of strings")
@@ -556,7 +459,7 @@ class Api:
         def emitter(i: int):
             return lambda event: loop.call_soon_threadsafe(events.put_nowait, (i, event))
 
-        seeds = _seeds(call.seed, len(prompts))
+        seeds = choice_seeds(call.seed, len(prompts))
         requests = [engine_lib.Request(p, call.max_tokens, emitter(i), call.sampling, seeds[i], stop)
                     for i, p in enumerate(prompts)]
         try:

@@ -97,6 +97,42 @@ def test_safety_filter(tmp_path):
         chat.SafetyFilter.from_flags(str(tmp_path / "missing.txt"), "")
 
 
+SEGMENTS = ["the cat sat on", " the mat", "\n", "hello world", " make a bomb", " make a bombastic", "s", "\nUser:",
+            " ok.", " kill myself", "  ", "The cat", "\n\n"]
+
+
+def _growing_replies(seed, count):
+    """Raw replies as their tokens come: a few segments repeated (loops, repeated lines, blocked phrases and near
+    misses, stop strings), cut into pieces of 1 to 6 characters (tokens end inside words)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        pool = rng.choice(SEGMENTS, size=rng.integers(2, 5), replace=False)
+        text = "".join(rng.choice(pool, size=rng.integers(1, 16)))
+        ends = np.cumsum(rng.integers(1, 7, size=len(text)))
+        yield [text[a:b] for a, b in zip(np.r_[0, ends], ends) if a < len(text)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_streamed_reply_sends_only_what_the_whole_reply_begins_with(seed):
+    """settled_reply against postprocess and the filter on the whole text: at every step, what a stream has sent
+    is a start of what the whole reply post-processes to, and holds no word of a blocked phrase."""
+    safety, parts = chat.SafetyFilter(), 0
+    for pieces in _growing_replies(seed, 600):
+        raw, sent = "", ""
+        for piece in pieces:
+            raw += piece
+            now = chat.settled_reply(raw, safety)
+            assert now.startswith(sent) or sent.startswith(now), (raw, sent, now)
+            sent = max(sent, now, key=len)
+            assert safety.reason(sent) is None, raw
+        whole = chat.postprocess(raw)
+        assert whole.startswith(sent), (raw, sent, whole)
+        parts += 0 < len(sent) < len(whole)
+    assert parts > 200  # most replies were sent in parts, before their end
+    judged = chat.SafetyFilter(classifier=lambda text: False)
+    assert chat.settled_reply("the cat sat on the mat and then", judged) == ""  # a classifier sees only the whole
+
+
 def test_chat_keeps_history_within_the_context(model, tokenizer):
     notices = []
     bot = chat.Chat(Generator(*model), tokenizer, Sampling(temperature=0.0), max_new_tokens=16,

@@ -14,7 +14,7 @@ LAYERS = (
     ("omni.config", "omni.files"),
     ("omni.data", "omni.parallel"),
     ("omni.models",),
-    ("omni.losses", "omni.compress", "omni.generate", "omni.engine", "omni.estimate"),
+    ("omni.losses", "omni.compress", "omni.generate", "omni.engine", "omni.openai_format", "omni.estimate"),
     ("omni.train", "omni.workdir"),  # the trainer writes a workdir; the workdir reads checkpoints
     ("omni.interop",),
     ("omni.stages",),

@@ -77,13 +77,12 @@ def _free_port():
 
 
 class Server:
-    """The API with an API key over the workdir, served by uvicorn in a thread."""
+    """The API with an API key over the workdir (or over `models` already loaded), served by uvicorn in a thread."""
 
-    def __init__(self, workdir, review_log, withheld_reply):
-        self.models = serve.load_models([workdir], slots=SLOTS, queue=QUEUE)
+    def __init__(self, workdir, review_log, safety, models=None):
+        self.models = models or serve.load_models([workdir], slots=SLOTS, queue=QUEUE)
         self.engine = self.models[workdir].engine
         self.name, self.review_log = workdir, review_log
-        safety = chat.SafetyFilter(classifier=lambda text: text == withheld_reply)
         self.api = serve.Api(self.models, review_log, api_key=KEY, safety=safety)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -96,15 +95,20 @@ class Server:
     def client(self, **kw):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, timeout=120, **kw)
 
-    def close(self):
+    def close(self, engine=True):
         self.uvicorn.should_exit = True
         self.thread.join(timeout=30)
-        self.engine.close()
+        if engine:
+            self.engine.close()
 
 
 @pytest.fixture(scope="module")
 def server(workdir, truth, tmp_path_factory):
-    running = Server(workdir, str(tmp_path_factory.mktemp("review") / "review.jsonl"), truth.reply([], WITHHELD))
+    """Its safety filter: the built-in blocklist and a classifier that flags the greedy reply to WITHHELD (so chat
+    replies stream whole)."""
+    withheld = truth.reply([], WITHHELD)
+    running = Server(workdir, str(tmp_path_factory.mktemp("review") / "review.jsonl"),
+                     chat.SafetyFilter(classifier=lambda text: text == withheld))
     yield running
     running.close()
 
@@ -119,6 +123,24 @@ def _wait_for(condition, timeout=60):
     while not condition():
         assert time.time() < deadline, "timed out"
         time.sleep(0.01)
+
+
+class Slow:
+    """Makes the engine's thread take at least `seconds` per step, so that a reply's tokens arrive spaced out."""
+
+    def __init__(self, engine, seconds):
+        self.engine, self.seconds, self._step = engine, seconds, engine._step
+
+    def _slow_step(self):
+        time.sleep(self.seconds)
+        self._step()
+
+    def __enter__(self):
+        self.engine._step = self._slow_step
+        return self
+
+    def __exit__(self, *exc):
+        del self.engine._step
 
 
 class Gate:
@@ -280,6 +302,66 @@ def test_chat_refusals_are_replies_and_reviewed(server, client, truth):
     fine = client.chat.completions.create(messages=[{"role": "user", "content": "hello"}], **kw)
     assert fine.choices[0].message.content != chat.REFUSAL
     assert len(open(server.review_log).read().splitlines()) == 2
+
+
+STORY = "tell me a story"  # the tiny model's greedy reply to it has 8 words (most of its replies have 2 to 5)
+
+
+def _streaming_server(server, tmp_path, *phrases):
+    """The same models behind an API whose filter is a blocklist alone (so chat replies stream as they settle): the
+    built-in phrases and `phrases`."""
+    return Server(server.name, str(tmp_path / "review.jsonl"), chat.SafetyFilter(chat.DEFAULT_BLOCKLIST + phrases),
+                  models=server.models)
+
+
+def _chat_stream(client, message, **kw):
+    """(the content deltas, finish_reason, usage) of a one-choice chat stream."""
+    chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": message}], stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    return deltas, [c.choices[0].finish_reason for c in chunks if c.choices][-1], chunks[-1].usage
+
+
+def test_chat_streams_as_the_reply_settles(server, truth, tmp_path):
+    """Without a classifier, a streamed chat reply comes in several parts, a few words behind the tokens, and adds
+    up to omni.chat's whole reply; from the server with a classifier it comes in one."""
+    kw = dict(model="tiny", max_tokens=24, temperature=0)
+    want = truth.reply([], STORY, max_tokens=24)
+    streaming = _streaming_server(server, tmp_path)
+    try:
+        client = streaming.client()
+        deltas, finish, usage = _chat_stream(client, STORY, **kw)
+        whole = client.chat.completions.create(messages=[{"role": "user", "content": STORY}], **kw)
+    finally:
+        streaming.close(engine=False)
+    assert "".join(deltas) == want == whole.choices[0].message.content and len(want.split()) == 8
+    assert finish == whole.choices[0].finish_reason and usage.completion_tokens == whole.usage.completion_tokens
+    assert len(deltas) >= 3, deltas
+    assert _chat_stream(server.client(), STORY, **kw)[0] == [want]
+
+
+def test_a_streamed_reply_withheld_midway_ends_with_content_filter(server, truth, tmp_path):
+    """Two words from the middle of a reply blocked: the stream stops before them with finish_reason
+    'content_filter' and never sends them, the reviewer gets the whole reply, and without streaming the reply is
+    the refusal; a message refused outright streams the refusal."""
+    kw = dict(model="tiny", max_tokens=24, temperature=0)
+    whole = truth.reply([], STORY, max_tokens=24)
+    phrase = " ".join(whole.split()[5:7])
+    streaming = _streaming_server(server, tmp_path, phrase)
+    try:
+        client = streaming.client()
+        deltas, finish, _ = _chat_stream(client, STORY, **kw)
+        record = json.loads(open(streaming.review_log).read().splitlines()[-1])
+        r = client.chat.completions.create(messages=[{"role": "user", "content": STORY}], **kw)
+        refused = _chat_stream(client, "how do I build a bomb?", **kw)
+    finally:
+        streaming.close(engine=False)
+    sent = "".join(deltas)
+    assert finish == "content_filter" and sent and whole.startswith(sent) and phrase not in sent
+    assert (record["kind"], record["reply"]) == ("reply withheld", whole)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (chat.REFUSAL, "stop")
+    assert refused[:2] == ([chat.REFUSAL], "stop")
 
 
 # --- bad requests -------------------------------------------------------------------------------------------------
@@ -482,3 +564,89 @@ def test_the_program_serves_until_interrupted(workdir, truth, tmp_path):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+# --- the page -----------------------------------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium and chromium-driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium driven by selenium (CI installs both: .ci/run)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+# Every text the page's assistant turns are given, in order (each streamed update replaces the turn's text).
+RECORD_TEXTS = """
+window.seen = [];
+new MutationObserver((records) => {
+  for (const r of records) for (const n of r.addedNodes)
+    if (n.nodeType === Node.TEXT_NODE && r.target.classList.contains("assistant"))
+      window.seen.push([r.target.closest(".column").id, n.textContent]);
+}).observe(document.querySelector("main"), {childList: true, subtree: true});
+"""
+
+
+def _page_reply(browser, message, columns):
+    """Types `message`, waits until every column's reply has its stats line; (texts seen per column, stats)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    browser.execute_script(RECORD_TEXTS)
+    box = browser.find_element(By.ID, "message")
+    box.send_keys(message, Keys.ENTER)
+    _wait_for(lambda: all(len(browser.find_elements(By.CSS_SELECTOR, f"#{c} .stats")) for c in columns)
+              and browser.find_element(By.ID, "send-button").is_enabled())
+    seen = browser.execute_script("return window.seen")
+    stats = [browser.find_elements(By.CSS_SELECTOR, f"#{c} .stats")[-1].text for c in columns]
+    return {c: [text for column, text in seen if column == c] for c in columns}, stats
+
+
+def test_the_page_streams_a_reply_and_compares_two_models(server, truth, browser, tmp_path):
+    """A real browser on GET /: it lists the models once given the API key, streams the reply to a typed message
+    (several growing texts, ending in omni.chat's reply) with its token count and tokens/s, and with "side by side"
+    sends the next message to both models (here one workdir under its two names), each column with its own
+    dialogue. The page loads nothing from elsewhere."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+    streaming = _streaming_server(server, tmp_path)
+    try:
+        browser.get(streaming.url + "/")
+        assert browser.title == "omni serve"
+        _wait_for(lambda: "API key" in browser.find_element(By.ID, "status").text)  # the API's 401, shown
+        browser.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
+        _wait_for(lambda: len(Select(browser.find_element(By.ID, "model-0")).options) == 2)
+        Select(browser.find_element(By.ID, "model-0")).select_by_value("tiny")
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("24")
+        kw = dict(model="tiny", messages=[{"role": "user", "content": STORY}], max_tokens=24, temperature=0)
+        tokens = streaming.client().chat.completions.create(**kw).usage.completion_tokens  # (and compiled)
+        with Slow(server.engine, 0.05):
+            seen, stats = _page_reply(browser, STORY, ["column-0"])
+        want = truth.reply([], STORY, max_tokens=24)
+        texts = seen["column-0"]
+        assert texts[-1] == want and len(set(texts)) >= 3, (texts, want, stats)  # it grew as the reply settled
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+        assert "tokens/s" in stats[0] and int(stats[0].split()[0]) == tokens, stats
+
+        browser.find_element(By.ID, "compare").click()
+        Select(browser.find_element(By.ID, "model-1")).select_by_value(server.name)
+        seen, stats = _page_reply(browser, "hello", ["column-0", "column-1"])
+        assert seen["column-0"][-1] == truth.reply([(STORY, want)], "hello", max_tokens=24)
+        assert seen["column-1"][-1] == truth.reply([], "hello", max_tokens=24)  # its first message
+        assert all("tokens/s" in s for s in stats)
+        headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, ".column h2")]
+        assert headings == ["tiny", server.name]
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
+        assert not errors, errors
+    finally:
+        streaming.close(engine=False)
