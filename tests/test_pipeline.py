@@ -83,7 +83,7 @@ def test_post_training_dry_run_prints_each_method_and_seed_from_one_sft_and_rm(m
         commands[args[-1].removeprefix("--workdir=W/")] = ([a for a in args if a.startswith("--config=")][0], flags)
     methods = ["dpo", "grpo", "grpo_verifier", "ppo", "best_of_n"]
     assert list(commands) == ["sft", "label", "rm"] + [f"{m}-seed{s}" for m in methods for s in (0, 1)]
-    assert commands["sft"][1]["init_from"] == "P" and commands["rm"][1]["train.steps"] == "200"  # instructgpt's
+    assert commands["sft"][1]["init_from"] == "P" and commands["rm"][1]["train.steps"] == "555"  # one epoch
     for m in methods:
         for s in (0, 1):
             config, flags = commands[f"{m}-seed{s}"]
