@@ -16,6 +16,7 @@ import pytest
 
 from learning_probe import PROMPT, CharTokenizer, answer_logprobs, fine_tuned
 from omni.config import base_config
+from omni.data import finetune
 from omni.data.finetune import preference_groups
 from omni.data.template import prompt_ids, response_ids
 from omni.generate import Generator
@@ -211,7 +212,8 @@ def _groups():
         for k in range(3):
             inputs[p, k, last[p, k] + 1:] = 3  # pad after the response
             inputs[p, k, :first[p, k]] = inputs[p, 0, :first[p, k]]  # one prompt per group
-    return {"inputs": inputs, "first": first, "last": last, "ranks": ranks, "exists": exists}
+    return {"inputs": inputs, "first": first, "last": last, "ranks": ranks, "exists": exists,
+            "group": np.zeros((4, 3), np.int32)}  # one prompt per element
 
 
 def _numpy_response_logps(model, params, groups):
@@ -291,6 +293,28 @@ def test_dpo_objective_matches_numpy(tiny_gpt, scored_groups, objective, loss):
     garbage["inputs"][2, 2] = 7
     garbage["first"][2, 2] = 1
     np.testing.assert_allclose(float(objective(beta, loss)(params, garbage)[0][0]), float(total), rtol=1e-6)
+
+
+def test_dpo_objective_is_the_same_on_prompts_packed_together(tiny_gpt, scored_groups, objective):
+    """finetune.pack_groups puts whole prompts side by side in elements of 6 slots: the same responses, the same
+    loss and sums as one prompt per element (checked against NumPy above); no pair crosses two prompts."""
+    _, params = tiny_gpt
+    batch, _ = scored_groups
+    unpacked = {k: v for k, v in batch.items() if k != "group"}
+    packed = finetune.pack_groups(unpacked, slots=6)
+    assert packed["group"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, -1]]  # largest first, next fit
+    assert packed["exists"].sum() == batch["exists"].sum() and packed["inputs"].shape == (2, 6, LENGTH)
+    for fn in (objective(0.3), objective(0.3, "ipo")):
+        (total, sums), _ = fn(params, batch)
+        (got, got_sums), _ = fn(params, packed)
+        np.testing.assert_allclose(float(got), float(total), rtol=1e-5)
+        for k in sums:
+            np.testing.assert_allclose(float(got_sums[k]), float(sums[k]), rtol=1e-5, atol=1e-5, err_msg=k)
+    # ranked as one prompt, the six responses of an element would make more pairs than the two prompts have
+    merged = {**packed, "group": np.where(packed["exists"] > 0, 0, -1).astype(np.int32)}
+    assert float(objective(0.3)(params, merged)[0][1]["reward_accuracy_weight"]) > float(sums["reward_accuracy_weight"])
+    with pytest.raises(ValueError, match="3 responses, more than the 2 slots"):
+        finetune.pack_groups(unpacked, slots=2)
 
 
 def _flat(tree):

@@ -171,6 +171,35 @@ def preference_groups(tokenizer, records: Sequence[tuple[str, list[str], list[in
     return {k: v[keep] for k, v in out.items()}
 
 
+def pack_groups(groups: dict[str, np.ndarray], slots: int) -> dict[str, np.ndarray]:
+    """preference_groups' prompts (every key [prompts, K, ...], the responses first, 'exists' marking them) packed
+    whole into elements of `slots` response slots, with 'group' int32 [elements, slots]: which prompt of the
+    element each slot holds (-1: empty). Most prompts have fewer responses than the largest, so padding each to K
+    wastes the model's work on empty slots; packed, nearly every slot is a response. Largest first, each into the
+    current element while it fits (next fit): deterministic in the stored order."""
+    sizes = groups["exists"].sum(1).astype(int)
+    if sizes.max() > slots:
+        raise ValueError(f"a prompt has {sizes.max()} responses, more than the {slots} slots of an element")
+    elements, used = [], slots
+    for p in np.argsort(-sizes, kind="stable"):
+        if used + sizes[p] > slots:
+            elements.append([])
+            used = 0
+        elements[-1].append(p)
+        used += sizes[p]
+    out = {k: np.zeros((len(elements), slots) + v.shape[2:], v.dtype) for k, v in groups.items()}
+    out["group"] = np.full((len(elements), slots), -1, np.int32)
+    for e, prompts in enumerate(elements):
+        start = 0
+        for g, p in enumerate(prompts):
+            end = start + sizes[p]
+            for k, v in groups.items():
+                out[k][e, start:end] = v[p, :sizes[p]]
+            out["group"][e, start:end] = g
+            start = end
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Serving
 

@@ -3,12 +3,15 @@ model and no sampling. Its implicit reward of a response is beta x (log pi - log
 response's tokens, against the frozen reference (the SFT model, init_from), whose log-probabilities are computed
 once before training. dpo.loss='ipo' regresses the margin to 1 / (2 beta) instead (Azar et al. 2023).
 
-Batch: one element per ranked prompt, its K responses side by side as the reward model's (omni/data/finetune.py
-preference_groups): inputs int32 [prompts, K, length], first and last int32 [prompts, K] (the response's first and
-last token), ranks int32 (0 = best, equal = tie), exists float32 [prompts, K]; plus ref_logps float32 [prompts,
-K]. Every untied pair of a prompt is a (chosen, rejected) pair, and all of them share one batch element, so that
-each response runs through the model once.
-Loss: per prompt, the mean over its untied pairs of dpo_loss (below); mean over prompts. Metrics: the implicit
+Batch: elements of dpo.slots response slots, each holding the responses of one or more whole ranked prompts
+(omni/data/finetune.py preference_groups, packed by pack_groups: most prompts have fewer responses than the
+largest, and padding each to the largest would spend a third of the work on empty slots): inputs int32
+[elements, slots, length], first and last int32 [elements, slots] (the response's first and last token), ranks
+int32 (0 = best, equal = tie), exists float32, group int32 (which prompt of the element; -1 empty) and
+ref_logps float32, all [elements, slots]. Every untied pair of responses to the same prompt is a (chosen,
+rejected) pair, and all of a prompt's pairs share its element, so that each response runs through the model once.
+Loss: per prompt, the mean over its untied pairs of dpo_loss (below); summed over prompts, and the trainer
+divides by the number of prompts with a pair. Metrics: the implicit
 reward's accuracy and margin over pairs, and the chosen and rejected responses' log-probabilities.
 Evaluation: the same loss and metrics on held-out rankings, and PPO's held-out measures of the policy
 (omni/stages/rollout.py HeldOut: labeler score greedy and sampled, win rate and KL against the SFT model).
@@ -57,6 +60,20 @@ def response_logps(model: GPT, params, batch: dict) -> jax.Array:
     return (logp * mask).sum(-1)
 
 
+def prompt_pairs(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(pairs, groups): pairs [elements, i better, j worse] float32, untied pairs of responses of the same prompt;
+    groups [elements]: how many prompts of each element have a pair. Each pair is weighted by 1 / its prompt's
+    pair count, so that summing the weighted pairs sums each prompt's mean (finetune.pack_groups' layout)."""
+    group = batch["group"]
+    same = group[:, :, None] == group[:, None, :]
+    pairs = (ranked_pairs(batch["ranks"], batch["exists"]) & same).astype(jnp.float32)
+    per_prompt = jnp.einsum("eia,ea->ei", same.astype(jnp.float32), pairs.sum(2))  # the pairs of i's prompt
+    slot = jnp.arange(group.shape[1])
+    first_of_prompt = ~jnp.any(same & (slot[None, None, :] < slot[None, :, None]), axis=2)
+    groups = (first_of_prompt & (per_prompt > 0)).sum(1).astype(jnp.float32)
+    return pairs / jnp.maximum(per_prompt, 1.0)[:, :, None], groups
+
+
 def dpo_objective(model: GPT, d: ml_collections.ConfigDict):
     """loss_fn for the trainer from config.dpo `d` (this module's docstring): summed over prompts with a pair."""
     pair_loss = LOSSES[d.loss]
@@ -64,15 +81,14 @@ def dpo_objective(model: GPT, d: ml_collections.ConfigDict):
     def loss_fn(params, batch: dict, rng):
         del rng  # no dropout (check)
         logps, ref = response_logps(model, params, batch), batch["ref_logps"]
-        pairs = ranked_pairs(batch["ranks"], batch["exists"]).astype(jnp.float32)  # [prompts, i better, j worse]
+        weights, prompts = prompt_pairs(batch)
+        pairs = (weights > 0).astype(jnp.float32)
         chosen, rejected = logps[:, :, None], logps[:, None, :]
         losses = pair_loss(chosen, rejected, ref[:, :, None], ref[:, None, :], d.beta)
-        count = pairs.sum((1, 2))
-        has_pairs = (count > 0).astype(jnp.float32)
-        loss = ((losses * pairs).sum((1, 2)) / jnp.maximum(count, 1.0) * has_pairs).sum()
+        loss = (losses * weights).sum()
         margin = d.beta * ((chosen - ref[:, :, None]) - (rejected - ref[:, None, :]))
         n = pairs.sum()
-        sums = {"loss": loss, "weight": has_pairs.sum(),
+        sums = {"loss": loss, "weight": prompts.sum(),
                 "reward_accuracy": ((margin > 0) * pairs).sum(), "reward_accuracy_weight": n,
                 "reward_margin": (margin * pairs).sum(), "reward_margin_weight": n,
                 "chosen_logps": (chosen * pairs).sum(), "chosen_logps_weight": n,
@@ -82,17 +98,18 @@ def dpo_objective(model: GPT, d: ml_collections.ConfigDict):
     return loss_fn
 
 
-def batch_shapes(config: ml_collections.ConfigDict, k: int) -> dict[str, tuple]:
-    groups, length = config.train.batch_size, config.train.seq_len
-    return {"inputs": ((groups, k, length), np.int32), "first": ((groups, k), np.int32),
-            "last": ((groups, k), np.int32), "ranks": ((groups, k), np.int32),
-            "exists": ((groups, k), np.float32), "ref_logps": ((groups, k), np.float32)}
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple]:
+    elements, slots, length = config.train.batch_size, config.dpo.slots, config.train.seq_len
+    return {"inputs": ((elements, slots, length), np.int32), "first": ((elements, slots), np.int32),
+            "last": ((elements, slots), np.int32), "ranks": ((elements, slots), np.int32),
+            "exists": ((elements, slots), np.float32), "ref_logps": ((elements, slots), np.float32),
+            "group": ((elements, slots), np.int32)}
 
 
 def step(config: ml_collections.ConfigDict):
-    """(model, loss_fn, global batch shapes) for label.responses responses per prompt: what omni/aot.py compiles."""
+    """(model, loss_fn, global batch shapes): what omni/aot.py compiles."""
     model = GPT(config.model)
-    return model, dpo_objective(model, config.dpo), batch_shapes(config, config.label.responses)
+    return model, dpo_objective(model, config.dpo), batch_shapes(config)
 
 
 def with_reference(groups: dict[str, np.ndarray], model: GPT, ref_params, reference_dir: str = "",
@@ -131,6 +148,7 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     tokenizer = Workdir(workdir).stage_tokenizer(config)
     train, held_out = (_preferences(config, split) for split in ("train", "validation"))
     k = max(len(r) for _, r, _ in train + held_out)
+    require(d.slots >= k, "dpo.slots", d.slots, f"a ranked prompt has {k} responses: an element must hold them all")
     seq_len = config.train.seq_len
     mesh = parallel.make_mesh(config.mesh)
     rows = parallel.process_rows(mesh, config.train.batch_size)
@@ -139,16 +157,19 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     model = GPT(config.model)
     train_groups, eval_groups = (with_reference(finetune.preference_groups(tokenizer, rankings, seq_len, k), model,
                                                 ref_params, reference_from) for rankings in (train, held_out))
+    prompts = len(train_groups["inputs"])
+    train_groups, eval_groups = (finetune.pack_groups(g, d.slots) for g in (train_groups, eval_groups))
     eval_batches = finetune.fixed_batches(eval_groups, config.train.batch_size, config.train.eval_batches, rows,
                                           ("exists",))
-    pairs = int(np.asarray(ranked_pairs(train_groups["ranks"], train_groups["exists"])).sum())
-    epochs = config.train.steps * config.train.batch_size / len(train_groups["inputs"])
-    print(f"DPO ({d.loss}, beta {d.beta}): {len(train_groups['inputs']):,} ranked prompts ({pairs:,} pairs, up to "
-          f"{k} responses each), {epochs:.2g} epochs; {len(held_out):,} held out; reference {reference_from}",
-          flush=True)
+    pairs = int(np.asarray(prompt_pairs(train_groups)[0] > 0).sum())
+    elements = len(train_groups["inputs"])
+    epochs = config.train.steps * config.train.batch_size / elements
+    print(f"DPO ({d.loss}, beta {d.beta}): {prompts:,} ranked prompts ({pairs:,} pairs, up to {k} responses "
+          f"each) in {elements:,} elements of {d.slots} responses ({train_groups['exists'].mean():.0%} filled), "
+          f"{epochs:.2g} epochs; {len(held_out):,} held out; reference {reference_from}", flush=True)
     return Task(model=model, loss_fn=dpo_objective(model, d),
                 train_iter=finetune.train_iterator(train_groups, config, rows), eval_batches=eval_batches,
                 tokenizer_path=tokenizer.model_path, example_batch=eval_batches[0],
                 flops_per_token=flops_per_token(config.model, seq_len), language_model=False,
                 eval_extra=policy_evaluation(config, tokenizer, mesh, ref_params, reference_from),
-                summary_extras={"ranked_prompts": len(train), "pairs": pairs, "epochs": math.floor(epochs * 100) / 100})
+                summary_extras={"ranked_prompts": prompts, "pairs": pairs, "epochs": math.floor(epochs * 100) / 100})
