@@ -8,6 +8,7 @@ tokens, greedy, no early stop (both sides generate exactly 128); batch 1 and bat
 runs alternately in rounds after a warm-up (which includes omni's compilation), the best round counts.
 Tokens/s = batch x 128 / wall time of the whole call (prefill included, as a user sees it).
 --quant=int8 or w8a8 runs omni on the same weights quantized (omni/compress/quant.py); HF stays fp32.
+Both run under glibc huge pages (benchmarks/allocator.py; --no-huge-pages: neither).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import platform
 import time
 
 import numpy as np
+
+import allocator
 
 LAYERS, HEADS, D_MODEL, VOCAB, MAX_LEN = 6, 6, 384, 8192, 1024
 PROMPT, NEW = 32, 128
@@ -87,12 +90,15 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="omni only (no torch installed)")
     parser.add_argument("--quant", default="none", choices=("none", "int8", "w8a8"), help="omni's weights")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help=f"do not rerun this process with GLIBC_TUNABLES={allocator.HUGE_PAGES}")
     args = parser.parse_args()
+    allocator.with_huge_pages(off=args.no_huge_pages)
     import omni  # noqa: F401 - before JAX starts its backends (omni/__init__.py)
 
     out = {"benchmark": "generate_throughput", "prompt_tokens": PROMPT, "new_tokens": NEW,
            "shape": {"layers": LAYERS, "heads": HEADS, "d_model": D_MODEL, "vocab": VOCAB, "dtype": "float32"},
-           "omni_quant": args.quant,
+           "omni_quant": args.quant, "glibc_tunables": allocator.tunables(),
            "machine": f"{platform.machine()} {os.cpu_count()} cores",
            "device": __import__("jax").devices()[0].device_kind}
     for batch in map(int, args.batches.split(",")):

@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+import allocator
+
 LAYERS, HEADS, D_MODEL, VOCAB, MAX_LEN = 6, 6, 384, 8192, 1024
 PROMPT, SLOTS = 32, 16
 
@@ -183,7 +185,10 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="new tokens per request")
     parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "omni_serve_bench"))
     parser.add_argument("--no-hf", action="store_true", help="omni only")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help=f"do not rerun this process with GLIBC_TUNABLES={allocator.HUGE_PAGES}")
     args = parser.parse_args()
+    allocator.with_huge_pages(off=args.no_huge_pages)  # this process (transformers) and omni serve's alike
     import omni  # noqa: F401 - before JAX starts its backends (omni/__init__.py)
 
     os.makedirs(args.folder, exist_ok=True)
@@ -191,7 +196,7 @@ def main() -> None:
     counts = [int(n) for n in args.clients.split(",")]
     out = {"benchmark": "serve_throughput", "new_tokens": args.new, "prompt_tokens": PROMPT, "slots": SLOTS,
            "shape": {"layers": LAYERS, "heads": HEADS, "d_model": D_MODEL, "vocab": VOCAB, "dtype": "float32"},
-           "machine": f"{platform.machine()} {os.cpu_count()} cores",
+           "machine": f"{platform.machine()} {os.cpu_count()} cores", "glibc_tunables": allocator.tunables(),
            "omni": omni_side(workdir, prompts, counts, args.new)}
     if not args.no_hf:
         out["hf"] = hf_side(hf_dir, prompts, counts, args.new, os.path.join(args.folder, "tokenizer.model"))

@@ -15,15 +15,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 
+import allocator
+
 LAYERS, HEADS, D_MODEL, VOCAB, SEQ, BATCH = 6, 6, 384, 8192, 256, 8
-# Large buffers on transparent huge pages: without it glibc maps every step's big temporaries (> 32 MB) afresh,
-# and the kernel zeroes them page by page (~178k page faults per omni step here).
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
 def omni_stepper(scan_layers: bool):
@@ -100,13 +98,9 @@ def main() -> None:
     parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
                         help="XLA devices on this CPU host, data parallel (config.cpu_devices; 0: one device)")
     parser.add_argument("--no-huge-pages", action="store_true",
-                        help=f"do not rerun this process with GLIBC_TUNABLES={HUGE_PAGES}")
+                        help=f"do not rerun this process with GLIBC_TUNABLES={allocator.HUGE_PAGES}")
     args = parser.parse_args()
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if not args.no_huge_pages and HUGE_PAGES not in tunables:
-        # glibc reads its tunables at process start; both frameworks then run under the same allocator.
-        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES])))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    allocator.with_huge_pages(off=args.no_huge_pages)  # both frameworks under the same allocator
 
     from omni import parallel
 
@@ -130,7 +124,7 @@ def main() -> None:
     out = {"benchmark": "train_throughput", "tokens_per_s": best["omni"],
            "mfu": best["omni"] * fpt / (peak * jax.device_count()),
            "flops_per_token": fpt, "peak_flops": peak, "peak_source": source, "scan_layers": args.scan,
-           "cpu_devices": args.cpu_devices, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+           "cpu_devices": args.cpu_devices, "glibc_tunables": allocator.tunables(),
            "shape": {"layers": LAYERS, "heads": HEADS, "d_model": D_MODEL, "vocab": VOCAB, "seq": SEQ,
                      "batch": BATCH, "dtype": "float32"},
            "machine": f"{platform.machine()} {os.cpu_count()} cores"}

@@ -12,7 +12,9 @@ index shared by the batch (Generator's layout). Each step feeds every busy row i
 position: the model runs vmapped over rows, each row a batch-1 KVCache whose scalar index is the row's position.
 The step writes the token's keys and values there and chooses the next token with the row's own temperature,
 top-k, top-p and random key (generate.process_rows), so differently sampled requests share the compiled step.
-Idle rows compute garbage that nobody reads.
+Idle rows compute garbage that nobody reads. Attention reads only the cache's first `window` slots, the
+power-of-two bucket above the busiest row's position: one compiled step per bucket, and a step's cost follows
+the lengths in use, not model.max_len.
 
 A new request is prefilled alone into a free row: its prompt but the last token, right-padded to a power-of-two
 bucket (generate.bucket) so that prompt lengths share compiled programs. The padding's slots lie at and past the
@@ -95,7 +97,8 @@ class Engine:
         options = generator.compiler_options
         self._prefill = jax.jit(functools.partial(_prefill, model), donate_argnames="cache",
                                 compiler_options=options)
-        self._decode = jax.jit(functools.partial(_decode, model), donate_argnames="cache", compiler_options=options)
+        self._decode = jax.jit(functools.partial(_decode, model), static_argnames="window", donate_argnames="cache",
+                               compiler_options=options)
         self._cache = self._empty_cache()
         self._rows: list[_Row | None] = [None] * slots
         self._waiting: collections.deque[Request] = collections.deque()
@@ -202,7 +205,8 @@ class Engine:
                 feed[:, i] = row.tokens[-1], len(row.tokens) - 1, s.top_k
                 floats[:, i] = s.temperature, s.top_p
                 keys[:, i] = row.request.seed, len(row.generated)
-        self._cache, out = self._decode(self.generator.params, self._cache, *feed, *floats, *keys)
+        window = bucket(int(feed[1].max()) + 1, self.generator.config.max_len)
+        self._cache, out = self._decode(self.generator.params, self._cache, *feed, *floats, *keys, window=window)
         tokens, logprobs, top_logprobs, top_ids = jax.device_get(out)
         with self._changed:
             for i, row in enumerate(self._rows):
@@ -260,15 +264,21 @@ def _prefill(model, params, cache, row, tokens):
     return tuple(map(place, cache[0], part.k)), tuple(map(place, cache[1], part.v))
 
 
-def _decode(model, params, cache, tokens, positions, top_k, temperature, top_p, seeds, counts):
+def _decode(model, params, cache, tokens, positions, top_k, temperature, top_p, seeds, counts, *, window):
     """Feeds each row's token at its position; returns the cache and, per row, the next token, its logprob and
-    the TOP_LOGPROBS most likely tokens' (logprobs, ids)."""
+    the TOP_LOGPROBS most likely tokens' (logprobs, ids). Rows attend over the cache's first `window` slots
+    only (every busy row's position is below it): a step reads what the rows hold, not all max_len slots."""
 
     def one_row(k, v, token, position):
-        row = KVCache(k=tuple(x[None] for x in k), v=tuple(x[None] for x in v), start=jnp.zeros(1, jnp.int32),
-                      index=position)
+        row = KVCache(k=tuple(x[None, :, :window] for x in k), v=tuple(x[None, :, :window] for x in v),
+                      start=jnp.zeros(1, jnp.int32), index=position)
         logits, row = model.apply({"params": params}, token.reshape(1, 1), cache=row)
-        return logits[0, 0], (tuple(x[0] for x in row.k), tuple(x[0] for x in row.v))
+        # Only the token's own keys and values go back to the full cache: copying the whole window back
+        # would cost as much as attending over it.
+        written = (tuple(jax.lax.dynamic_slice_in_dim(x[0], position, 1, axis=1) for x in c) for c in (row.k, row.v))
+        return logits[0, 0], tuple(
+            tuple(jax.lax.dynamic_update_slice_in_dim(full, new, position, axis=1) for full, new in zip(old, part))
+            for old, part in zip((k, v), written))
 
     logits, cache = jax.vmap(one_row)(cache[0], cache[1], tokens, positions)
     keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(seeds, counts)

@@ -210,6 +210,12 @@ def process_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, to
     at temperature 0 come back unchanged: their argmax is the greedy choice."""
     greedy = temperature == 0.0
     logits = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    # Sorting every row's vocabulary costs more than the rest of a decode step: only when some row filters.
+    return jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), _filter_rows, lambda x, *_: x,
+                        logits, greedy, top_k, top_p)
+
+
+def _filter_rows(logits, greedy, top_k, top_p):
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]
     k = jnp.where(top_k > 0, top_k, logits.shape[-1])  # 0: every token, the last one sorted is the cutoff
     cutoff = jnp.take_along_axis(ordered, k[:, None] - 1, axis=-1)[:, 0]

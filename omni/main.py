@@ -171,8 +171,8 @@ def run(config, workdir: str) -> int:
 
 
 def train(config, workdir: Workdir, stage: registry.Stage) -> int:
+    start = time.time()  # the stage's setup too (DPO's reference, best-of-n's sampling): the time a user waits
     task = stage.start(config, workdir.path)
-    start = time.time()
     summary = trainer.train(config, workdir.path, task)  # writes config.json once training starts
     if "preempted" in summary:
         return 0

@@ -87,6 +87,11 @@ def test_process_rows_matches_numpy():
         np.testing.assert_allclose(got[i][np.isfinite(want)], want[np.isfinite(want)], rtol=1e-5, atol=1e-5)
     kept = np.isfinite(got).sum(-1)
     assert kept[0] == kept[1] == 40 and kept[4] == kept[8] == 1 and 1 < kept[5] < 40  # the filters did cut
+    # rows that all keep every token skip the sorting: only the temperature divides them
+    plain = [0, 1, 2]
+    got = np.asarray(process_rows(jnp.asarray(logits[plain]), jnp.asarray([settings[i].temperature for i in plain]),
+                                  jnp.zeros(3, jnp.int32), jnp.ones(3, jnp.float32)))
+    np.testing.assert_allclose(got, logits[plain] / np.array([[1.0], [1.0], [0.6]]), rtol=1e-6)
 
 
 # --- greedy rows against Generator --------------------------------------------------------------------------
