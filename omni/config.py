@@ -129,7 +129,10 @@ def _stage_defaults(c: ml_collections.ConfigDict) -> None:
         beta=0.1,  # strength of the implicit KL to the reference: the inverse temperature of the implicit reward
         loss="sigmoid",  # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
         reference_from="",  # the frozen reference policy; empty: init_from (the SFT model)
-        slots=12,  # responses per batch element: whole ranked prompts packed together (at least the most responses)
+        # A batch element: whole ranked prompts, each read once (omni/data/finetune.py pack_prompts): up to
+        # `prompts` prompts of at most prompt_len tokens (0: train.seq_len - 1; longer ones dropped), their
+        # responses side by side in `rows` rows of row_len tokens (0: train.seq_len), `slots` responses in all.
+        prompts=4, rows=6, row_len=0, slots=24, prompt_len=0,
         # Rankings to learn from (JSONL, e.g. a label stage's workdir/train and /eval); empty: the data section's
         # own (the offline suite's). The data section still gives the held-out prompts and labeler.
         path="", eval_path=""))

@@ -13,7 +13,8 @@ in a subprocess, so every stage starts with fresh devices):
 A step whose workdir holds summary.json is done and skipped; an interrupted one resumes from its checkpoint, so
 rerunning the same command picks up where it stopped. With ppo_seeds > 1 every PPO step runs once per seed
 (W/ppo-seed1, ...), sharing the reward model. At the end W/report.json, W/report.md and W/reward_kl.png hold
-every stage's headline metrics and the policies side by side on held-out prompts.
+every stage's headline metrics and the policies side by side on held-out prompts. The stages share one
+persistent compilation cache, W/xla_cache.
 
     python -m omni.main --config=experiments/post_training.py [--config.methods=dpo,grpo] [--config.seeds=3]
 
@@ -170,6 +171,18 @@ def command(step: Step, workdir: str) -> list[str]:
             f"--workdir={os.path.join(workdir, step.name)}"]
 
 
+def compilation_cache_env(workdir: str) -> dict[str, str]:
+    """The stages' environment: one persistent JAX compilation cache in W/xla_cache (unless the caller set one),
+    so that the seeds of a method, and the programs every method shares (generation, the held-out measures),
+    compile once per pipeline rather than once per process. A cached program is keyed by its HLO, the compile
+    options and the JAX version, so a changed code base compiles afresh."""
+    env = dict(os.environ)
+    if "JAX_COMPILATION_CACHE_DIR" not in env:
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(os.path.join(workdir, "xla_cache"))
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
 def _summary(workdir: str, name: str) -> dict | None:
     return Workdir(os.path.join(workdir, name)).summary()
 
@@ -183,13 +196,14 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> int:
         print("\n".join(shlex.join(command(s, workdir)) for s in steps), flush=True)
         return 0
     os.makedirs(workdir, exist_ok=True)
+    env = compilation_cache_env(workdir)
     for i, step in enumerate(steps, 1):
         if _summary(workdir, step.name) is not None:
             print(f"[pipeline] {i}/{len(steps)} {step.name}: done, skipped", flush=True)
             continue
         cmd = command(step, workdir)
         print(f"[pipeline] {i}/{len(steps)} {step.name}: {shlex.join(cmd)}", flush=True)
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, env=env)
         if rc != 0 or _summary(workdir, step.name) is None:  # a preempted stage exits 0 without a summary
             print(f"[pipeline] {step.name} did not finish (exit code {rc}); finished steps are kept: rerun the same "
                   "command to go on from there", file=sys.stderr, flush=True)

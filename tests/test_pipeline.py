@@ -103,6 +103,26 @@ def test_post_training_dry_run_prints_each_method_and_seed_from_one_sft_and_rm(m
                                                                      "dpo-seed1"]
 
 
+def test_stages_share_one_compilation_cache_in_the_workdir(tmp_path, monkeypatch):
+    """Every stage subprocess gets W/xla_cache as JAX's persistent compilation cache (the seeds of a method and
+    the programs methods share compile once), unless the caller chose a cache of its own."""
+    seen = []
+
+    def call(cmd, env):
+        seen.append({k: env.get(k) for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")})
+        return 1  # the first stage fails: the pipeline stops there
+
+    monkeypatch.setattr(pipeline.subprocess, "call", call)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    work = str(tmp_path / "W")
+    assert pipeline.run(_config("post_training", pretrained=str(tmp_path / "P")), work) == 1
+    assert seen == [{"JAX_COMPILATION_CACHE_DIR": os.path.join(work, "xla_cache"),
+                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}]
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    pipeline.run(_config("post_training", pretrained=str(tmp_path / "P")), work)
+    assert seen[-1]["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
+
+
 def test_unknown_post_training_method_is_named():
     out = run_cli(["--config=experiments/post_training.py", "--config.methods=dpo,rlhf", "--config.dry_run=True"])
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -166,7 +166,8 @@ def test_k3_kl_matches_numpy_is_nonnegative_and_estimates_the_kl():
 def _dpo_config(beta, loss="sigmoid"):
     c = base_config()
     c.stage = "dpo"
-    c.model.update(num_layers=1, num_heads=2, d_model=32, d_ff=64, vocab_size=64, max_len=32, scan_layers=False)
+    # two layers: a gradient through a cached prefix's attention reaches the first layer's queries and keys
+    c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64, vocab_size=64, max_len=32, scan_layers=False)
     c.dpo.update(beta=beta, loss=loss)
     return c
 
@@ -210,10 +211,25 @@ def _groups():
     exists = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]], np.float32)
     for p in range(4):
         for k in range(3):
-            inputs[p, k, last[p, k] + 1:] = 3  # pad after the response
+            inputs[p, k, last[p, k] + 1:] = PAD  # pad after the response
             inputs[p, k, :first[p, k]] = inputs[p, 0, :first[p, k]]  # one prompt per group
     return {"inputs": inputs, "first": first, "last": last, "ranks": ranks, "exists": exists,
-            "group": np.zeros((4, 3), np.int32)}  # one prompt per element
+            "id": np.arange(12, dtype=np.int32).reshape(4, 3)}  # which response a packed slot holds
+
+
+PAD = 3
+
+
+def _packed(groups, prompts=1, rows=3, slots=3):
+    """`groups` (a row per response, as preference_groups lays them out) in DPO's batch layout: each prompt once,
+    its responses side by side (finetune.pack_prompts); by default one prompt per element."""
+    return finetune.pack_prompts(groups, PAD, prompts=prompts, rows=rows, row_len=LENGTH, slots=slots,
+                                 prompt_len=LENGTH - 1)
+
+
+def _per_slot(values, packed):
+    """values [prompts, K] at the packed slots (0 where a slot is empty)."""
+    return np.where(packed["exists"] > 0, np.asarray(values).reshape(-1)[packed["id"]], 0)
 
 
 def _numpy_response_logps(model, params, groups):
@@ -266,21 +282,32 @@ def scored_groups(tiny_gpt):
 
 
 def test_response_logps_match_numpy(tiny_gpt, scored_groups):
+    """Each prompt read once and its responses side by side give every response's log-probability as a row of
+    its own does (the NumPy recomputation), whatever sits in the padding."""
     model, params = tiny_gpt
-    batch, logps = scored_groups
-    got = np.asarray(jax.jit(lambda q, b: dpo.response_logps(model, q, b))(params, batch))
-    exists = batch["exists"] == 1
-    np.testing.assert_allclose(got[exists], logps[exists], rtol=1e-5, atol=1e-4)
-    assert np.ptp(logps[exists]) > 5  # the responses differ: a wrong mask would show
+    groups, logps = scored_groups
+    logps_of = jax.jit(lambda q, b: dpo.response_logps(model, q, b))
+    for batch in (_packed(groups), _packed(groups, prompts=4, rows=12, slots=12)):
+        exists = batch["exists"] == 1
+        assert exists.sum() == groups["exists"].sum()
+        np.testing.assert_allclose(np.asarray(logps_of(params, batch))[exists], _per_slot(logps, batch)[exists],
+                                   rtol=1e-5, atol=1e-4)
+        garbage = {**batch, "inputs": np.where(batch["segments"] > 0, batch["inputs"], 7),
+                   "prompt": np.where(np.arange(LENGTH - 2) < batch["prompt_start"][..., None], 7, batch["prompt"])}
+        np.testing.assert_allclose(np.asarray(logps_of(params, garbage))[exists], _per_slot(logps, batch)[exists],
+                                   rtol=1e-5, atol=1e-4)
+    assert np.ptp(logps[groups["exists"] == 1]) > 5  # the responses differ: a wrong mask would show
+    assert batch["group"].max() > 0 and batch["segments"].max() > 1  # prompts share elements, responses rows
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_dpo_objective_matches_numpy(tiny_gpt, scored_groups, objective, loss):
     _, params = tiny_gpt
-    batch, logps = scored_groups
+    groups, logps = scored_groups
+    batch = _packed(groups)
     beta = 0.3
     (total, sums), _ = objective(beta, loss)(params, batch)
-    want, prompts, pairs, correct, margin_sum = _numpy_dpo(logps, batch["ref_logps"], batch, beta, loss)
+    want, prompts, pairs, correct, margin_sum = _numpy_dpo(logps, groups["ref_logps"], groups, beta, loss)
     assert (prompts, pairs) == (3, 6)  # the tie and the missing response make no pair; prompt 3 none at all
     np.testing.assert_allclose(float(total), want, rtol=1e-4)
     np.testing.assert_allclose(float(sums["loss"]), want, rtol=1e-4)
@@ -288,24 +315,23 @@ def test_dpo_objective_matches_numpy(tiny_gpt, scored_groups, objective, loss):
     assert float(sums["reward_accuracy_weight"]) == pairs and float(sums["reward_accuracy"]) == correct
     assert 0 < correct < pairs  # the reference's noise orders some pairs each way
     np.testing.assert_allclose(float(sums["reward_margin"]), margin_sum, rtol=1e-4, atol=1e-4)
-    # whatever sits where the missing response would be changes nothing
-    garbage = {**batch, "inputs": batch["inputs"].copy(), "first": batch["first"].copy()}
-    garbage["inputs"][2, 2] = 7
-    garbage["first"][2, 2] = 1
+    # whatever sits in an empty slot changes nothing
+    garbage = {**batch, "first": np.where(batch["exists"] > 0, batch["first"], 1),
+               "ranks": np.where(batch["exists"] > 0, batch["ranks"], -5)}
     np.testing.assert_allclose(float(objective(beta, loss)(params, garbage)[0][0]), float(total), rtol=1e-6)
 
 
 def test_dpo_objective_is_the_same_on_prompts_packed_together(tiny_gpt, scored_groups, objective):
-    """finetune.pack_groups puts whole prompts side by side in elements of 6 slots: the same responses, the same
-    loss and sums as one prompt per element (checked against NumPy above); no pair crosses two prompts."""
+    """finetune.pack_prompts puts whole prompts side by side in elements of 2 prompts, 6 rows and 6 slots: the
+    same responses, the same loss and sums as one prompt per element (checked against NumPy above); no pair
+    crosses two prompts."""
     _, params = tiny_gpt
-    batch, _ = scored_groups
-    unpacked = {k: v for k, v in batch.items() if k != "group"}
-    packed = finetune.pack_groups(unpacked, slots=6)
+    groups, _ = scored_groups
+    single, packed = _packed(groups), _packed(groups, prompts=2, rows=6, slots=6)
     assert packed["group"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, -1]]  # largest first, next fit
-    assert packed["exists"].sum() == batch["exists"].sum() and packed["inputs"].shape == (2, 6, LENGTH)
+    assert packed["exists"].sum() == groups["exists"].sum() and packed["inputs"].shape == (2, 6, LENGTH)
     for fn in (objective(0.3), objective(0.3, "ipo")):
-        (total, sums), _ = fn(params, batch)
+        (total, sums), _ = fn(params, single)
         (got, got_sums), _ = fn(params, packed)
         np.testing.assert_allclose(float(got), float(total), rtol=1e-5)
         for k in sums:
@@ -313,8 +339,8 @@ def test_dpo_objective_is_the_same_on_prompts_packed_together(tiny_gpt, scored_g
     # ranked as one prompt, the six responses of an element would make more pairs than the two prompts have
     merged = {**packed, "group": np.where(packed["exists"] > 0, 0, -1).astype(np.int32)}
     assert float(objective(0.3)(params, merged)[0][1]["reward_accuracy_weight"]) > float(sums["reward_accuracy_weight"])
-    with pytest.raises(ValueError, match="3 responses, more than the 2 slots"):
-        finetune.pack_groups(unpacked, slots=2)
+    with pytest.raises(ValueError, match="needs 2 response rows and 3 slots: more than an element's dpo.rows=1"):
+        _packed(groups, rows=1)
 
 
 def _flat(tree):
@@ -325,7 +351,9 @@ def test_dpo_gradient_matches_finite_differences(tiny_gpt, scored_groups, object
     """The gradient of the summed loss along a random unit direction in parameter space, against a central
     difference of the loss itself (float32: a step of 1e-2 keeps rounding ~1e-5 against a slope of ~1e-2)."""
     _, params = tiny_gpt
-    batch, _ = scored_groups
+    groups, _ = scored_groups
+    batch = _packed(groups, prompts=3, rows=6, slots=6)  # each element with an empty prompt row
+    assert np.all(batch["prompt_start"][:, -1] == LENGTH - 2)
     fn = objective(0.3)
     (_, _), grad = fn(params, batch)
     leaves = jax.tree.leaves(params)
@@ -345,9 +373,9 @@ def test_dpo_gradient_at_small_beta_is_minus_half_beta_times_the_margins_gradien
     """-log sigmoid(beta m) = log 2 - beta m / 2 + O(beta^2): as beta -> 0 the gradient is -beta / 2 times the
     gradient of the summed per-prompt mean of (chosen - rejected), computed here with our own masks."""
     model, params = tiny_gpt
-    batch, _ = scored_groups
+    batch, _ = scored_groups  # a row per response, as preference_groups lays them out
     beta = 1e-4
-    (_, _), grad = objective(beta)(params, batch)
+    (_, _), grad = objective(beta)(params, _packed(batch, prompts=3, rows=6, slots=6))
     # per prompt, the weight of each response in the mean of (chosen - rejected) over its untied pairs
     weights = np.zeros(batch["exists"].shape, np.float32)
     positions = np.zeros(batch["inputs"].shape, np.float32)
@@ -383,7 +411,7 @@ def test_dpo_hardly_moves_pairs_it_already_orders_by_a_wide_margin(tiny_gpt, sco
     def train(sign):
         # (c - ref_c) - (r - ref_r) = sign * 50 / beta * (rank_r - rank_c), at least 50 / beta for untied pairs
         ref = (logps + sign * 50 / beta * batch["ranks"]).astype(np.float32)
-        b = {**batch, "ref_logps": ref}
+        b = _packed({**batch, "ref_logps": ref})
         q, losses = params, []
         for _ in range(5):
             (loss, sums), grads = fn(q, b)
@@ -399,25 +427,37 @@ def test_dpo_hardly_moves_pairs_it_already_orders_by_a_wide_margin(tiny_gpt, sco
     assert np.all(preferred < 1e-6)
 
 
+def _ranked_text(seq_len, records):
+    """preference_groups of `records` packed as DPO reads them (two prompts an element), with 'id': p * 3 + k."""
+    groups = preference_groups(CharTokenizer(), records, seq_len, 3)
+    groups["id"] = np.arange(groups["exists"].size, dtype=np.int32).reshape(groups["exists"].shape)
+    return groups, finetune.pack_prompts(groups, CharTokenizer().pad_id, prompts=2, rows=4, row_len=seq_len,
+                                         slots=6, prompt_len=seq_len - 1)
+
+
+RECORDS = [("pick", ["a", "bb", "c"], [0, 1, 1]), ("go", ["long answer here", "x"], [1, 0])]
+
+
 def test_preference_groups_and_with_reference_score_the_response_tokens_and_eos(tiny_gpt):
     """From text: 'first'..'last' are the response's tokens and EOS (cut at seq_len), and with_reference's
-    ref_logps are their summed log-probabilities given everything before them."""
+    ref_logps of the packed prompts are their summed log-probabilities given everything before them."""
     model, params = tiny_gpt
     tok = CharTokenizer()
     seq_len = 28
-    records = [("pick", ["a", "bb", "c"], [0, 1, 1]), ("go", ["long answer here", "x"], [1, 0])]
-    groups = dpo.with_reference(preference_groups(tok, records, seq_len, 3), model, params)
+    groups, packed = _ranked_text(seq_len, RECORDS)
+    ref_logps = dpo.with_reference(packed, model, params)["ref_logps"]
+    got = dict(zip(packed["id"][packed["exists"] > 0].tolist(), ref_logps[packed["exists"] > 0].tolist()))
     logits = np.asarray(model.apply({"params": params}, groups["inputs"].reshape(-1, seq_len)), np.float64)
     logp = jax.nn.log_softmax(logits).reshape(2, 3, seq_len, -1)
-    for p, (prompt, responses, _) in enumerate(records):
+    for p, (prompt, responses, _) in enumerate(RECORDS):
         head = prompt_ids(tok, prompt)
         for k, response in enumerate(responses):
             ids = (head + response_ids(tok, response))[:seq_len]
             assert groups["first"][p, k] == len(head) and groups["last"][p, k] == len(ids) - 1
             want = sum(float(logp[p, k, j - 1, ids[j]]) for j in range(len(head), len(ids)))
-            np.testing.assert_allclose(groups["ref_logps"][p, k], want, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(got.pop(p * 3 + k), want, rtol=1e-5, atol=1e-4)
+    assert not got  # and nothing else: the missing third response of "go" has no slot
     assert len(prompt_ids(tok, "go")) + len(response_ids(tok, "long answer here")) > seq_len  # one was cut
-    assert groups["exists"][1, 2] == 0 and groups["ref_logps"][1, 2] == 0.0
 
 
 def test_dpo_reference_logps_are_kept_in_the_reference_workdir_for_the_same_rankings(tiny_gpt, tmp_path):
@@ -425,16 +465,17 @@ def test_dpo_reference_logps_are_kept_in_the_reference_workdir_for_the_same_rank
     reference's cache/, and the next run on the same rankings and reference reads them from there (a file
     altered by hand is what it returns); other rankings or another reference are computed anew."""
     model, params = tiny_gpt
-    tok, seq_len, ref = CharTokenizer(), 28, str(tmp_path / "sft")
-    records = [("pick", ["a", "bb", "c"], [0, 1, 1]), ("go", ["long answer here", "x"], [1, 0])]
-    groups = preference_groups(tok, records, seq_len, 3)
+    seq_len, ref = 28, str(tmp_path / "sft")
+    _, groups = _ranked_text(seq_len, RECORDS)
     want = dpo.with_reference(groups, model, params)["ref_logps"]
     np.testing.assert_array_equal(dpo.with_reference(groups, model, params, ref)["ref_logps"], want)
     [name] = os.listdir(os.path.join(ref, "cache"))
     np.savez(os.path.join(ref, "cache", name), ref_logps=want + 1.0)
     np.testing.assert_array_equal(dpo.with_reference(groups, model, params, ref)["ref_logps"], want + 1.0)
-    other = preference_groups(tok, records[:1], seq_len, 3)
-    np.testing.assert_allclose(dpo.with_reference(other, model, params, ref)["ref_logps"], want[:1], rtol=1e-6)
+    _, other = _ranked_text(seq_len, RECORDS[:1])
+    pick = (groups["id"] < 3) & (groups["exists"] > 0)  # the first prompt's slots, in the order `other` has them
+    np.testing.assert_allclose(dpo.with_reference(other, model, params, ref)["ref_logps"][0, :3], want[pick],
+                               rtol=1e-6)
     moved = jax.tree.map(lambda x: x * 1.01, params)
     np.testing.assert_array_equal(dpo.with_reference(groups, model, moved, ref)["ref_logps"],
                                   dpo.with_reference(groups, model, moved)["ref_logps"])
@@ -447,7 +488,8 @@ def test_dpo_reference_logps_are_kept_in_the_reference_workdir_for_the_same_rank
 def _grpo_config(advantage="grpo", skip_zero_spread=False):
     c = base_config()
     c.stage = "grpo"
-    c.model.update(num_layers=1, num_heads=2, d_model=32, d_ff=64, vocab_size=64, max_len=32, scan_layers=False)
+    # two layers: a gradient through a cached prefix's attention reaches the first layer's queries and keys
+    c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64, vocab_size=64, max_len=32, scan_layers=False)
     c.train.update(batch_size=16, seq_len=28, seed=0)
     c.ppo.update(rollout_batch=32, samples_per_prompt=8, max_new_tokens=3, sample_every=10_000, iterations=20)
     c.grpo.update(advantage=advantage, skip_zero_spread=skip_zero_spread)

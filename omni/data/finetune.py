@@ -171,32 +171,102 @@ def preference_groups(tokenizer, records: Sequence[tuple[str, list[str], list[in
     return {k: v[keep] for k, v in out.items()}
 
 
-def pack_groups(groups: dict[str, np.ndarray], slots: int) -> dict[str, np.ndarray]:
-    """preference_groups' prompts (every key [prompts, K, ...], the responses first, 'exists' marking them) packed
-    whole into elements of `slots` response slots, with 'group' int32 [elements, slots]: which prompt of the
-    element each slot holds (-1: empty). Most prompts have fewer responses than the largest, so padding each to K
-    wastes the model's work on empty slots; packed, nearly every slot is a response. Largest first, each into the
-    current element while it fits (next fit): deterministic in the stored order."""
+def pack_prompts(groups: dict[str, np.ndarray], pad_id: int, prompts: int, rows: int, row_len: int, slots: int,
+                 prompt_len: int) -> dict[str, np.ndarray]:
+    """preference_groups' prompts (every key [prompts, K, ...]) packed whole into elements of `prompts` prompt
+    rows, `rows` response rows of `row_len` tokens and `slots` responses, each prompt written once. Its row
+    ('prompt' [E, prompts, prompt_len - 1]) holds all its tokens but the last, left-padded ('prompt_start': the
+    first real one). Each response is a segment [the prompt's last token, the response, EOS] of a response row
+    ('inputs' [E, rows, row_len]; 'segments' numbered from 1 within the row, 0 padding; 'positions' continuing
+    the prompt's), and 'row_prompt' [E, rows] says which prompt a row continues: the model reads a prompt once
+    for all its responses (omni/stages/dpo.py response_logps), where a row per response repeated it. Per slot
+    [E, slots]: 'row', 'first' and 'last' (the response's first and last token in its row), 'exists', 'group'
+    (which prompt of the element; -1 empty), and the groups' other values per response ('ranks', ...). Prompts
+    longer than prompt_len are dropped and responses longer than row_len - 1 tokens cut (both warned). Largest
+    first, next fit: deterministic in the stored order."""
     sizes = groups["exists"].sum(1).astype(int)
-    if sizes.max() > slots:
-        raise ValueError(f"a prompt has {sizes.max()} responses, more than the {slots} slots of an element")
-    elements, used = [], slots
-    for p in np.argsort(-sizes, kind="stable"):
-        if used + sizes[p] > slots:
+    keep = groups["first"][:, 0] <= prompt_len
+    _warn("ranked prompts", int((~keep).sum()), len(keep),
+          f"are longer than dpo.prompt_len={prompt_len} tokens and were dropped")
+    lengths = (groups["last"] - groups["first"] + 2) * (groups["exists"] > 0)  # segment tokens; 0: no response
+    _warn("responses", int((lengths[keep] > row_len).sum()), int(sizes[keep].sum()),
+          f"were cut at dpo.row_len={row_len} tokens (with the prompt's last)")
+    lengths = np.minimum(lengths, row_len)
+    plan = _plan_elements(np.flatnonzero(keep), sizes, lengths, (prompts, rows, slots), row_len)
+    return _lay_out(groups, plan, lengths, pad_id, (prompts, rows, slots), row_len, prompt_len - 1)
+
+
+def _response_rows(lengths: np.ndarray, size: int, row_len: int) -> list[list[int]]:
+    """One prompt's responses (segment `lengths`) in rows of row_len tokens, longest first, first fit."""
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for k in sorted(range(size), key=lambda k: -lengths[k]):
+        for r, used in enumerate(fill):
+            if used + lengths[k] <= row_len:
+                rows[r].append(k)
+                fill[r] += lengths[k]
+                break
+        else:
+            rows.append([k])
+            fill.append(lengths[k])
+    return rows
+
+
+def _plan_elements(order: np.ndarray, sizes: np.ndarray, lengths: np.ndarray, capacity: tuple[int, int, int],
+                   row_len: int) -> list[list[tuple[int, list[list[int]]]]]:
+    """Per element, its prompts with their response rows [(prompt, [[response, ...] per row])]: the prompts
+    with the most response tokens first, each into the current element while its prompt rows, response rows and
+    slots (`capacity`) last."""
+    elements: list = []
+    used = np.array(capacity)
+    for p in sorted(order, key=lambda p: -lengths[p].sum()):
+        rows = _response_rows(lengths[p], sizes[p], row_len)
+        need = np.array([1, len(rows), sizes[p]])
+        if np.any(need > capacity):
+            raise ValueError(f"a ranked prompt needs {need[1]} response rows and {need[2]} slots: more than an "
+                             f"element's dpo.rows={capacity[1]} or dpo.slots={capacity[2]}")
+        if np.any(used + need > capacity):
             elements.append([])
-            used = 0
-        elements[-1].append(p)
-        used += sizes[p]
-    out = {k: np.zeros((len(elements), slots) + v.shape[2:], v.dtype) for k, v in groups.items()}
-    out["group"] = np.full((len(elements), slots), -1, np.int32)
-    for e, prompts in enumerate(elements):
-        start = 0
-        for g, p in enumerate(prompts):
-            end = start + sizes[p]
-            for k, v in groups.items():
-                out[k][e, start:end] = v[p, :sizes[p]]
-            out["group"][e, start:end] = g
-            start = end
+            used[:] = 0
+        elements[-1].append((p, rows))
+        used += need
+    return elements
+
+
+def _lay_out(groups: dict[str, np.ndarray], plan: list, lengths: np.ndarray, pad_id: int,
+             capacity: tuple[int, int, int], row_len: int, prompt_width: int) -> dict[str, np.ndarray]:
+    """pack_prompts' arrays from the `plan` of _plan_elements."""
+    n, (prompts, rows, slots) = len(plan), capacity
+    per_response = [k for k, v in groups.items()  # 'ranks', and any other value per response (e.g. 'ref_logps')
+                    if k not in ("inputs", "first", "last", "exists") and v.shape == groups["exists"].shape]
+    out = {"prompt": np.full((n, prompts, prompt_width), pad_id, np.int32),
+           "prompt_start": np.full((n, prompts), prompt_width, np.int32),
+           "inputs": np.full((n, rows, row_len), pad_id, np.int32),
+           "segments": np.zeros((n, rows, row_len), np.int32), "positions": np.zeros((n, rows, row_len), np.int32),
+           "row_prompt": np.zeros((n, rows), np.int32), "group": np.full((n, slots), -1, np.int32),
+           **{k: np.zeros((n, slots), np.int32) for k in ("row", "first", "last")},
+           **{k: np.zeros((n, slots), groups[k].dtype) for k in per_response}, "exists": np.zeros((n, slots), np.float32)}
+    for e, element in enumerate(plan):
+        r = s = 0
+        for g, (p, response_rows) in enumerate(element):
+            head = groups["first"][p, 0]  # the prompt's tokens
+            out["prompt"][e, g, prompt_width - head + 1:] = groups["inputs"][p, 0, :head - 1]
+            out["prompt_start"][e, g] = prompt_width - head + 1
+            for row in response_rows:
+                out["row_prompt"][e, r] = g
+                at = 0
+                for segment, k in enumerate(row, 1):
+                    size = lengths[p, k]
+                    span = slice(at, at + size)
+                    out["inputs"][e, r, span] = groups["inputs"][p, k, head - 1:head - 1 + size]
+                    out["segments"][e, r, span] = segment
+                    out["positions"][e, r, span] = np.arange(head - 1, head - 1 + size)
+                    out["row"][e, s], out["first"][e, s], out["last"][e, s] = r, at + 1, at + size - 1
+                    out["exists"][e, s], out["group"][e, s] = 1.0, g
+                    for key in per_response:
+                        out[key][e, s] = groups[key][p, k]
+                    s, at = s + 1, at + size
+                r += 1
     return out
 
 

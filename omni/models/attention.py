@@ -62,8 +62,11 @@ def _chunk_probs(q, k, q_pos, window, q_seg, k_seg, lse=None):
         logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)  # [batch, heads, chunk, keys]
     mask = allowed(q_pos, jnp.arange(k.shape[2]), window, q_seg, k_seg)
     mask = mask[:, None] if mask.ndim == 3 else mask
+    logits = jnp.where(mask, logits, _NEG)
     if lse is None:
-        lse = jax.nn.logsumexp(jnp.where(mask, logits, _NEG), axis=-1)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+    # exp of the masked logits too, never of a raw one: against a fully masked row's lse (about _NEG) a raw logit
+    # overflows to inf, and differentiating through the where (a cached prefix's attention, DPO) gives 0 * inf.
     return jnp.where(mask, jnp.exp(logits - lse[..., None]), 0.0), lse
 
 
@@ -196,10 +199,12 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window=None, 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array, *,
                      q_offset, window, q_segment_ids: jax.Array, k_segment_ids: jax.Array,
-                     chunk: int = 64) -> jax.Array:
+                     new_segment_ids: jax.Array | None = None, chunk: int = 64) -> jax.Array:
     """Generation: new tokens' q, k, v [batch, new, heads, d] at slots q_offset.. attend to the earlier slots
     of a heads-major KV cache [batch, heads, slots, d] (not yet holding the new tokens) and to each other,
-    masked causally, by `window` and by segment (`k_segment_ids` per cache slot; 0: padding).
+    masked causally, by `window` and by segment (`k_segment_ids` per cache slot; 0: padding). Among the new
+    tokens, `new_segment_ids` (default `q_segment_ids`) decide who sees whom: continuations of one cached prefix
+    packed side by side each see the prefix and themselves only.
 
     The two parts are softmaxed separately and merged by their log-sum-exps, so the caller writes the new keys
     into the cache after attention: the update then has one consumer (the next step's cache) and XLA updates it
@@ -209,7 +214,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
     q_offset = jnp.asarray(q_offset, jnp.int32)
     earlier = jnp.where(jnp.arange(cache_k.shape[2]) < q_offset, k_segment_ids, -1)  # -1 matches no query
     old, old_lse = _attend(q, cache_k, cache_v, q_offset, window, q_segment_ids, earlier, chunk)
-    new, new_lse = _attend(q, k, v, 0, window, q_segment_ids, q_segment_ids, chunk)
+    new_seg = q_segment_ids if new_segment_ids is None else new_segment_ids
+    new, new_lse = _attend(q, k, v, 0, window, new_seg, new_seg, chunk)
     lse = jnp.logaddexp(old_lse, new_lse)[..., None]
     out = old * jnp.exp(old_lse[..., None] - lse) + new * jnp.exp(new_lse[..., None] - lse)
     return out.astype(v.dtype).transpose(0, 2, 1, 3)

@@ -3,13 +3,13 @@ model and no sampling. Its implicit reward of a response is beta x (log pi - log
 response's tokens, against the frozen reference (the SFT model, init_from), whose log-probabilities are computed
 once before training. dpo.loss='ipo' regresses the margin to 1 / (2 beta) instead (Azar et al. 2023).
 
-Batch: elements of dpo.slots response slots, each holding the responses of one or more whole ranked prompts
-(omni/data/finetune.py preference_groups, packed by pack_groups: most prompts have fewer responses than the
-largest, and padding each to the largest would spend a third of the work on empty slots): inputs int32
-[elements, slots, length], first and last int32 [elements, slots] (the response's first and last token), ranks
-int32 (0 = best, equal = tie), exists float32, group int32 (which prompt of the element; -1 empty) and
-ref_logps float32, all [elements, slots]. Every untied pair of responses to the same prompt is a (chosen,
-rejected) pair, and all of a prompt's pairs share its element, so that each response runs through the model once.
+Batch: elements of whole ranked prompts (omni/data/finetune.py preference_groups, packed by pack_prompts): each
+prompt once, left-padded, in one of dpo.prompts prompt rows ('prompt', 'prompt_start'), and its responses side by
+side in dpo.rows response rows of dpo.row_len tokens ('inputs', 'segments', 'positions', 'row_prompt'), so that
+a prompt runs through the model once for all its responses (a prompt is about 30 tokens here, a response 6).
+Per response slot [elements, dpo.slots]: row, first and last (where the response lies), ranks (0 = best, equal =
+tie), exists, group (which prompt of the element; -1 empty) and ref_logps. Every untied pair of responses to the
+same prompt is a (chosen, rejected) pair; all of a prompt's pairs share its element.
 Loss: per prompt, the mean over its untied pairs of dpo_loss (below); summed over prompts, and the trainer
 divides by the number of prompts with a pair. Metrics: the implicit
 reward's accuracy and margin over pairs, and the chosen and rejected responses' log-probabilities.
@@ -26,10 +26,11 @@ import ml_collections
 import numpy as np
 
 from omni import parallel
-from omni.config import require
+from omni.config import ConfigError, require
 from omni.data import finetune
 from omni.losses import dpo_loss, ipo_loss, ranked_pairs, token_logprobs  # noqa: F401 (dpo_loss: the contract)
 from omni.models import GPT, flops_per_token, gpt
+from omni.models.gpt import KVCache
 from omni.stages.rollout import frozen_params, policy_evaluation
 from omni.train.trainer import Task
 from omni.workdir import Workdir, fingerprint, starting_point
@@ -45,15 +46,36 @@ def check(c: ml_collections.ConfigDict) -> None:
     require(c.model.dropout == 0.0, "model.dropout", c.model.dropout,
             "DPO compares the policy's log-probabilities with the reference's: run it without dropout")
     require(c.mesh.sequence == 1, "mesh.sequence", c.mesh.sequence, "DPO does not split length")
+    for key in ("prompts", "rows", "slots"):
+        require(isinstance(d[key], int) and d[key] > 0, f"dpo.{key}", d[key], "must be a positive int")
+    require(isinstance(d.row_len, int) and (d.row_len == 0 or d.row_len >= 2), "dpo.row_len", d.row_len,
+            "must hold a response's first token after the prompt's last (>= 2; 0: train.seq_len)")
+    require(isinstance(d.prompt_len, int) and (d.prompt_len == 0 or 2 <= d.prompt_len < c.train.seq_len),
+            "dpo.prompt_len", d.prompt_len, f"must be 2..train.seq_len - 1 = {c.train.seq_len - 1} (0: that)")
 
 
 def response_logps(model: GPT, params, batch: dict) -> jax.Array:
-    """Each response's log-probability under `model`, summed over its tokens (EOS included): [prompts, K]."""
-    inputs = batch["inputs"]
-    flat = inputs.reshape(-1, inputs.shape[-1])
-    logits = model.apply({"params": params}, flat)
+    """Each response's log-probability under `model`, summed over its tokens (EOS included): [elements, slots].
+    The prompts run once, filling a KV cache; each response row continues its prompt's cache, its responses
+    side by side as segments that see the prompt and themselves (finetune.pack_prompts' layout)."""
+    prompt, inputs = batch["prompt"], batch["inputs"]
+    (elements, prompts, width), rows = prompt.shape, inputs.shape[1]
+    cache = KVCache.zeros(model.config, batch["prompt_start"].reshape(-1), width + inputs.shape[2])
+    _, cache = model.apply({"params": params}, prompt.reshape(-1, width), cache=cache)
+    pick = jax.nn.one_hot(batch["row_prompt"], prompts, dtype=cache.k[0].dtype)  # [elements, rows, prompts]
+
+    def per_row(c):  # [elements * prompts, ...] -> the prompt of each response row, [elements * rows, ...]
+        c = c.reshape(elements, prompts, -1)
+        return jnp.einsum("erp,epx->erx", pick, c).reshape(elements * rows, *cache.k[0].shape[1:])
+
+    start = jnp.take_along_axis(batch["prompt_start"], batch["row_prompt"], axis=1).reshape(-1)
+    cache = cache.replace(k=tuple(map(per_row, cache.k)), v=tuple(map(per_row, cache.v)), start=start)
+    flat = inputs.reshape(elements * rows, -1)
+    logits, _ = model.apply({"params": params}, flat, segment_ids=batch["segments"].reshape(flat.shape),
+                            positions=batch["positions"].reshape(flat.shape), cache=cache)
     targets = jnp.concatenate([flat[:, 1:], flat[:, -1:]], axis=1)  # the last position is never a response's
     logp = token_logprobs(logits, targets).reshape(inputs.shape)
+    logp = jnp.take_along_axis(logp, batch["row"][..., None], axis=1)  # [elements, slots, row_len]
     position = jnp.arange(inputs.shape[-1])
     # The target at position t is token t + 1: the response's tokens first..last are targets first-1..last-1.
     mask = (position >= batch["first"][..., None] - 1) & (position < batch["last"][..., None])
@@ -63,7 +85,7 @@ def response_logps(model: GPT, params, batch: dict) -> jax.Array:
 def prompt_pairs(batch: dict) -> tuple[jax.Array, jax.Array]:
     """(pairs, groups): pairs [elements, i better, j worse] float32, untied pairs of responses of the same prompt;
     groups [elements]: how many prompts of each element have a pair. Each pair is weighted by 1 / its prompt's
-    pair count, so that summing the weighted pairs sums each prompt's mean (finetune.pack_groups' layout)."""
+    pair count, so that summing the weighted pairs sums each prompt's mean (finetune.pack_prompts' layout)."""
     group = batch["group"]
     same = group[:, :, None] == group[:, None, :]
     pairs = (ranked_pairs(batch["ranks"], batch["exists"]) & same).astype(jnp.float32)
@@ -99,11 +121,24 @@ def dpo_objective(model: GPT, d: ml_collections.ConfigDict):
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple]:
-    elements, slots, length = config.train.batch_size, config.dpo.slots, config.train.seq_len
-    return {"inputs": ((elements, slots, length), np.int32), "first": ((elements, slots), np.int32),
-            "last": ((elements, slots), np.int32), "ranks": ((elements, slots), np.int32),
-            "exists": ((elements, slots), np.float32), "ref_logps": ((elements, slots), np.float32),
-            "group": ((elements, slots), np.int32)}
+    d, elements = config.dpo, config.train.batch_size
+    slot = ((elements, d.slots), np.int32)
+    return {"prompt": ((elements, d.prompts, prompt_len(config) - 1), np.int32),
+            "prompt_start": ((elements, d.prompts), np.int32), "inputs": ((elements, d.rows, row_len(config)), np.int32),
+            "segments": ((elements, d.rows, row_len(config)), np.int32),
+            "positions": ((elements, d.rows, row_len(config)), np.int32), "row_prompt": ((elements, d.rows), np.int32),
+            "row": slot, "first": slot, "last": slot, "ranks": slot, "group": slot,
+            "exists": ((elements, d.slots), np.float32), "ref_logps": ((elements, d.slots), np.float32)}
+
+
+def prompt_len(config: ml_collections.ConfigDict) -> int:
+    """dpo.prompt_len, or any prompt that leaves room for a response in train.seq_len (0)."""
+    return config.dpo.prompt_len or config.train.seq_len - 1
+
+
+def row_len(config: ml_collections.ConfigDict) -> int:
+    """dpo.row_len, or train.seq_len (0)."""
+    return config.dpo.row_len or config.train.seq_len
 
 
 def step(config: ml_collections.ConfigDict):
@@ -116,11 +151,11 @@ def with_reference(groups: dict[str, np.ndarray], model: GPT, ref_params, refere
                    rows: int = 48) -> dict[str, np.ndarray]:
     """`groups` with 'ref_logps': the reference's summed log-probability of every response, computed once and kept
     in the reference's workdir `reference_dir` (cache/), where the next run on the same rankings reads them."""
-    keys = ("inputs", "first", "last")
+    keys = ("prompt", "prompt_start", "inputs", "segments", "positions", "row_prompt", "row", "first", "last")
 
     def compute() -> dict[str, np.ndarray]:
         logps = jax.jit(lambda params, b: response_logps(model, params, b))
-        # About `rows` responses a call: a call's logits are allocated afresh, and past glibc's mmap threshold
+        # About `rows` response rows a call: a call's logits are allocated afresh, and past glibc's mmap threshold
         # (32 MB) every allocation faults its pages in again (a third of the time in system calls at 384 rows).
         n, batch = len(groups["inputs"]), max(1, rows // groups["inputs"].shape[1])
         out = [np.asarray(logps(ref_params, {k: groups[k][i:i + batch] for k in keys})) for i in range(0, n, batch)]
@@ -160,19 +195,25 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     train_groups, eval_groups = (finetune.preference_groups(tokenizer, rankings, seq_len, k)
                                  for rankings in (train, held_out))
     prompts = len(train_groups["inputs"])
-    train_groups, eval_groups = (with_reference(finetune.pack_groups(g, d.slots), model, ref_params, reference_from)
-                                 for g in (train_groups, eval_groups))
+    try:
+        packed = [finetune.pack_prompts(g, tokenizer.pad_id, d.prompts, d.rows, row_len(config), d.slots,
+                                        prompt_len(config)) for g in (train_groups, eval_groups)]
+    except ValueError as e:  # a prompt with more responses than an element holds
+        raise ConfigError(str(e)) from None
+    train_groups, eval_groups = (with_reference(g, model, ref_params, reference_from) for g in packed)
     eval_batches = finetune.fixed_batches(eval_groups, config.train.batch_size, config.train.eval_batches, rows,
                                           ("exists",))
     pairs = int(np.asarray(prompt_pairs(train_groups)[0] > 0).sum())
     elements = len(train_groups["inputs"])
     epochs = config.train.steps * config.train.batch_size / elements
     print(f"DPO ({d.loss}, beta {d.beta}): {prompts:,} ranked prompts ({pairs:,} pairs, up to {k} responses "
-          f"each) in {elements:,} elements of {d.slots} responses ({train_groups['exists'].mean():.0%} filled), "
+          f"each) in {elements:,} elements of {d.prompts} prompts and {d.rows} rows of {row_len(config)} tokens "
+          f"({(train_groups['segments'] > 0).mean():.0%} filled), "
           f"{epochs:.2g} epochs; {len(held_out):,} held out; reference {reference_from}", flush=True)
     return Task(model=model, loss_fn=dpo_objective(model, d),
                 train_iter=finetune.train_iterator(train_groups, config, rows), eval_batches=eval_batches,
                 tokenizer_path=tokenizer.model_path, example_batch=eval_batches[0],
                 flops_per_token=flops_per_token(config.model, seq_len), language_model=False,
+                tokens_per_example=sum(math.prod(eval_batches[0][k].shape[1:]) for k in ("prompt", "inputs")),
                 eval_extra=policy_evaluation(config, tokenizer, mesh, ref_params, reference_from),
                 summary_extras={"ranked_prompts": prompts, "pairs": pairs, "epochs": math.floor(epochs * 100) / 100})

@@ -431,7 +431,9 @@ class Rollouts:
     def _score(self, params, prompts: list[str], rows: dict[str, np.ndarray], out) -> Scored:
         """The episodes `rows` (Generation `out`) through the policy, the reference, the value function and the
         reward, and their advantages under the current KL coefficient."""
-        logp, ref_logp, values, rm_scores = score_rows(self.score, params, self.ref_params, self.rm_params, rows)
+        # The reward model scores the episodes only when it is the reward (not for a verifier or gold reward)
+        rm_params = self.rm_params if self.reward_fn is None and not self.p.gold_reward else None
+        logp, ref_logp, values, rm_scores = score_rows(self.score, params, self.ref_params, rm_params, rows)
         texts = [response_text(self.tokenizer, out, i) for i in range(len(prompts))]
         true = (np.array([self.labeler(q, t) for q, t in zip(prompts, texts)], np.float32)
                 if self.labeler is not None else None)

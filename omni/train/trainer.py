@@ -52,6 +52,7 @@ class Task:
     # finalize(params) -> (params, metrics), applied once after the last step, before the final checkpoint.
     finalize: Callable[[Any], tuple[Any, dict]] | None = None
     language_model: bool = True  # eval_loss is a per-token NLL: report perplexity
+    tokens_per_example: int | None = None  # positions the model runs per batch element; None: 'inputs' [batch, ...]
     # On-policy stages (PPO): before_step(params, step) -> metrics runs before each step's batch is drawn, with
     # the parameters that step trains (e.g. to sample new rollouts); its metrics are logged with the next line.
     before_step: Callable[[Any, int], dict] | None = None
@@ -311,7 +312,8 @@ class _Loop:
     def __init__(self, config, workdir, task: Task, mesh, mngr, meta, step_fn, eval_fn, start: int):
         self.t, self.task, self.mesh, self.mngr, self.meta = config.train, task, mesh, mngr, meta
         self.step_fn, self.eval_fn, self.start = step_fn, eval_fn, start
-        self.tokens_per_step = self.t.batch_size * math.prod(task.example_batch["inputs"].shape[1:])
+        self.tokens_per_step = self.t.batch_size * (task.tokens_per_example
+                                                    or math.prod(task.example_batch["inputs"].shape[1:]))
         self.peak, self.peak_source = metrics.peak_flops_per_device()
         run = Workdir(workdir)
         self.writer = metrics.MetricsWriter(run.file(METRICS), run.file(TENSORBOARD), self.t.steps, start)
