@@ -97,7 +97,7 @@ def test_post_training_dry_run_prints_each_method_and_seed_from_one_sft_and_rm(m
     assert commands["ppo-seed0"][1]["ppo.reference_from"] == "W/sft" == commands["grpo-seed1"][1]["ppo.reference_from"]
     grpo, verifier = commands["grpo-seed0"][1], commands["grpo_verifier-seed0"][1]
     assert verifier["grpo.reward"] == "labeler" and "grpo.reward" not in grpo
-    assert grpo["ppo.iterations"] == "2" and "ppo.iterations" not in verifier  # each method's own overrides
+    assert grpo["ppo.iterations"] == "2" and verifier["ppo.iterations"] == "24"  # each method's own overrides
     c.update(methods="dpo", pretrained="")  # one method; its own pretraining
     assert [s.name for s in pipeline.post_training_plan(c, "W")] == ["pretrain", "sft", "label", "rm", "dpo-seed0",
                                                                      "dpo-seed1"]
