@@ -6,7 +6,7 @@
 The offline suite's own rankings by default (a label stage's files with dpo.path), the reward model's data; the
 held-out evaluation is PPO's (ppo.eval_*, with the reward model of ppo.reward_from where given). One epoch over
 the ranked prompts in batches of 4 elements (whole prompts packed together, each read once: up to 4 prompts of at
-most 41 tokens, the suite's longest, and their responses in 6 rows of 32 tokens; about 14 ranked prompts a
+most 41 tokens, the suite's longest, and their responses in 7 rows of 32 tokens; about 16 ranked prompts a
 batch, all pairs of a prompt in one element), no dropout; sequences of 56 tokens as PPO's, so that the held-out
 prompts that fit are the same.
 """
@@ -19,7 +19,7 @@ def get_config():
     c.init_from = "runs/sft_tiny"
     c.data.name = "instructions"
     c.model.dropout = 0.0
-    c.dpo.update(beta=0.1, loss="sigmoid", prompts=4, rows=6, row_len=32, slots=24, prompt_len=41)
+    c.dpo.update(beta=0.1, loss="sigmoid", prompts=4, rows=7, row_len=32, slots=24, prompt_len=41)
     c.ppo.update(max_new_tokens=16, rollout_batch=512, eval_prompts=128)
     c.train.update(steps=200, batch_size=4, seq_len=56, log_every=10, eval_every=200, eval_batches=32,
                    checkpoint_every=100)

@@ -42,11 +42,10 @@ def get_config():
     judge = "ppo.eval_prompts=200"
     # SFT samples of 8,000 training prompts ranked (experiments/instructgpt.py ranks 1,500); the reward model for one
     # epoch of the 8,878 ranked prompts, as InstructGPT's (555 steps of 16); DPO for about one epoch of them too
-    # (dev set, suite 1: one epoch gained over a third of one; benchmarks/RESULTS.md): 700 steps of 4 elements,
-    # about 14 prompts each. GRPO on the verifier for 24 iterations (12,288 episodes; dev set: both seeds gained
+    # (dev set, suite 1: 600 steps of about 16 prompts gained over 200; benchmarks/RESULTS.md). GRPO on the verifier for 24 iterations (12,288 episodes; dev set: both seeds gained
     # from iteration 16 to 24, greedy and sampled).
     c.overrides = ml_collections.ConfigDict(dict(
         pretrain="", sft="", label="label.prompts=8000", rm="train.steps=555 train.seq_len=48", every_method="",
-        best_of_n=judge, dpo=judge + " train.steps=700 train.eval_every=700 train.checkpoint_every=350",
+        best_of_n=judge, dpo=judge + " train.steps=600 train.eval_every=600 train.checkpoint_every=300",
         ppo=judge + " train.eval_every=64", grpo=judge, grpo_verifier=judge + " ppo.iterations=24 train.eval_every=96"))
     return c

@@ -328,7 +328,7 @@ def test_dpo_objective_is_the_same_on_prompts_packed_together(tiny_gpt, scored_g
     _, params = tiny_gpt
     groups, _ = scored_groups
     single, packed = _packed(groups), _packed(groups, prompts=2, rows=6, slots=6)
-    assert packed["group"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, -1]]  # largest first, next fit
+    assert packed["group"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, -1]]  # next fit, in the stored order
     assert packed["exists"].sum() == groups["exists"].sum() and packed["inputs"].shape == (2, 6, LENGTH)
     for fn in (objective(0.3), objective(0.3, "ipo")):
         (total, sums), _ = fn(params, single)

@@ -182,8 +182,8 @@ def pack_prompts(groups: dict[str, np.ndarray], pad_id: int, prompts: int, rows:
     for all its responses (omni/stages/dpo.py response_logps), where a row per response repeated it. Per slot
     [E, slots]: 'row', 'first' and 'last' (the response's first and last token in its row), 'exists', 'group'
     (which prompt of the element; -1 empty), and the groups' other values per response ('ranks', ...). Prompts
-    longer than prompt_len are dropped and responses longer than row_len - 1 tokens cut (both warned). Largest
-    first, next fit: deterministic in the stored order."""
+    longer than prompt_len are dropped and responses longer than row_len - 1 tokens cut (both warned). Next fit
+    in the stored order: each element is a random mix of prompts, as a shuffled batch would be."""
     sizes = groups["exists"].sum(1).astype(int)
     keep = groups["first"][:, 0] <= prompt_len
     _warn("ranked prompts", int((~keep).sum()), len(keep),
@@ -214,12 +214,13 @@ def _response_rows(lengths: np.ndarray, size: int, row_len: int) -> list[list[in
 
 def _plan_elements(order: np.ndarray, sizes: np.ndarray, lengths: np.ndarray, capacity: tuple[int, int, int],
                    row_len: int) -> list[list[tuple[int, list[list[int]]]]]:
-    """Per element, its prompts with their response rows [(prompt, [[response, ...] per row])]: the prompts
-    with the most response tokens first, each into the current element while its prompt rows, response rows and
-    slots (`capacity`) last."""
+    """Per element, its prompts with their response rows [(prompt, [[response, ...] per row])]: the prompts in
+    `order`, each into the current element while its prompt rows, response rows and slots (`capacity`) last. Not
+    sorted by size: that packed no tighter here, and made each element prompts of one kind (similar lengths, often
+    one task), so that a batch of a few elements mixed few kinds."""
     elements: list = []
     used = np.array(capacity)
-    for p in sorted(order, key=lambda p: -lengths[p].sum()):
+    for p in order:
         rows = _response_rows(lengths[p], sizes[p], row_len)
         need = np.array([1, len(rows), sizes[p]])
         if np.any(need > capacity):
