@@ -19,6 +19,7 @@ def _compilation_cache() -> dict[str, str]:
 
 
 COMPILATION_CACHE = _compilation_cache()
+pytest_plugins = ("serve_harness",)  # the served tiny model's fixtures (workdir, truth, server, client)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
 

@@ -210,7 +210,7 @@ def _served_policy(workdir, stage):
     return params
 
 
-@pytest.mark.slow  # ~40 s: the stages' parts are checked in CI by tests/test_post_training.py
+@pytest.mark.slow  # ~40 s: the stages' parts are checked in CI by tests/test_dpo.py and tests/test_post_training.py
 def test_grpo_and_rloo_resume_exactly_where_they_stopped(pipeline):
     """Two iterations in one run equal one iteration, a stop, and a rerun to two (the rollout batch and position
     restored from the checkpoint): for GRPO on the reward model and RLOO on the labeler's reward."""

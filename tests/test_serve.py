@@ -3,166 +3,23 @@
 Through the official openai client: completions and chat, streamed or not, n, stop, logprobs, usage and seeds;
 greedy results equal omni.generate's Generator and omni.chat's Chat for the same prompts while other requests share
 the batch. Raw HTTP: every malformed request gets its status and JSON error and the server serves on; the API key;
-a client hanging up mid-stream frees its slot; a full queue answers 429; bad command lines exit 2 in one line."""
+a client hanging up mid-stream frees its slot; a full queue answers 429; bad command lines exit 2 in one line.
+The page in a real browser: tests/test_serve_page.py; the shared fixtures: tests/serve_harness.py."""
 import concurrent.futures
-import glob
 import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import openai
 import pytest
-import uvicorn
 
 from conftest import COMPILATION_CACHE, ROOT
-from decoding_reference import GREEDY, spread_params, tiny
-from omni import chat, data, serve
-from omni.generate import stop_sequences
-from omni.interop.hf import to_workdir
-from omni.workdir import Workdir
-
-CONTEXT = 64
-NEW = 12  # greedy completions' max_tokens
-KEY = "test-key"
-SLOTS, QUEUE = 3, 6
-WITHHELD = "tell me about the dict"  # the test server's classifier flags the greedy reply to this message
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    files = sorted(glob.glob(os.path.join(os.path.dirname(json.__file__), "*.py")))
-    texts = [open(f, encoding="utf-8").read() for f in files]
-    tokenizer = data.train_tokenizer(texts, 512, str(tmp_path_factory.mktemp("tok") / "t.model"))
-    m = tiny("gpt2", vocab_size=tokenizer.vocab_size, max_len=CONTEXT)
-    path = str(tmp_path_factory.mktemp("models") / "tiny")
-    to_workdir(m, spread_params(m, seed=5), tokenizer.model_path, path)
-    return path
-
-
-class Truth:
-    """What omni.generate and omni.chat answer, from the workdir's own Generator."""
-
-    def __init__(self, workdir):
-        _, self.generator, self.tokenizer = Workdir(workdir).generator()
-
-    def completions(self, prompts, max_tokens=NEW):
-        """(text, logprobs, finish_reason, token count) per prompt, greedy, ending at EOS as the server does."""
-        ids = [self.tokenizer.encode(p) for p in prompts]
-        out = self.generator.generate(ids, max_tokens, GREEDY, stop=stop_sequences(self.tokenizer, []))
-        eos = self.tokenizer.eos_id
-        return [(self.tokenizer.decode([t for t in out.row(i) if t != eos]), out.logprobs[i, :out.lengths[i]].tolist(),
-                 "stop" if out.stopped[i] else "length", int(out.lengths[i])) for i in range(len(prompts))]
-
-    def reply(self, turns, message, max_tokens=10):
-        bot = chat.Chat(self.generator, self.tokenizer, GREEDY, max_new_tokens=max_tokens, notice=lambda _: None)
-        bot.turns = list(turns)
-        return bot.reply(message)
-
-
-@pytest.fixture(scope="module")
-def truth(workdir):
-    return Truth(workdir)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """The API with an API key over the workdir (or over `models` already loaded), served by uvicorn in a thread."""
-
-    def __init__(self, workdir, review_log, safety, models=None):
-        self.models = models or serve.load_models([workdir], slots=SLOTS, queue=QUEUE)
-        self.engine = self.models[workdir].engine
-        self.name, self.review_log = workdir, review_log
-        self.api = serve.Api(self.models, review_log, api_key=KEY, safety=safety)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.api.app(), host="127.0.0.1", port=self.port,
-                                                     log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        _wait_for(lambda: self.uvicorn.started)
-
-    def client(self, **kw):
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, timeout=120, **kw)
-
-    def close(self, engine=True):
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=30)
-        if engine:
-            self.engine.close()
-
-
-@pytest.fixture(scope="module")
-def server(workdir, truth, tmp_path_factory):
-    """Its safety filter: the built-in blocklist and a classifier that flags the greedy reply to WITHHELD (so chat
-    replies stream whole)."""
-    withheld = truth.reply([], WITHHELD)
-    running = Server(workdir, str(tmp_path_factory.mktemp("review") / "review.jsonl"),
-                     chat.SafetyFilter(classifier=lambda text: text == withheld))
-    yield running
-    running.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-def _wait_for(condition, timeout=60):
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-class Slow:
-    """Makes the engine's thread take at least `seconds` per step, so that a reply's tokens arrive spaced out."""
-
-    def __init__(self, engine, seconds):
-        self.engine, self.seconds, self._step = engine, seconds, engine._step
-
-    def _slow_step(self):
-        time.sleep(self.seconds)
-        self._step()
-
-    def __enter__(self):
-        self.engine._step = self._slow_step
-        return self
-
-    def __exit__(self, *exc):
-        del self.engine._step
-
-
-class Gate:
-    """Holds the engine's thread before each step until opened: the admitted requests stay in their rows, and those
-    submitted meanwhile wait in the queue."""
-
-    def __init__(self, engine):
-        self.engine, self.opened, self.steps = engine, threading.Event(), 0
-        self._step = engine._step
-
-    def _held_step(self):
-        self.opened.wait()
-        self.steps += 1
-        self._step()
-
-    def __enter__(self):
-        self.engine._step = self._held_step
-        return self
-
-    def __exit__(self, *exc):
-        self.opened.set()
-        del self.engine._step  # the class's method again
+from omni import chat, serve
+from serve_harness import CONTEXT, KEY, NEW, QUEUE, SLOTS, STORY, WITHHELD, Gate, free_port, streaming_server, wait_for
 
 
 def _http(server, method, path, body=None, headers=None, key=KEY):
@@ -211,13 +68,13 @@ def test_greedy_completions_equal_generator_while_others_share_the_batch(server,
     greedy = dict(model=server.name, max_tokens=NEW, temperature=0)
     with concurrent.futures.ThreadPoolExecutor(6) as pool, Gate(server.engine) as gate:
         pair = pool.submit(client.completions.create, prompt=[prompts[3], prompts[0]], n=2, **greedy)
-        _wait_for(lambda: server.engine.load() == (SLOTS, 1))  # three of its four choices hold the rows
+        wait_for(lambda: server.engine.load() == (SLOTS, 1))  # three of its four choices hold the rows
         plain = [pool.submit(client.completions.create, prompt=p, logprobs=2, **greedy) for p in prompts[:2]]
         streamed = pool.submit(lambda: _streamed_text(client.completions.create(
             prompt=prompts[2], stream=True, stream_options={"include_usage": True}, **greedy)))
         sampled = [pool.submit(client.completions.create, model=server.name, prompt=prompts[1], max_tokens=20,
                                temperature=1.0, top_p=0.9, seed=s, extra_body={"top_k": 50}) for s in (1, 2)]
-        _wait_for(lambda: server.engine.load() == (SLOTS, QUEUE))  # the other five wait
+        wait_for(lambda: server.engine.load() == (SLOTS, QUEUE))  # the other five wait
         gate.opened.set()
         for future, p, (text, logprobs, finish, count) in zip(plain, prompts, want):
             r = future.result()
@@ -236,7 +93,7 @@ def test_greedy_completions_equal_generator_while_others_share_the_batch(server,
         assert r.usage.completion_tokens == 2 * (want[3][3] + want[0][3])
         texts = [f.result().choices[0].text for f in sampled]
         assert texts[0] != texts[1] and all(t != want[1][0] for t in texts)
-    _wait_for(lambda: server.engine.load() == (0, 0))
+    wait_for(lambda: server.engine.load() == (0, 0))
 
 
 def test_seeds_and_n(server, client):
@@ -304,16 +161,6 @@ def test_chat_refusals_are_replies_and_reviewed(server, client, truth):
     assert len(open(server.review_log).read().splitlines()) == 2
 
 
-STORY = "tell me a story"  # the tiny model's greedy reply to it has 8 words (most of its replies have 2 to 5)
-
-
-def _streaming_server(server, tmp_path, *phrases):
-    """The same models behind an API whose filter is a blocklist alone (so chat replies stream as they settle): the
-    built-in phrases and `phrases`."""
-    return Server(server.name, str(tmp_path / "review.jsonl"), chat.SafetyFilter(chat.DEFAULT_BLOCKLIST + phrases),
-                  models=server.models)
-
-
 def _chat_stream(client, message, **kw):
     """(the content deltas, finish_reason, usage) of a one-choice chat stream."""
     chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": message}], stream=True,
@@ -328,7 +175,7 @@ def test_chat_streams_as_the_reply_settles(server, truth, tmp_path):
     up to omni.chat's whole reply; from the server with a classifier it comes in one."""
     kw = dict(model="tiny", max_tokens=24, temperature=0)
     want = truth.reply([], STORY, max_tokens=24)
-    streaming = _streaming_server(server, tmp_path)
+    streaming = streaming_server(server, tmp_path)
     try:
         client = streaming.client()
         deltas, finish, usage = _chat_stream(client, STORY, **kw)
@@ -348,7 +195,7 @@ def test_a_streamed_reply_withheld_midway_ends_with_content_filter(server, truth
     kw = dict(model="tiny", max_tokens=24, temperature=0)
     whole = truth.reply([], STORY, max_tokens=24)
     phrase = " ".join(whole.split()[5:7])
-    streaming = _streaming_server(server, tmp_path, phrase)
+    streaming = streaming_server(server, tmp_path, phrase)
     try:
         client = streaming.client()
         deltas, finish, _ = _chat_stream(client, STORY, **kw)
@@ -494,9 +341,9 @@ def test_a_client_hanging_up_frees_its_slot(server, stream):
         conn.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
         if stream:
             assert conn.getresponse().status == 200  # the stream has begun
-        _wait_for(lambda: server.engine.load() == (1, 0))  # its row is held, waiting for the next step
+        wait_for(lambda: server.engine.load() == (1, 0))  # its row is held, waiting for the next step
         conn.close()
-        _wait_for(lambda: server.engine.load() == (0, 0), timeout=10)  # freed without another step
+        wait_for(lambda: server.engine.load() == (0, 0), timeout=10)  # freed without another step
         gate.opened.set()
         time.sleep(1.0)
         assert gate.steps <= 1  # at most the step that was held; not the 39 tokens left
@@ -506,9 +353,9 @@ def test_a_full_queue_answers_429(server, client, truth):
     greedy = dict(model="tiny", max_tokens=NEW, temperature=0)
     with concurrent.futures.ThreadPoolExecutor(2) as pool, Gate(server.engine) as gate:
         running = pool.submit(client.completions.create, prompt="import json", n=SLOTS, **greedy)
-        _wait_for(lambda: server.engine.load() == (SLOTS, 0))
+        wait_for(lambda: server.engine.load() == (SLOTS, 0))
         waiting = pool.submit(client.completions.create, prompt="x", n=QUEUE, **greedy)
-        _wait_for(lambda: server.engine.load() == (SLOTS, QUEUE))
+        wait_for(lambda: server.engine.load() == (SLOTS, QUEUE))
         status, headers, answer = _http(server, "POST", "/v1/completions", _completion())
         assert (status, answer["error"]["code"], answer["error"]["type"]) == (429, "queue_full", "rate_limit_error")
         assert headers["retry-after"] == "1"
@@ -542,7 +389,7 @@ def test_bad_command_lines_exit_2_in_one_line(workdir, tmp_path):
 
 
 def test_the_program_serves_until_interrupted(workdir, truth, tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = _serve(f"--workdir={workdir}", f"--port={port}", f"--review_log={tmp_path / 'review.jsonl'}",
                   env={"OMNI_API_KEY": "env-key"})
     try:
@@ -555,7 +402,7 @@ def test_the_program_serves_until_interrupted(workdir, truth, tmp_path):
             except openai.APIConnectionError:
                 return None
 
-        _wait_for(up, timeout=300)
+        wait_for(up, timeout=300)
         r = client.completions.create(model="tiny", prompt="import json", max_tokens=NEW, temperature=0)
         assert r.choices[0].text == truth.completions(["import json"])[0][0]
         with pytest.raises(openai.AuthenticationError):
@@ -568,85 +415,3 @@ def test_the_program_serves_until_interrupted(workdir, truth, tmp_path):
 
 # --- the page -----------------------------------------------------------------------------------------------------
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium and chromium-driver
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless chromium driven by selenium (CI installs both: .ci/run)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,800"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
-
-
-# Every text the page's assistant turns are given, in order (each streamed update replaces the turn's text).
-RECORD_TEXTS = """
-window.seen = [];
-new MutationObserver((records) => {
-  for (const r of records) for (const n of r.addedNodes)
-    if (n.nodeType === Node.TEXT_NODE && r.target.classList.contains("assistant"))
-      window.seen.push([r.target.closest(".column").id, n.textContent]);
-}).observe(document.querySelector("main"), {childList: true, subtree: true});
-"""
-
-
-def _page_reply(browser, message, columns):
-    """Types `message`, waits until every column's reply has its stats line; (texts seen per column, stats)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    browser.execute_script(RECORD_TEXTS)
-    box = browser.find_element(By.ID, "message")
-    box.send_keys(message, Keys.ENTER)
-    _wait_for(lambda: all(len(browser.find_elements(By.CSS_SELECTOR, f"#{c} .stats")) for c in columns)
-              and browser.find_element(By.ID, "send-button").is_enabled())
-    seen = browser.execute_script("return window.seen")
-    stats = [browser.find_elements(By.CSS_SELECTOR, f"#{c} .stats")[-1].text for c in columns]
-    return {c: [text for column, text in seen if column == c] for c in columns}, stats
-
-
-def test_the_page_streams_a_reply_and_compares_two_models(server, truth, browser, tmp_path):
-    """A real browser on GET /: it lists the models once given the API key, streams the reply to a typed message
-    (several growing texts, ending in omni.chat's reply) with its token count and tokens/s, and with "side by side"
-    sends the next message to both models (here one workdir under its two names), each column with its own
-    dialogue. The page loads nothing from elsewhere."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import Select
-    streaming = _streaming_server(server, tmp_path)
-    try:
-        browser.get(streaming.url + "/")
-        assert browser.title == "omni serve"
-        _wait_for(lambda: "API key" in browser.find_element(By.ID, "status").text)  # the API's 401, shown
-        browser.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
-        _wait_for(lambda: len(Select(browser.find_element(By.ID, "model-0")).options) == 2)
-        Select(browser.find_element(By.ID, "model-0")).select_by_value("tiny")
-        browser.find_element(By.ID, "max-tokens").clear()
-        browser.find_element(By.ID, "max-tokens").send_keys("24")
-        kw = dict(model="tiny", messages=[{"role": "user", "content": STORY}], max_tokens=24, temperature=0)
-        tokens = streaming.client().chat.completions.create(**kw).usage.completion_tokens  # (and compiled)
-        with Slow(server.engine, 0.05):
-            seen, stats = _page_reply(browser, STORY, ["column-0"])
-        want = truth.reply([], STORY, max_tokens=24)
-        texts = seen["column-0"]
-        assert texts[-1] == want and len(set(texts)) >= 3, (texts, want, stats)  # it grew as the reply settled
-        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
-        assert "tokens/s" in stats[0] and int(stats[0].split()[0]) == tokens, stats
-
-        browser.find_element(By.ID, "compare").click()
-        Select(browser.find_element(By.ID, "model-1")).select_by_value(server.name)
-        seen, stats = _page_reply(browser, "hello", ["column-0", "column-1"])
-        assert seen["column-0"][-1] == truth.reply([(STORY, want)], "hello", max_tokens=24)
-        assert seen["column-1"][-1] == truth.reply([], "hello", max_tokens=24)  # its first message
-        assert all("tokens/s" in s for s in stats)
-        headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, ".column h2")]
-        assert headings == ["tiny", server.name]
-        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
-        assert not errors, errors
-    finally:
-        streaming.close(engine=False)

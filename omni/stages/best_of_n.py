@@ -7,7 +7,7 @@ resumed run trains on the same set and a person can read what the reward model c
 keys of config.ppo (temperature, max_new_tokens, rollout_batch: the generation batch); a response that never
 emits EOS loses ppo.missing_eos_penalty before the pick.
 Batch and loss: SFT's (omni/stages/sft.py). Evaluation: SFT's held-out loss, and PPO's held-out measures of the
-policy (omni/stages/rollout.py HeldOut), so best-of-n is judged as every other post-training method is.
+policy (omni/stages/evaluation.py HeldOut), so best-of-n is judged as every other post-training method is.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from omni.losses import lm_loss, response_scores
 from omni.models import GPT, flops_per_token
 from omni.models.actor_critic import value_config
 from omni.stages import sft
-from omni.stages.rollout import fitting_prompts, frozen_params, policy_evaluation, response_text, sample
+from omni.stages.evaluation import policy_evaluation
+from omni.stages.rollout import fitting_prompts, frozen_params, response_text, sample
 from omni.train.trainer import Task
 from omni.workdir import Workdir, starting_point
 

@@ -14,7 +14,7 @@ Loss: per prompt, the mean over its untied pairs of dpo_loss (below); summed ove
 divides by the number of prompts with a pair. Metrics: the implicit
 reward's accuracy and margin over pairs, and the chosen and rejected responses' log-probabilities.
 Evaluation: the same loss and metrics on held-out rankings, and PPO's held-out measures of the policy
-(omni/stages/rollout.py HeldOut: labeler score greedy and sampled, win rate and KL against the SFT model).
+(omni/stages/evaluation.py HeldOut: labeler score greedy and sampled, win rate and KL against the SFT model).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from omni.data import finetune
 from omni.losses import dpo_loss, ipo_loss, ranked_pairs, token_logprobs  # noqa: F401 (dpo_loss: the contract)
 from omni.models import GPT, flops_per_token, gpt
 from omni.models.gpt import KVCache
-from omni.stages.rollout import frozen_params, policy_evaluation
+from omni.stages.evaluation import policy_evaluation
+from omni.stages.rollout import frozen_params
 from omni.train.trainer import Task
 from omni.workdir import Workdir, fingerprint, starting_point
 
@@ -83,9 +84,9 @@ def response_logps(model: GPT, params, batch: dict) -> jax.Array:
 
 
 def prompt_pairs(batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(pairs, groups): pairs [elements, i better, j worse] float32, untied pairs of responses of the same prompt;
-    groups [elements]: how many prompts of each element have a pair. Each pair is weighted by 1 / its prompt's
-    pair count, so that summing the weighted pairs sums each prompt's mean (finetune.pack_prompts' layout)."""
+    """(weights, prompts): weights [elements, i better, j worse] float32, nonzero on the untied pairs of responses
+    to the same prompt, each 1 / its prompt's pair count, so that summing weighted pair losses sums each prompt's
+    mean (finetune.pack_prompts' layout); prompts [elements]: how many prompts of each element have a pair."""
     group = batch["group"]
     same = group[:, :, None] == group[:, None, :]
     pairs = (ranked_pairs(batch["ranks"], batch["exists"]) & same).astype(jnp.float32)

@@ -31,7 +31,8 @@ from omni.losses import group_advantages, k3_kl, rloo_advantages, token_logprobs
 from omni.models import flops_per_token
 from omni.models.actor_critic import ActorCritic
 from omni.stages import ppo
-from omni.stages.rollout import (HeldOut, Rollouts, batch_shapes, fitting_prompts, frozen_params, labeler_of,
+from omni.stages.evaluation import HeldOut
+from omni.stages.rollout import (Rollouts, batch_shapes, fitting_prompts, frozen_params, labeler_of,
                                  pretraining)
 from omni.train.trainer import Task
 from omni.workdir import Workdir, starting_point

@@ -31,7 +31,8 @@ from omni.losses import entropy, token_logprobs, token_nll
 from omni.losses import gae  # noqa: F401 (other tools import PPO's advantage estimator from here)
 from omni.models import flops_per_token
 from omni.models.actor_critic import ActorCritic, value_config
-from omni.stages.rollout import (HeldOut, Rollouts, batch_shapes, fitting_prompts, frozen_params, labeler_of,
+from omni.stages.evaluation import HeldOut
+from omni.stages.rollout import (Rollouts, batch_shapes, fitting_prompts, frozen_params, labeler_of,
                                  pretraining)
 from omni.train.trainer import Task
 from omni.workdir import Workdir, starting_point

@@ -35,7 +35,7 @@ class Stage:
     headline: tuple[str, ...] = ()  # summary.json keys a pipeline reports for it
 
 
-# What every post-training method is judged by on held-out prompts (omni/stages/rollout.py HeldOut).
+# What every post-training method is judged by on held-out prompts (omni/stages/evaluation.py HeldOut).
 POLICY_HEADLINE = ("labeler_score", "sampled_labeler_score", "win_rate_vs_sft", "kl_to_sft", "pretrain_perplexity")
 
 STAGES = {s.name: s for s in (
