@@ -246,7 +246,8 @@ def _lay_out(groups: dict[str, np.ndarray], plan: list, lengths: np.ndarray, pad
            "segments": np.zeros((n, rows, row_len), np.int32), "positions": np.zeros((n, rows, row_len), np.int32),
            "row_prompt": np.zeros((n, rows), np.int32), "group": np.full((n, slots), -1, np.int32),
            **{k: np.zeros((n, slots), np.int32) for k in ("row", "first", "last")},
-           **{k: np.zeros((n, slots), groups[k].dtype) for k in per_response}, "exists": np.zeros((n, slots), np.float32)}
+           **{k: np.zeros((n, slots), groups[k].dtype) for k in per_response},
+           "exists": np.zeros((n, slots), np.float32)}
     for e, element in enumerate(plan):
         r = s = 0
         for g, (p, response_rows) in enumerate(element):

@@ -123,12 +123,11 @@ def dpo_objective(model: GPT, d: ml_collections.ConfigDict):
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple]:
     d, elements = config.dpo, config.train.batch_size
-    slot = ((elements, d.slots), np.int32)
+    rows, slot = (elements, d.rows, row_len(config)), ((elements, d.slots), np.int32)
     return {"prompt": ((elements, d.prompts, prompt_len(config) - 1), np.int32),
-            "prompt_start": ((elements, d.prompts), np.int32), "inputs": ((elements, d.rows, row_len(config)), np.int32),
-            "segments": ((elements, d.rows, row_len(config)), np.int32),
-            "positions": ((elements, d.rows, row_len(config)), np.int32), "row_prompt": ((elements, d.rows), np.int32),
-            "row": slot, "first": slot, "last": slot, "ranks": slot, "group": slot,
+            "prompt_start": ((elements, d.prompts), np.int32), "row_prompt": ((elements, d.rows), np.int32),
+            **{k: (rows, np.int32) for k in ("inputs", "segments", "positions")},
+            **{k: slot for k in ("row", "first", "last", "ranks", "group")},
             "exists": ((elements, d.slots), np.float32), "ref_logps": ((elements, d.slots), np.float32)}
 
 
