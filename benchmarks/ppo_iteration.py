@@ -37,7 +37,7 @@ def main() -> None:
     c = ppo_tiny.get_config()
     c.init_from, c.ppo.reward_from = args.sft, args.rm
     c.ppo.update(iterations=args.iterations, rollout_batch=args.rollout_batch or c.ppo.rollout_batch, eval_prompts=8,
-                 ptx_eval_batches=0)
+                 ptx_eval_rows=0)
     c.train.batch_size = min(c.train.batch_size, c.ppo.rollout_batch)
     c.optim.warmup_steps = 0  # a few iterations are timed; the schedule does not matter
     c.train.update(eval_every=10 ** 6, checkpoint_every=10 ** 6, log_every=1)  # each iteration's split its own line

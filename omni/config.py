@@ -124,7 +124,7 @@ def _stage_defaults(c: ml_collections.ConfigDict) -> None:
     # The methods after PPO. GRPO/RLOO and best-of-n sample with ppo's rollout keys (rollout_batch,
     # samples_per_prompt = the group size G, epochs, max_new_tokens, temperature), and every post-training stage
     # is judged by ppo's held-out evaluation (eval_prompts, eval_samples, reward_from for the reward model's
-    # measures, ptx_eval_batches for pretraining perplexity).
+    # measures, ptx_eval_rows for pretraining perplexity).
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1,  # strength of the implicit KL to the reference: the inverse temperature of the implicit reward
         loss="sigmoid",  # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
@@ -186,7 +186,8 @@ def ppo_defaults() -> ml_collections.ConfigDict:
         ptx_data="stdlib",  # pretraining data of PPO-ptx and of the reported pretraining perplexity (data.name)
         ptx_path="",
         ptx_batch=16,  # pretraining rows per update
-        ptx_eval_batches=8,  # held-out pretraining batches of the reported pretrain_perplexity (0: off)
+        ptx_eval_rows=128,  # held-out pretraining rows of the reported pretrain_perplexity, in batches of ptx_batch
+                            # (0: off): the same text whatever ptx_batch, so that methods compare
         eval_prompts=128,  # held-out prompts of each evaluation
         eval_samples=8,  # samples per held-out prompt at each evaluation: sampled score, pass@1 and pass@k
         sample_every=5))  # iterations between sample responses printed to the log

@@ -65,7 +65,7 @@ RESUMABLE = (
     "model.dropout", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.keep_checkpoints", "optim.lr", "optim.warmup_steps", "optim.decay_steps",
     "optim.min_lr_ratio", "sft.", "ppo.iterations", "ppo.eval_prompts", "ppo.eval_samples",
-    "ppo.ptx_eval_batches", "ppo.sample_every", "prompt", "sample.")
+    "ppo.ptx_eval_rows", "ppo.sample_every", "prompt", "sample.")
 
 
 class WorkdirError(RuntimeError):

@@ -123,9 +123,35 @@ def _ppo_flags(pipeline, workdir, **extra):
     flags = {"init_from": pipeline["sft"], "ppo.reward_from": pipeline["rm"], "data.data_dir": pipeline["data_dir"],
              "ppo.iterations": 2, "ppo.rollout_batch": 8, "ppo.max_new_tokens": 8, "ppo.eval_prompts": 8,
              "ppo.sample_every": 1, "ppo.ptx_coef": 1.0, "ppo.ptx_data": "text", "ppo.ptx_path": str(text),
-             "ppo.ptx_batch": 2, "ppo.ptx_eval_batches": 1, "train.batch_size": 4, "train.seq_len": 48,
+             "ppo.ptx_batch": 2, "ppo.ptx_eval_rows": 2, "train.batch_size": 4, "train.seq_len": 48,
              "train.log_every": 2, "train.eval_every": 4, "train.checkpoint_every": 2, "optim.warmup_steps": 1, **extra}
     return ["--config=configs/ppo_tiny.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def test_pretraining_perplexity_reads_the_same_rows_whatever_the_ptx_batch(pipeline):
+    """Methods with different PPO-ptx batches (16 for DPO, 32 for PPO) must report the perplexity of the same text:
+    ppo.ptx_eval_rows rows, whatever the batches they are read in."""
+    import omni
+    from conftest import load_config
+    from omni import parallel
+    from omni.config import ConfigError
+    from omni.stages.rollout import pretraining
+
+    sft_config, params, tokenizer = omni.load(pipeline["sft"])
+    c = load_config("ppo_tiny")
+    c.model = sft_config.model
+    c.data.data_dir, c.train.seq_len = pipeline["data_dir"], 48
+    c.ppo.update(ptx_coef=0.0, ptx_data="text", ptx_path=_ptx_text(pipeline), ptx_eval_rows=4)
+    c.mesh.data = 1  # what the CLI resolves -1 to on one device
+    mesh = parallel.make_mesh(c.mesh, jax.devices()[:1])
+    perplexities = []
+    for batch in (1, 2, 4):
+        c.ppo.ptx_batch = batch
+        perplexities.append(pretraining(c, tokenizer, mesh)[1](params))
+    np.testing.assert_allclose(perplexities, perplexities[0], rtol=1e-5)
+    c.ppo.update(ptx_batch=4, ptx_eval_rows=6)
+    with pytest.raises(ConfigError, match="ppo.ptx_eval_rows"):
+        pretraining(c, tokenizer, mesh)
 
 
 @pytest.mark.slow  # ~50 s on 2 cores: over the CI suite's budget; tests/test_ppo.py checks PPO's parts in CI
@@ -192,7 +218,7 @@ def _post_flags(pipeline, config, workdir, **extra):
     """A method of experiments/post_training.py at test size, from the fixture's SFT model and reward model."""
     flags = {"init_from": pipeline["sft"], "ppo.reward_from": pipeline["rm"], "data.data_dir": pipeline["data_dir"],
              "ppo.max_new_tokens": 8, "ppo.eval_prompts": 8, "ppo.eval_samples": 2, "ppo.rollout_batch": 16,
-             "ppo.ptx_eval_batches": 1, "ppo.ptx_batch": 2, "ppo.ptx_data": "text", "ppo.ptx_path": _ptx_text(pipeline),
+             "ppo.ptx_eval_rows": 2, "ppo.ptx_batch": 2, "ppo.ptx_data": "text", "ppo.ptx_path": _ptx_text(pipeline),
              "train.seq_len": 48, "train.log_every": 2,
              "train.eval_every": 100, "train.checkpoint_every": 2, "optim.warmup_steps": 1, **extra}
     return [f"--config=configs/{config}.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]

@@ -98,7 +98,7 @@ class HeldOut:
         return {"prompts": self.prompts, "model": c.model.to_dict(), "data": c.data.to_dict(),
                 "seq_len": c.train.seq_len, "mesh": c.mesh.to_dict(), "cpu_devices": c.cpu_devices,
                 "ppo": {k: p[k] for k in ("max_new_tokens", "temperature", "rollout_batch", "eval_samples",
-                                          "ptx_data", "ptx_path", "ptx_batch", "ptx_eval_batches")},
+                                          "ptx_data", "ptx_path", "ptx_batch", "ptx_eval_rows")},
                 "labeler": self.r.labeler is not None, "tasks": self.task_of is not None,
                 "perplexity": self.lm_eval is not None,
                 "files": [__file__, rollout.__file__, heldout.__file__, generate.__file__, instructions.__file__, gpt.__file__,

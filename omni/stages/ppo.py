@@ -46,7 +46,6 @@ def check(c: ml_collections.ConfigDict) -> None:
     for key in ("iterations", "rollout_batch", "samples_per_prompt", "epochs", "max_new_tokens", "eval_prompts",
                 "eval_samples", "sample_every", "ptx_batch"):
         require(isinstance(p[key], int) and p[key] > 0, f"ppo.{key}", p[key], "must be a positive int")
-    require(p.ptx_eval_batches >= 0, "ppo.ptx_eval_batches", p.ptx_eval_batches, "must be >= 0")
     require(p.max_new_tokens < t.seq_len, "ppo.max_new_tokens", p.max_new_tokens,
              f"leaves no room for a prompt in train.seq_len={t.seq_len}")
     require(p.rollout_batch % t.batch_size == 0, "ppo.rollout_batch", p.rollout_batch,

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from omni import data, parallel
-from omni.config import ARCHITECTURE, ConfigError
+from omni.config import ARCHITECTURE, ConfigError, require
 from omni.data import DataError, finetune
 from omni.data.instructions import labeler_score, parse_prompt
 from omni.data.template import prompt_ids
@@ -64,7 +64,7 @@ def pretraining(config: ml_collections.ConfigDict, tokenizer, mesh) -> tuple:
     p = config.ppo
     c = ml_collections.ConfigDict(config.to_dict())
     c.data.update(name=p.ptx_data, path=p.ptx_path)
-    c.train.update(batch_size=p.ptx_batch, eval_batches=max(p.ptx_eval_batches, 1))
+    c.train.update(batch_size=p.ptx_batch, eval_batches=max(p.ptx_eval_rows // p.ptx_batch, 1))
     return pretraining_rows(c, tokenizer, mesh), pretraining_perplexity(c, tokenizer, mesh)
 
 
@@ -79,9 +79,11 @@ def pretraining_rows(ptx_config: ml_collections.ConfigDict, tokenizer, mesh) -> 
 
 def pretraining_perplexity(ptx_config: ml_collections.ConfigDict, tokenizer, mesh) -> Callable | None:
     """policy params -> held-out pretraining perplexity, by the trainer's evaluation loop; None without
-    ppo.ptx_eval_batches."""
+    ppo.ptx_eval_rows."""
     p = ptx_config.ppo
-    if p.ptx_eval_batches <= 0:
+    require(isinstance(p.ptx_eval_rows, int) and p.ptx_eval_rows >= 0 and p.ptx_eval_rows % p.ptx_batch == 0,
+            "ppo.ptx_eval_rows", p.ptx_eval_rows, f"must be 0 or a multiple of ppo.ptx_batch={p.ptx_batch}")
+    if p.ptx_eval_rows == 0:
         return None
     batches = data.eval_batches(ptx_config, tokenizer, parallel.process_rows(mesh, p.ptx_batch))
     eval_fn = jax.jit(lambda params, batch: lm_loss(GPT(ptx_config.model))(params, batch, None)[1])
