@@ -161,6 +161,19 @@ async def _unless_gone(request: Request, work: asyncio.Future):
 # ---------------------------------------------------------------------------------------------------------
 # Responses
 
+def _delta(i: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _chat_chunk(call: _Call, ident: str, choices: list[dict], usage: dict | None = None) -> dict:
+    return envelope(call.name, "chat.completion.chunk", ident, choices, usage)
+
+
+def _role_chunk(call: _Call, ident: str) -> dict:
+    """A chat stream's first chunk: every choice's role."""
+    return _chat_chunk(call, ident, [_delta(i, {"role": "assistant", "content": ""}, None) for i in range(call.n)])
+
+
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     """Server-sent events: each chunk as `data: JSON`, then `data: [DONE]` (or an error event if one comes)."""
     async def lines():
@@ -322,17 +335,12 @@ class Api:
         """The role, then each choice's reply as it settles (omni.chat.settled_reply: none of it can change or be
         withheld later), then its finish. A reply withheld once part of it was sent (the part before a blocked
         phrase) ends with finish_reason 'content_filter', OpenAI's; one withheld before is the refusal."""
-        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-            return envelope(call.name, "chat.completion.chunk", ident, choices, usage)
-
         def delta(i: int, content: str | None, finish: str | None = None) -> dict:
-            return chunk([{"index": i, "delta": {} if content is None else {"content": content}, "logprobs": None,
-                           "finish_reason": finish}])
+            return _chat_chunk(call, ident, [_delta(i, {} if content is None else {"content": content}, finish)])
 
         sent = [""] * call.n
         try:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(call.n)])
+            yield _role_chunk(call, ident)
             async for i, token in run.tokens():
                 text = texts[i]
                 text.add(token)
@@ -349,7 +357,7 @@ class Api:
                 else:
                     yield delta(i, content[len(sent[i]):], text.finish)
             if call.usage_in_stream:
-                yield chunk([], usage_counts(prompt_tokens, texts))
+                yield _chat_chunk(call, ident, [], usage_counts(prompt_tokens, texts))
         finally:
             run.close()
 
@@ -359,19 +367,15 @@ class Api:
 
     async def _chat_chunks(self, call: _Call, ident: str, answer: asyncio.Future):
         """The role at once, then each choice's whole reply and its finish."""
-        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-            return envelope(call.name, "chat.completion.chunk", ident, choices, usage)
-
         try:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(call.n)])
+            yield _role_chunk(call, ident)
             choices, usage = await answer
             for c in choices:
-                yield chunk([{"index": c["index"], "delta": {"content": c["message"]["content"]},
-                              "logprobs": c["logprobs"], "finish_reason": None}])
-                yield chunk([{"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}])
+                yield _chat_chunk(call, ident, [_delta(c["index"], {"content": c["message"]["content"]}, None,
+                                                       c["logprobs"])])
+                yield _chat_chunk(call, ident, [_delta(c["index"], {}, c["finish_reason"])])
             if call.usage_in_stream:
-                yield chunk([], usage)
+                yield _chat_chunk(call, ident, [], usage)
         finally:
             answer.cancel()
 
