@@ -241,6 +241,13 @@ def test_dpo_objective_is_the_same_on_prompts_packed_together(tiny_gpt, scored_g
         np.testing.assert_allclose(float(got), float(total), rtol=1e-5)
         for k in sums:
             np.testing.assert_allclose(float(got_sums[k]), float(sums[k]), rtol=1e-5, atol=1e-5, err_msg=k)
+    # packed in a random order (as DPO packs a label stage's files): the same prompts, the same loss
+    shuffled = finetune.pack_prompts(groups, PAD, prompts=2, rows=6, row_len=LENGTH, slots=6, prompt_len=LENGTH - 1,
+                                     shuffle=0)
+    order = list(dict.fromkeys((shuffled["id"][shuffled["exists"] > 0] // 3).tolist()))  # prompts, as packed
+    assert sorted(order) == [0, 1, 2, 3] and order != [0, 1, 2, 3], order
+    np.testing.assert_allclose(float(objective(0.3)(params, shuffled)[0][0]),
+                               float(objective(0.3)(params, single)[0][0]), rtol=1e-5)
     # ranked as one prompt, the six responses of an element would make more pairs than the two prompts have
     merged = {**packed, "group": np.where(packed["exists"] > 0, 0, -1).astype(np.int32)}
     assert float(objective(0.3)(params, merged)[0][1]["reward_accuracy_weight"]) > float(sums["reward_accuracy_weight"])

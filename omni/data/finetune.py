@@ -172,7 +172,7 @@ def preference_groups(tokenizer, records: Sequence[tuple[str, list[str], list[in
 
 
 def pack_prompts(groups: dict[str, np.ndarray], pad_id: int, prompts: int, rows: int, row_len: int, slots: int,
-                 prompt_len: int) -> dict[str, np.ndarray]:
+                 prompt_len: int, shuffle: int | None = None) -> dict[str, np.ndarray]:
     """preference_groups' prompts (every key [prompts, K, ...]) packed whole into elements of `prompts` prompt
     rows, `rows` response rows of `row_len` tokens and `slots` responses, each prompt written once. Its row
     ('prompt' [E, prompts, prompt_len - 1]) holds all its tokens but the last, left-padded ('prompt_start': the
@@ -183,7 +183,9 @@ def pack_prompts(groups: dict[str, np.ndarray], pad_id: int, prompts: int, rows:
     [E, slots]: 'row', 'first' and 'last' (the response's first and last token in its row), 'exists', 'group'
     (which prompt of the element; -1 empty), and the groups' other values per response ('ranks', ...). Prompts
     longer than prompt_len are dropped and responses longer than row_len - 1 tokens cut (both warned). Next fit
-    in the stored order: each element is a random mix of prompts, as a shuffled batch would be."""
+    in the stored order, or with `shuffle` in the order of a permutation drawn from that seed, so that each
+    element is a random mix of prompts as a shuffled batch would be (a label stage's files hold its samples'
+    rankings, then the suite's: in the stored order an element holds one kind)."""
     sizes = groups["exists"].sum(1).astype(int)
     keep = groups["first"][:, 0] <= prompt_len
     _warn("ranked prompts", int((~keep).sum()), len(keep),
@@ -192,7 +194,10 @@ def pack_prompts(groups: dict[str, np.ndarray], pad_id: int, prompts: int, rows:
     _warn("responses", int((lengths[keep] > row_len).sum()), int(sizes[keep].sum()),
           f"were cut at dpo.row_len={row_len} tokens (with the prompt's last)")
     lengths = np.minimum(lengths, row_len)
-    plan = _plan_elements(np.flatnonzero(keep), sizes, lengths, (prompts, rows, slots), row_len)
+    order = np.flatnonzero(keep)
+    if shuffle is not None:
+        order = np.random.default_rng(shuffle).permutation(order)
+    plan = _plan_elements(order, sizes, lengths, (prompts, rows, slots), row_len)
     return _lay_out(groups, plan, lengths, pad_id, (prompts, rows, slots), row_len, prompt_len - 1)
 
 

@@ -195,9 +195,9 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     train_groups, eval_groups = (finetune.preference_groups(tokenizer, rankings, seq_len, k)
                                  for rankings in (train, held_out))
     prompts = len(train_groups["inputs"])
-    try:
+    try:  # in a random order, the same for every train.seed: the reference's log-probabilities are computed once
         packed = [finetune.pack_prompts(g, tokenizer.pad_id, d.prompts, d.rows, row_len(config), d.slots,
-                                        prompt_len(config)) for g in (train_groups, eval_groups)]
+                                        prompt_len(config), shuffle=0) for g in (train_groups, eval_groups)]
     except ValueError as e:  # a prompt with more responses than an element holds
         raise ConfigError(str(e)) from None
     train_groups, eval_groups = (with_reference(g, model, ref_params, reference_from) for g in packed)
