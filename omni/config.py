@@ -128,6 +128,7 @@ def _stage_defaults(c: ml_collections.ConfigDict) -> None:
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1,  # strength of the implicit KL to the reference: the inverse temperature of the implicit reward
         loss="sigmoid",  # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
+        nll_coef=0.0,  # + this x the per-token NLL of each prompt's best responses (Pang et al. 2024; trl's rpo_alpha)
         reference_from="",  # the frozen reference policy; empty: init_from (the SFT model)
         # A batch element: whole ranked prompts, each read once (omni/data/finetune.py pack_prompts): up to
         # `prompts` prompts of at most prompt_len tokens (0: train.seq_len - 1; longer ones dropped), their

@@ -68,12 +68,12 @@ def test_ipo_loss_matches_numpy():
 # DPO's objective on a tiny GPT
 
 
-def _dpo_config(beta, loss="sigmoid"):
+def _dpo_config(beta, loss="sigmoid", nll_coef=0.0):
     c = base_config()
     c.stage = "dpo"
     # two layers: a gradient through a cached prefix's attention reaches the first layer's queries and keys
     c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64, vocab_size=64, max_len=32, scan_layers=False)
-    c.dpo.update(beta=beta, loss=loss)
+    c.dpo.update(beta=beta, loss=loss, nll_coef=nll_coef)
     return c
 
 
@@ -93,11 +93,11 @@ def objective(tiny_gpt):
     model, _ = tiny_gpt
     cache = {}
 
-    def get(beta, loss="sigmoid"):
-        if (beta, loss) not in cache:
-            fn = dpo.dpo_objective(model, _dpo_config(beta, loss).dpo)
-            cache[beta, loss] = jax.jit(jax.value_and_grad(lambda q, b: fn(q, b, None), has_aux=True))
-        return cache[beta, loss]
+    def get(beta, loss="sigmoid", nll_coef=0.0):
+        if (beta, loss, nll_coef) not in cache:
+            fn = dpo.dpo_objective(model, _dpo_config(beta, loss, nll_coef).dpo)
+            cache[beta, loss, nll_coef] = jax.jit(jax.value_and_grad(lambda q, b: fn(q, b, None), has_aux=True))
+        return cache[beta, loss, nll_coef]
 
     return get
 
@@ -224,6 +224,39 @@ def test_dpo_objective_matches_numpy(tiny_gpt, scored_groups, objective, loss):
     garbage = {**batch, "first": np.where(batch["exists"] > 0, batch["first"], 1),
                "ranks": np.where(batch["exists"] > 0, batch["ranks"], -5)}
     np.testing.assert_allclose(float(objective(beta, loss)(params, garbage)[0][0]), float(total), rtol=1e-6)
+
+
+def _numpy_best_nll(logps, groups):
+    """Summed over prompts with a pair: the mean over the prompt's best responses (lowest rank, ties all) of their
+    negative log-probability per token."""
+    total = 0.0
+    for p in range(len(logps)):
+        if not _pairs(groups, p):
+            continue
+        ks = [k for k in range(logps.shape[1]) if groups["exists"][p, k]]
+        best = [k for k in ks if groups["ranks"][p, k] == min(groups["ranks"][p, j] for j in ks)]
+        total += np.mean([-logps[p, k] / (groups["last"][p, k] - groups["first"][p, k] + 1) for k in best])
+    return total
+
+
+def test_dpo_with_the_best_responses_nll_matches_numpy(tiny_gpt, scored_groups, objective):
+    """dpo.nll_coef adds that multiple of the best responses' per-token NLL (Pang et al. 2024), per prompt with a
+    pair, to the loss; its gradient raises the best responses' likelihood where DPO's alone may lower it."""
+    _, params = tiny_gpt
+    groups, logps = scored_groups
+    batch = _packed(groups, prompts=2, rows=6, slots=6)
+    (plain, sums), plain_grad = objective(0.3)(params, batch)
+    (total, nll_sums), grad = objective(0.3, "sigmoid", 0.5)(params, batch)
+    want = _numpy_best_nll(logps, groups)
+    assert want > 0
+    np.testing.assert_allclose(float(sums["best_nll"]), want, rtol=1e-4)
+    np.testing.assert_allclose(float(total), float(plain) + 0.5 * want, rtol=1e-4)
+    assert float(nll_sums["best_nll_weight"]) == float(sums["weight"]) == 3
+    best = dpo.best_weights(batch, dpo.prompt_pairs(batch)[0])
+    logps_of = lambda q: (dpo.response_logps(tiny_gpt[0], q, batch) * best).sum()
+    up = jax.grad(logps_of)(params)  # the direction that raises the best responses' log-probabilities
+    dot = lambda a, b: sum(float((x * y).sum()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert dot(jax.tree.map(lambda g, h: g - h, grad, plain_grad), up) < 0  # descending it climbs them
 
 
 def test_dpo_objective_is_the_same_on_prompts_packed_together(tiny_gpt, scored_groups, objective):

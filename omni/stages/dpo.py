@@ -10,8 +10,10 @@ a prompt runs through the model once for all its responses (a prompt is about 30
 Per response slot [elements, dpo.slots]: row, first and last (where the response lies), ranks (0 = best, equal =
 tie), exists, group (which prompt of the element; -1 empty) and ref_logps. Every untied pair of responses to the
 same prompt is a (chosen, rejected) pair; all of a prompt's pairs share its element.
-Loss: per prompt, the mean over its untied pairs of dpo_loss (below); summed over prompts, and the trainer
-divides by the number of prompts with a pair. Metrics: the implicit
+Loss: per prompt, the mean over its untied pairs of dpo_loss (below), plus dpo.nll_coef x the mean per-token
+negative log-likelihood of its best responses (Pang et al. 2024's iterative RPO: DPO alone lowers the chosen
+responses' likelihood too); summed over prompts, and the trainer divides by the number of prompts with a pair.
+Metrics: that NLL ('best_nll', logged whatever its coefficient), the implicit
 reward's accuracy and margin over pairs, and the chosen and rejected responses' log-probabilities.
 Evaluation: the same loss and metrics on held-out rankings, and PPO's held-out measures of the policy
 (omni/stages/evaluation.py HeldOut: labeler score greedy and sampled, win rate and KL against the SFT model).
@@ -43,6 +45,7 @@ def check(c: ml_collections.ConfigDict) -> None:
     d = c.dpo
     require(d.loss in LOSSES, "dpo.loss", d.loss, f"expected one of {tuple(LOSSES)}")
     require(d.beta > 0, "dpo.beta", d.beta, "must be > 0")
+    require(d.nll_coef >= 0, "dpo.nll_coef", d.nll_coef, "must be >= 0 (0: DPO alone)")
     require(c.model.head == "lm", "model.head", c.model.head, "the DPO policy needs 'lm'")
     require(c.model.dropout == 0.0, "model.dropout", c.model.dropout,
             "DPO compares the policy's log-probabilities with the reference's: run it without dropout")
@@ -97,6 +100,19 @@ def prompt_pairs(batch: dict) -> tuple[jax.Array, jax.Array]:
     return pairs / jnp.maximum(per_prompt, 1.0)[:, :, None], groups
 
 
+def best_weights(batch: dict, weights: jax.Array) -> jax.Array:
+    """[elements, slots]: on each prompt's best responses (its lowest rank), 1 / how many share that rank, where
+    the prompt has a pair (`weights` of prompt_pairs); 0 elsewhere: summing weighted values sums each prompt's
+    mean over its best responses."""
+    group, exists = batch["group"], batch["exists"] > 0
+    same = group[:, :, None] == group[:, None, :]
+    lowest = jnp.min(jnp.where(same & exists[:, None, :], batch["ranks"][:, None, :], jnp.iinfo(jnp.int32).max), 2)
+    best = exists & (batch["ranks"] == lowest)
+    has_pair = jnp.any(same & jnp.any(weights > 0, 2)[:, None, :], 2)
+    count = jnp.einsum("eia,ea->ei", same.astype(jnp.float32), best.astype(jnp.float32))
+    return jnp.where(best & has_pair, 1.0 / jnp.maximum(count, 1.0), 0.0)
+
+
 def dpo_objective(model: GPT, d: ml_collections.ConfigDict):
     """loss_fn for the trainer from config.dpo `d` (this module's docstring): summed over prompts with a pair."""
     pair_loss = LOSSES[d.loss]
@@ -108,10 +124,12 @@ def dpo_objective(model: GPT, d: ml_collections.ConfigDict):
         pairs = (weights > 0).astype(jnp.float32)
         chosen, rejected = logps[:, :, None], logps[:, None, :]
         losses = pair_loss(chosen, rejected, ref[:, :, None], ref[:, None, :], d.beta)
-        loss = (losses * weights).sum()
+        tokens = jnp.maximum(batch["last"] - batch["first"] + 1, 1)  # the response's tokens, EOS included
+        best_nll = -(logps / tokens * best_weights(batch, weights)).sum()
+        loss = (losses * weights).sum() + d.nll_coef * best_nll
         margin = d.beta * ((chosen - ref[:, :, None]) - (rejected - ref[:, None, :]))
         n = pairs.sum()
-        sums = {"loss": loss, "weight": prompts.sum(),
+        sums = {"loss": loss, "weight": prompts.sum(), "best_nll": best_nll, "best_nll_weight": prompts.sum(),
                 "reward_accuracy": ((margin > 0) * pairs).sum(), "reward_accuracy_weight": n,
                 "reward_margin": (margin * pairs).sum(), "reward_margin_weight": n,
                 "chosen_logps": (chosen * pairs).sum(), "chosen_logps_weight": n,
