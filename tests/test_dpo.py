@@ -253,10 +253,13 @@ def test_dpo_with_the_best_responses_nll_matches_numpy(tiny_gpt, scored_groups, 
     np.testing.assert_allclose(float(total), float(plain) + 0.5 * want, rtol=1e-4)
     assert float(nll_sums["best_nll_weight"]) == float(sums["weight"]) == 3
     best = dpo.best_weights(batch, dpo.prompt_pairs(batch)[0])
-    logps_of = lambda q: (dpo.response_logps(tiny_gpt[0], q, batch) * best).sum()
-    up = jax.grad(logps_of)(params)  # the direction that raises the best responses' log-probabilities
-    dot = lambda a, b: sum(float((x * y).sum()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    assert dot(jax.tree.map(lambda g, h: g - h, grad, plain_grad), up) < 0  # descending it climbs them
+
+    def best_logps(q):
+        return (dpo.response_logps(tiny_gpt[0], q, batch) * best).sum()
+
+    up = jax.grad(best_logps)(params)  # the direction that raises the best responses' log-probabilities
+    added = jax.tree.map(lambda g, h: g - h, grad, plain_grad)  # the NLL term's gradient
+    assert sum(float((a * u).sum()) for a, u in zip(jax.tree.leaves(added), jax.tree.leaves(up))) < 0
 
 
 def test_dpo_objective_is_the_same_on_prompts_packed_together(tiny_gpt, scored_groups, objective):
