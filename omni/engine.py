@@ -6,21 +6,22 @@
     engine.cancel(request)                             # a client went away: its row is free at the next step
     engine.close()
 
-The KV cache has `slots` rows of model.max_len positions each. A row holds one request's tokens at slots 0, 1, ...
-in order, so a token's slot is its position and each row needs only its own length: no left padding and no
-index shared by the batch (Generator's layout). Each step feeds every busy row its latest token at that row's
-position: the model runs vmapped over rows, each row a batch-1 KVCache whose scalar index is the row's position.
-The step writes the token's keys and values there and chooses the next token with the row's own temperature,
-top-k, top-p and random key (generate.process_rows), so differently sampled requests share the compiled step.
-Idle rows compute garbage that nobody reads. Attention reads only the cache's first `window` slots, the
-power-of-two bucket above the busiest row's position: one compiled step per bucket, and a step's cost follows
-the lengths in use, not model.max_len.
+The KV cache has `slots` rows of `capacity` slots each, in Generator's layout: one write index shared by every row,
+each row's tokens left-padded so that they end just before it (row b's tokens fill slots start[b]..index-1, a
+token's position is its slot minus start[b]). A step feeds every busy row its latest token at slot `index`: the
+model runs once on the batch, as Generator's decode step, writing each row's keys and values in place, and then
+index advances. Idle rows compute garbage that nobody reads.
 
-A new request is prefilled alone into a free row: its prompt but the last token, right-padded to a power-of-two
-bucket (generate.bucket) so that prompt lengths share compiled programs. The padding's slots lie at and past the
-row's position, where attention never looks, and the row's next tokens overwrite them. The next step then feeds
-the prompt's last token along with every other row's. A row whose request ends (a stop sequence, max_tokens, the
-context's end) or is cancelled is free for the next waiting request at once.
+New requests are prefilled together, each prompt but its last token left-padded to a common power-of-two bucket
+(generate.bucket, so that prompt lengths share compiled programs) and written to its row's slots just before
+`index`; the next step feeds their last tokens along with every other row's. A row whose request ends (a stop
+sequence, max_tokens, the context's end) or is cancelled is free for the next waiting request at once.
+
+The capacity follows the lengths in use, so a step's cost does too, not model.max_len: when the index reaches
+the capacity, when a new prompt needs more slots before the index than there are, or when the busy rows fill at
+most half of it, the cache is shifted (every row by the same number of slots, so its rows' positions do not
+change) and resized to the power-of-two bucket that holds the busiest row: one copy, and one compiled step per
+capacity.
 
 Each step reads back [slots] tokens and log-probabilities (and the most likely alternatives): the host sync that
 lets requests join, stop and stream at every token. A request's sampled tokens depend on its seed alone, never
@@ -95,11 +96,13 @@ class Engine:
         self.generator, self.slots, self.queue = generator, slots, queue
         model = GPT(generator.config)
         options = generator.compiler_options
-        self._prefill = jax.jit(functools.partial(_prefill, model), donate_argnames="cache",
-                                compiler_options=options)
-        self._decode = jax.jit(functools.partial(_decode, model), static_argnames="window", donate_argnames="cache",
-                               compiler_options=options)
-        self._cache = self._empty_cache()
+        # The prompts' keys and values, then their rows of the cache: two programs, so that the model's compiles
+        # per (prompts, width) bucket and only the small copy per cache capacity.
+        self._prefill = jax.jit(functools.partial(_prefill, model), compiler_options=options)
+        self._place = jax.jit(_place, donate_argnames="cache", compiler_options=options)
+        self._decode = jax.jit(functools.partial(_decode, model), donate_argnames="cache", compiler_options=options)
+        self._shift = jax.jit(_shift, static_argnames="capacity", compiler_options=options)
+        self._empty_cache()
         self._rows: list[_Row | None] = [None] * slots
         self._waiting: collections.deque[Request] = collections.deque()
         self._changed = threading.Condition()
@@ -166,14 +169,14 @@ class Engine:
                 self._rows = [None if r is None or r.request.cancelled else r for r in self._rows]
                 admitted = self._admit()
             try:
-                for i in admitted:
-                    self._fill(i)
+                if admitted:
+                    self._fill(admitted)
                 if any(self._rows):
                     self._step()
             except Exception as e:  # noqa: BLE001 - every request hears of it; the engine goes on
                 logging.exception("engine step failed")
                 self._fail(e)
-                self._cache = self._empty_cache()  # a failed call may have consumed the donated cache
+                self._empty_cache()  # a failed call may have consumed the donated cache
         self._fail(RuntimeError("the engine was closed"))
 
     def _admit(self) -> list[int]:
@@ -186,27 +189,63 @@ class Engine:
             admitted.append(i)
         return admitted
 
-    def _fill(self, i: int) -> None:
-        """Prefills row i with its prompt but the last token (which the next step feeds)."""
-        m, prompt = self.generator.config, self._rows[i].tokens[:-1]
-        if prompt:
-            tokens = np.full((1, bucket(len(prompt), m.max_len)), self.generator.pad_id, np.int32)
-            tokens[0, :len(prompt)] = prompt
-            self._cache = self._prefill(self.generator.params, self._cache, np.int32(i), tokens)
+    def _fill(self, rows: list[int]) -> None:
+        """Makes room for the new rows' prompts before the write index, then prefills them in one call: each
+        prompt but its last token (which the next step feeds)."""
+        m = self.generator.config
+        lengths = [len(self._rows[i].tokens) - 1 for i in rows]
+        width = min(bucket(max(lengths), m.max_len), m.max_len - 1) if max(lengths) else 0
+        self._fit(rows, width)
+        for i, n in zip(rows, lengths):
+            self._start[i] = self._index - n
+        if not width:
+            return
+        group = bucket(len(rows), self.slots)  # a power of two: the prefill compiles for few batch sizes
+        order = rows + [rows[0]] * (group - len(rows))  # the padding entries repeat the first row's writes
+        tokens = np.full((group, width), self.generator.pad_id, np.int32)
+        for j, i in enumerate(order):
+            prompt = self._rows[i].tokens[:-1]
+            tokens[j, width - len(prompt):] = prompt
+        starts = np.array([width - (len(self._rows[i].tokens) - 1) for i in order], np.int32)
+        part = self._prefill(self.generator.params, tokens, starts)
+        self._cache = self._place(self._cache, part, np.array(order, np.int32), np.int32(self._index))
+
+    def _fit(self, new: list[int], width: int) -> None:
+        """Shifts and resizes the cache so that the busy rows (but `new`) keep their tokens, `width` slots lie
+        before the write index for the new prompts, and the step's write at the index fits: a copy, made only
+        when the index reaches the capacity, the prompts do not fit, or the capacity is twice what is used."""
+        busy = [i for i, r in enumerate(self._rows) if r is not None and i not in new]
+        used = self._index - int(min(self._start[i] for i in busy)) if busy else 0
+        index = max(used, width)  # the write index after the shift
+        capacity = bucket(index + 1, self.generator.config.max_len)
+        if self._index + 1 <= self._capacity and self._index >= width and 2 * capacity > self._capacity:
+            return  # fits, and no more than twice the slots needed: leave it
+        if not busy:  # nothing to keep
+            if capacity != self._capacity:
+                self._empty_cache(capacity)
+            self._index = index
+            return
+        offset = self._index - index  # every slot moves this far left (right when negative)
+        self._cache = self._shift(self._cache, np.int32(offset), capacity=capacity)
+        self._start -= offset
+        self._index, self._capacity = index, capacity
 
     def _step(self) -> None:
         """One token for every busy row, handed to its request."""
-        feed = np.zeros((3, self.slots), np.int32)  # token, position, top_k
+        self._fit([], 0)
+        feed = np.zeros((3, self.slots), np.int32)  # token, start (idle rows: past the index), top_k
+        feed[1] = self._capacity
         floats = np.ones((2, self.slots), np.float32)  # temperature, top_p
         keys = np.zeros((2, self.slots), np.uint32)  # seed, tokens generated so far
         for i, row in enumerate(self._rows):
             if row is not None:
                 s = row.request.sampling
-                feed[:, i] = row.tokens[-1], len(row.tokens) - 1, s.top_k
+                feed[:, i] = row.tokens[-1], self._start[i], s.top_k
                 floats[:, i] = s.temperature, s.top_p
                 keys[:, i] = row.request.seed, len(row.generated)
-        window = bucket(int(feed[1].max()) + 1, self.generator.config.max_len)
-        self._cache, out = self._decode(self.generator.params, self._cache, *feed, *floats, *keys, window=window)
+        self._cache, out = self._decode(self.generator.params, self._cache, np.int32(self._index), *feed, *floats,
+                                        *keys)
+        self._index += 1
         tokens, logprobs, top_logprobs, top_ids = jax.device_get(out)
         with self._changed:
             for i, row in enumerate(self._rows):
@@ -243,44 +282,41 @@ class Engine:
             except Exception:  # noqa: BLE001 - its consumer is gone already
                 continue
 
-    def _empty_cache(self) -> tuple[tuple, tuple]:
-        """(keys, values): per layer [slots, heads, max_len, head_dim]."""
+    def _empty_cache(self, capacity: int = 1) -> None:
+        """No busy row: (keys, values) per layer [slots, heads, capacity, head_dim] (at least MIN_BUCKET slots)."""
         m = self.generator.config
-        shape = (self.slots, m.num_heads, m.max_len, m.d_model // m.num_heads)
-        return tuple(tuple(jnp.zeros(shape, m.dtype) for _ in range(m.num_layers)) for _ in range(2))
+        self._index, self._capacity, self._start = 0, bucket(capacity, m.max_len), np.zeros(self.slots, np.int32)
+        shape = (self.slots, m.num_heads, self._capacity, m.d_model // m.num_heads)
+        self._cache = tuple(tuple(jnp.zeros(shape, m.dtype) for _ in range(m.num_layers)) for _ in range(2))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The compiled programs
 
-def _prefill(model, params, cache, row, tokens):
-    """Row `row` of the cache with slots 0..width-1 holding the keys and values of `tokens` [1, width]."""
-    part = KVCache.zeros(model.config, jnp.zeros(1, jnp.int32), tokens.shape[1])
+def _prefill(model, params, tokens, starts):
+    """(keys, values) per layer [prompts, heads, width, head_dim] of `tokens` [prompts, width], prompts
+    left-padded to `starts`."""
+    part = KVCache.zeros(model.config, starts, tokens.shape[1])
     _, part = model.apply({"params": params}, tokens, cache=part)
+    return part.k, part.v
 
+
+def _place(cache, part, rows, index):
+    """The cache with rows `rows` holding `part`'s keys and values in the slots just before `index`."""
     def place(full, new):
-        return jax.lax.dynamic_update_slice(full, new, (row, 0, 0, 0))
+        for j in range(new.shape[0]):
+            full = jax.lax.dynamic_update_slice(full, new[j:j + 1], (rows[j], 0, index - new.shape[2], 0))
+        return full
 
-    return tuple(map(place, cache[0], part.k)), tuple(map(place, cache[1], part.v))
+    return tuple(map(place, cache[0], part[0])), tuple(map(place, cache[1], part[1]))
 
 
-def _decode(model, params, cache, tokens, positions, top_k, temperature, top_p, seeds, counts, *, window):
-    """Feeds each row's token at its position; returns the cache and, per row, the next token, its logprob and
-    the TOP_LOGPROBS most likely tokens' (logprobs, ids). Rows attend over the cache's first `window` slots
-    only (every busy row's position is below it): a step reads what the rows hold, not all max_len slots."""
-
-    def one_row(k, v, token, position):
-        row = KVCache(k=tuple(x[None, :, :window] for x in k), v=tuple(x[None, :, :window] for x in v),
-                      start=jnp.zeros(1, jnp.int32), index=position)
-        logits, row = model.apply({"params": params}, token.reshape(1, 1), cache=row)
-        # Only the token's own keys and values go back to the full cache: copying the whole window back
-        # would cost as much as attending over it.
-        written = (tuple(jax.lax.dynamic_slice_in_dim(x[0], position, 1, axis=1) for x in c) for c in (row.k, row.v))
-        return logits[0, 0], tuple(
-            tuple(jax.lax.dynamic_update_slice_in_dim(full, new, position, axis=1) for full, new in zip(old, part))
-            for old, part in zip((k, v), written))
-
-    logits, cache = jax.vmap(one_row)(cache[0], cache[1], tokens, positions)
+def _decode(model, params, cache, index, tokens, start, top_k, temperature, top_p, seeds, counts):
+    """Feeds each row's token at slot `index` (rows left-padded to `start`); returns the cache and, per row, the
+    next token, its logprob and the TOP_LOGPROBS most likely tokens' (logprobs, ids)."""
+    rows = KVCache(k=cache[0], v=cache[1], start=start, index=index)
+    logits, rows = model.apply({"params": params}, tokens[:, None], cache=rows)
+    logits = logits[:, 0]
     keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(seeds, counts)
     drawn = jax.vmap(jax.random.categorical)(keys, process_rows(logits, temperature, top_k, top_p))
     greedy = temperature == 0.0
@@ -288,4 +324,15 @@ def _decode(model, params, cache, tokens, positions, top_k, temperature, top_p, 
     logprobs = jax.nn.log_softmax(logits / jnp.where(greedy, 1.0, temperature)[:, None], axis=-1)
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
-    return cache, (token, chosen, *top)
+    return (rows.k, rows.v), (token, chosen, *top)
+
+
+def _shift(cache, offset, *, capacity):
+    """The cache with every slot moved `offset` slots left (right when negative) and `capacity` slots per row:
+    slot j holds what slot j + offset held (zeros where that is outside)."""
+    def move(x):
+        pad = max(x.shape[2], capacity)
+        padded = jnp.pad(x, ((0, 0), (0, 0), (pad, pad), (0, 0)))
+        return jax.lax.dynamic_slice_in_dim(padded, pad + offset, capacity, axis=2)
+
+    return tuple(tuple(map(move, c)) for c in cache)
