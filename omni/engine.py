@@ -20,7 +20,7 @@ sequence, max_tokens, the context's end) or is cancelled is free for the next wa
 The capacity follows the lengths in use, so a step's cost does too, not model.max_len: when the index reaches
 the capacity, when a new prompt needs more slots before the index than there are, or when the busy rows fill at
 most half of it, the cache is shifted (every row by the same number of slots, so its rows' positions do not
-change) and resized to the power-of-two bucket that holds the busiest row: one copy, and one compiled step per
+change) and resized to the power-of-two bucket that holds the longest row: one copy, and one compiled step per
 capacity.
 
 Each step reads back [slots] tokens and log-probabilities (and the most likely alternatives): the host sync that
