@@ -10,10 +10,11 @@ The KV cache has `slots` rows of `capacity` slots each, in Generator's layout: o
 each row's tokens left-padded so that they end just before it (row b's tokens fill slots start[b]..index-1, a
 token's position is its slot minus start[b]). A step feeds every busy row its latest token at slot `index`: the
 model runs once on the batch, as Generator's decode step, writing each row's keys and values in place, and then
-index advances. Idle rows compute garbage that nobody reads.
+index advances. The batch is the rows up to the last busy one, rounded up to a power of two (requests take the
+lowest free rows, so one client costs one row); idle rows among them compute garbage that nobody reads.
 
-New requests are prefilled together, each prompt but its last token left-padded to a common power-of-two bucket
-(generate.bucket, so that prompt lengths share compiled programs) and written to its row's slots just before
+New requests are prefilled together (one alone, or several as `slots` rows), each prompt but its last token
+left-padded to a common power-of-two bucket (generate.bucket, so that prompt lengths share compiled programs) and written to its row's slots just before
 `index`; the next step feeds their last tokens along with every other row's. A row whose request ends (a stop
 sequence, max_tokens, the context's end) or is cancelled is free for the next waiting request at once.
 
@@ -200,7 +201,7 @@ class Engine:
             self._start[i] = self._index - n
         if not width:
             return
-        group = bucket(len(rows), self.slots)  # a power of two: the prefill compiles for few batch sizes
+        group = 1 if len(rows) == 1 else self.slots  # two prefill programs per prompt bucket, not one per count
         order = rows + [rows[0]] * (group - len(rows))  # the padding entries repeat the first row's writes
         tokens = np.full((group, width), self.generator.pad_id, np.int32)
         for j, i in enumerate(order):
@@ -231,13 +232,17 @@ class Engine:
         self._index, self._capacity = index, capacity
 
     def _step(self) -> None:
-        """One token for every busy row, handed to its request."""
+        """One token for every busy row, handed to its request. The step runs the rows up to the last busy one
+        only (their number rounded up to a power of two): requests take the lowest free rows, so one client
+        costs one row, not `slots`."""
         self._fit([], 0)
-        feed = np.zeros((3, self.slots), np.int32)  # token, start (idle rows: past the index), top_k
+        last = max((i for i, r in enumerate(self._rows) if r is not None), default=0)
+        rows = min(1 << last.bit_length(), self.slots)
+        feed = np.zeros((3, rows), np.int32)  # token, start (idle rows: past the index), top_k
         feed[1] = self._capacity
-        floats = np.ones((2, self.slots), np.float32)  # temperature, top_p
-        keys = np.zeros((2, self.slots), np.uint32)  # seed, tokens generated so far
-        for i, row in enumerate(self._rows):
+        floats = np.ones((2, rows), np.float32)  # temperature, top_p
+        keys = np.zeros((2, rows), np.uint32)  # seed, tokens generated so far
+        for i, row in enumerate(self._rows[:rows]):
             if row is not None:
                 s = row.request.sampling
                 feed[:, i] = row.tokens[-1], self._start[i], s.top_k
@@ -248,7 +253,7 @@ class Engine:
         self._index += 1
         tokens, logprobs, top_logprobs, top_ids = jax.device_get(out)
         with self._changed:
-            for i, row in enumerate(self._rows):
+            for i, row in enumerate(self._rows[:rows]):
                 if row is not None and not row.request.cancelled:
                     top = tuple(zip(top_ids[i].tolist(), top_logprobs[i].tolist()))
                     self._deliver(i, row, Token(int(tokens[i]), float(logprobs[i]), top))
@@ -312,11 +317,19 @@ def _place(cache, part, rows, index):
 
 
 def _decode(model, params, cache, index, tokens, start, top_k, temperature, top_p, seeds, counts):
-    """Feeds each row's token at slot `index` (rows left-padded to `start`); returns the cache and, per row, the
-    next token, its logprob and the TOP_LOGPROBS most likely tokens' (logprobs, ids)."""
-    rows = KVCache(k=cache[0], v=cache[1], start=start, index=index)
+    """Feeds the first len(tokens) rows their tokens at slot `index` (rows left-padded to `start`); returns the
+    cache and, per row, the next token, its logprob and the TOP_LOGPROBS most likely tokens' (logprobs, ids)."""
+    n = tokens.shape[0]
+    part = cache if n == cache[0][0].shape[0] else tuple(tuple(x[:n] for x in c) for c in cache)
+    rows = KVCache(k=part[0], v=part[1], start=start, index=index)
     logits, rows = model.apply({"params": params}, tokens[:, None], cache=rows)
     logits = logits[:, 0]
+    if n == cache[0][0].shape[0]:
+        cache = rows.k, rows.v
+    else:  # only the new keys and values go back: copying the rows' whole cache back would cost as much again
+        cache = tuple(tuple(jax.lax.dynamic_update_slice(full, jax.lax.dynamic_slice_in_dim(new, index, 1, axis=2),
+                                                         (0, 0, index, 0)) for full, new in zip(old, part))
+                      for old, part in zip(cache, (rows.k, rows.v)))
     keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(seeds, counts)
     drawn = jax.vmap(jax.random.categorical)(keys, process_rows(logits, temperature, top_k, top_p))
     greedy = temperature == 0.0
@@ -324,7 +337,7 @@ def _decode(model, params, cache, index, tokens, start, top_k, temperature, top_
     logprobs = jax.nn.log_softmax(logits / jnp.where(greedy, 1.0, temperature)[:, None], axis=-1)
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
-    return (rows.k, rows.v), (token, chosen, *top)
+    return cache, (token, chosen, *top)
 
 
 def _shift(cache, offset, *, capacity):
