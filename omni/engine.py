@@ -14,8 +14,9 @@ index advances. The batch is the rows up to the last busy one, rounded up to a p
 lowest free rows, so one client costs one row); idle rows among them compute garbage that nobody reads.
 
 New requests are prefilled together (one alone, or several as `slots` rows), each prompt but its last token
-left-padded to a common power-of-two bucket (generate.bucket, so that prompt lengths share compiled programs) and written to its row's slots just before
-`index`; the next step feeds their last tokens along with every other row's. A row whose request ends (a stop
+left-padded to a common power-of-two bucket (generate.bucket, so that prompt lengths share compiled programs)
+and written to its row's slots just before `index`; the next step feeds their last tokens along with every
+other row's. A row whose request ends (a stop
 sequence, max_tokens, the context's end) or is cancelled is free for the next waiting request at once.
 
 The capacity follows the lengths in use, so a step's cost does too, not model.max_len: when the index reaches
@@ -24,7 +25,7 @@ most half of it, the cache is shifted (every row by the same number of slots, so
 change) and resized to the power-of-two bucket that holds the longest row: one copy, and one compiled step per
 capacity.
 
-Each step reads back [slots] tokens and log-probabilities (and the most likely alternatives): the host sync that
+Each step reads back its rows' tokens and log-probabilities (and the most likely alternatives): the host sync that
 lets requests join, stop and stream at every token. A request's sampled tokens depend on its seed alone, never
 on what else is in the batch (they are not Generator's draws for the same seed: the keys are laid out per row).
 """
@@ -203,11 +204,11 @@ class Engine:
             return
         group = 1 if len(rows) == 1 else self.slots  # two prefill programs per prompt bucket, not one per count
         order = rows + [rows[0]] * (group - len(rows))  # the padding entries repeat the first row's writes
+        prompts = [self._rows[i].tokens[:-1] for i in order]
         tokens = np.full((group, width), self.generator.pad_id, np.int32)
-        for j, i in enumerate(order):
-            prompt = self._rows[i].tokens[:-1]
+        for j, prompt in enumerate(prompts):
             tokens[j, width - len(prompt):] = prompt
-        starts = np.array([width - (len(self._rows[i].tokens) - 1) for i in order], np.int32)
+        starts = np.array([width - len(p) for p in prompts], np.int32)
         part = self._prefill(self.generator.params, tokens, starts)
         self._cache = self._place(self._cache, part, np.array(order, np.int32), np.int32(self._index))
 
