@@ -275,6 +275,28 @@ def test_the_reference_policys_held_out_measures_are_computed_once_per_fingerpri
     assert len(os.listdir(os.path.join(ref, "cache"))) == 2
 
 
+def test_a_short_last_chunk_of_held_out_prompts_samples_as_if_padded_to_the_rollout_batch(sft, machinery):
+    """HeldOut pads a chunk of fewer prompts than ppo.rollout_batch only to the next power of two: the responses
+    and log-ratios to the reference are those of padding to the whole rollout batch (each row's draws depend on
+    its index alone)."""
+    tok, policy = sft
+    generator, _ = machinery
+    c = _grpo_config()
+    reference = jax.tree.map(lambda w: 0.9 * w, policy)  # another policy: log-ratios not all 0
+    rollouts = rollout.Rollouts(c, tok, [PROMPT], generator, (reference, None), range(c.train.batch_size))
+    held = evaluation.HeldOut(rollouts, [PROMPT, "pack", "pick"])
+    ids = held.ids * 2  # 6 prompts: 8 rows, not the rollout batch's 32
+    assert held._rows(len(ids)) == 8 and held._rows(32) == 32 == c.ppo.rollout_batch
+    short = held._generate(policy, {"policy": policy}, ids, 1.0)
+    held._rows = lambda real: c.ppo.rollout_batch
+    padded = held._generate(policy, {"policy": policy}, ids, 1.0)
+    assert short[0] == padded[0] and len(set(short[0])) > 1
+    assert np.all(np.abs(short[1]) > 1e-3)
+    np.testing.assert_allclose(short[1], padded[1], rtol=1e-5, atol=1e-5)
+    texts, kls, rewards = held._generate(policy, {"policy": policy}, ids, 0.0, scored=False)
+    assert len(texts) == 6 and kls.size == rewards.size == 0
+
+
 class OneLogitPair(nn.Module):
     """A policy over two tokens with a logit each (the same at every position), no critic."""
 

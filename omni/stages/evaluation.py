@@ -107,7 +107,7 @@ class HeldOut:
     def _measure(self, policy_params, params) -> dict:
         """The held-out measures of one policy; `greedy` and `greedy_scores` kept for the comparison."""
         k = self.r.p.eval_samples
-        greedy, _, _ = self._generate(policy_params, params, self.ids, 0.0)
+        greedy, _, _ = self._generate(policy_params, params, self.ids, 0.0, scored=False)
         texts, kls, rewards = self._generate(policy_params, params, [i for i in self.ids for _ in range(k)],
                                              self.r.p.temperature)
         out = {"greedy": greedy, "kl_to_sft": float(kls.mean())}
@@ -135,17 +135,29 @@ class HeldOut:
             out["rm_agreement"] = heldout.agreement(sample_scores, rewards)
         return out
 
-    def _generate(self, policy_params, params, ids: list[list[int]], temperature: float):
-        """(texts, summed log-ratio to the reference, reward-model scores) of responses to `ids`, in chunks of the
-        rollout batch: the compiled programs serve."""
+    def _generate(self, policy_params, params, ids: list[list[int]], temperature: float, scored: bool = True):
+        """(texts, summed log-ratio to the reference, reward-model scores; both empty unless `scored`) of
+        responses to `ids`, in chunks of the rollout batch (the compiled programs serve); a last chunk of fewer
+        rows is padded only to the next power of two."""
         size, texts, kls, rewards = self.r.p.rollout_batch, [], [], []
         for start in range(0, len(ids), size):
             chunk = ids[start:start + size]
             real = len(chunk)
             rows, out = sample(self.r.generator, self.r.tokenizer, self.r.config, policy_params,
-                               chunk + [chunk[0]] * (size - real), 12345 + start, temperature)
-            logp, ref_logp, _, scores = score_rows(self.r.score, params, self.r.ref_params, self.r.rm_params, rows)
-            kls += summed_log_ratio(logp, ref_logp, rows["mask"])[:real].tolist()
-            rewards += scores[:real].tolist()
+                               chunk + [chunk[0]] * (self._rows(real) - real), 12345 + start, temperature)
             texts += [response_text(self.r.tokenizer, out, i) for i in range(real)]
+            if scored:
+                logp, ref_logp, _, scores = score_rows(self.r.score, params, self.r.ref_params, self.r.rm_params,
+                                                       rows)
+                kls += summed_log_ratio(logp, ref_logp, rows["mask"])[:real].tolist()
+                rewards += scores[:real].tolist()
         return texts, np.array(kls), np.array(rewards)
+
+    def _rows(self, real: int) -> int:
+        """The rows a chunk of `real` prompts is padded to: the rollout batch, or for fewer the next power of two
+        where the mesh's devices divide it (one more compiled shape, not a batch of padding; the samples are the
+        same, since each row's random draws depend only on its index)."""
+        mesh = self.r.generator.mesh
+        size, devices = self.r.p.rollout_batch, 1 if mesh is None else mesh.devices.size
+        rows = 1 << max(real - 1, 0).bit_length()
+        return rows if rows < size and rows % devices == 0 else size
