@@ -32,8 +32,9 @@ setup(
         # torch and transformers: tests/test_hf.py checks logits against transformers' GPT-2. The pinned torch
         # is the CPU wheel; an unpinned one would pull GBs of CUDA libraries.
         # openai: tests/test_serve.py talks to omni.serve through the official client, selenium drives its page in
-        # Debian's chromium (apt-get install chromium chromium-driver).
-        "test": ["pytest", "torch==2.13.0", "transformers", "openai", "selenium", "starlette", "uvicorn"],
+        # Debian's chromium (apt-get install chromium chromium-driver). pytest-xdist: the suite runs on two workers
+        # (pytest.ini), one file per worker at a time, so that compiling on one core overlaps running on the other.
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers", "openai", "selenium", "starlette", "uvicorn"],
         # omni.serve's HTTP server.
         "serve": ["starlette", "uvicorn"],
         # libtpu, at the jax version pip resolves for omni: compiles for any TPU slice ahead of time on any host

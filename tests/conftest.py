@@ -7,6 +7,12 @@ import tempfile
 
 import pytest
 
+# Tests compile hundreds of small programs and run each a few times: at LLVM's cheapest level XLA:CPU compiles them
+# about a third faster (tests/test_dpo.py: 100 s -> 66 s) and computes the same numbers. Set before jax is imported;
+# every process a test starts inherits it (those that set XLA_FLAGS themselves add it).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 
 def _compilation_cache() -> dict[str, str]:
     """One persistent JAX compilation cache for the omni processes this test session starts (the CLI tests compile
@@ -79,7 +85,7 @@ def run_on_8_devices(script: str, timeout: int) -> dict:
     import json
     import subprocess
 
-    env = dict(os.environ, **COMPILATION_CACHE, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, **COMPILATION_CACHE, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -170,7 +170,7 @@ def test_packed_documents_equal_separate_runs(variant):
 
 SHARDED_KERNEL = r"""
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 from omni import parallel
 from omni.config import base_config, validate

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import FAST_COMPILE, ROOT, run_cli
 
 
 def _flags(data_dir, workdir, steps):
@@ -38,7 +38,7 @@ def _compile_cache(path):
 def _run_two_processes(args, cache):
     """Runs `python -m omni.main ARGS` as processes 0 and 1 of 2; returns their (returncode, stdout, stderr)."""
     coordinator = f"localhost:{_free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **_compile_cache(cache))  # one CPU device each
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE, **_compile_cache(cache))  # one CPU device each
     procs = [subprocess.Popen(
         [sys.executable, "-m", "omni.main", *args, f"--config.distributed.coordinator={coordinator}",
          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
@@ -62,8 +62,8 @@ def test_two_processes_resume_and_match_one(tmp_path):
     # One process first: it also builds the corpus and the tokenizer that the others then read.
     single = str(tmp_path / "single")
     cache = tmp_path / "jax_cache"
-    out = run_cli(_flags(data_dir, single, steps=4),
-                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", **_compile_cache(cache)})
+    two_devices = f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"
+    out = run_cli(_flags(data_dir, single, steps=4), env={"XLA_FLAGS": two_devices, **_compile_cache(cache)})
     assert out.returncode == 0, out.stderr[-3000:]
 
     multi = str(tmp_path / "multi")
