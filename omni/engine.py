@@ -25,6 +25,10 @@ most half of it, the cache is shifted (every row by the same number of slots, so
 change) and resized to the power-of-two bucket that holds the longest row: one copy, and one compiled step per
 capacity.
 
+The step is compiled per (rows, capacity). One not compiled yet compiles ahead of time on a worker thread while
+a compiled step with more rows serves (idle rows cost compute; a compile would stall every busy row for seconds);
+only where none is does the first call compile it.
+
 Each step reads back its rows' tokens and log-probabilities (and the most likely alternatives): the host sync that
 lets requests join, stop and stream at every token. A request's sampled tokens depend on its seed alone, never
 on what else is in the batch (they are not Generator's draws for the same seed: the keys are laid out per row).
@@ -32,6 +36,7 @@ on what else is in the batch (they are not Generator's draws for the same seed: 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import threading
@@ -104,6 +109,11 @@ class Engine:
         self._place = jax.jit(_place, donate_argnames="cache", compiler_options=options)
         self._decode = jax.jit(functools.partial(_decode, model), donate_argnames="cache", compiler_options=options)
         self._shift = jax.jit(_shift, static_argnames="capacity", compiler_options=options)
+        # The step compiled per (rows, capacity); a missing one compiles on the worker while a compiled step with
+        # more rows serves (idle rows cost compute, a compile would stall every busy row).
+        self._programs: dict[tuple[int, int], Callable] = {}
+        self._compiling: dict[tuple[int, int], concurrent.futures.Future] = {}
+        self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="omni-engine-compile")
         self._empty_cache()
         self._rows: list[_Row | None] = [None] * slots
         self._waiting: collections.deque[Request] = collections.deque()
@@ -147,6 +157,7 @@ class Engine:
             self._closed = True
             self._changed.notify()
         self._thread.join()
+        self._compiler.shutdown(wait=False, cancel_futures=True)
 
     def _check(self, request: Request, name: str) -> None:
         m, s = self.generator.config, request.sampling
@@ -238,7 +249,7 @@ class Engine:
         costs one row, not `slots`."""
         self._fit([], 0)
         last = max((i for i, r in enumerate(self._rows) if r is not None), default=0)
-        rows = min(1 << last.bit_length(), self.slots)
+        rows, decode = self._program(min(1 << last.bit_length(), self.slots))
         feed = np.zeros((3, rows), np.int32)  # token, start (idle rows: past the index), top_k
         feed[1] = self._capacity
         floats = np.ones((2, rows), np.float32)  # temperature, top_p
@@ -249,8 +260,7 @@ class Engine:
                 feed[:, i] = row.tokens[-1], self._start[i], s.top_k
                 floats[:, i] = s.temperature, s.top_p
                 keys[:, i] = row.request.seed, len(row.generated)
-        self._cache, out = self._decode(self.generator.params, self._cache, np.int32(self._index), *feed, *floats,
-                                        *keys)
+        self._cache, out = decode(self.generator.params, self._cache, np.int32(self._index), *feed, *floats, *keys)
         self._index += 1
         tokens, logprobs, top_logprobs, top_ids = jax.device_get(out)
         with self._changed:
@@ -258,6 +268,40 @@ class Engine:
                 if row is not None and not row.request.cancelled:
                     top = tuple(zip(top_ids[i].tolist(), top_logprobs[i].tolist()))
                     self._deliver(i, row, Token(int(tokens[i]), float(logprobs[i]), top))
+
+    def _program(self, rows: int) -> tuple[int, Callable]:
+        """(rows it runs, the compiled step) for `rows` busy rows at the cache's capacity: the step for exactly
+        those rows where it is compiled; else, while it compiles on the worker, the smallest compiled one with
+        more rows. Compiled on first call (a stall) only where no larger one is, or on a mesh."""
+        key = (rows, self._capacity)
+        compiling = self._compiling.get(key)
+        if compiling is not None and compiling.done() and compiling.exception() is None:
+            self._programs[key] = compiling.result()
+            del self._compiling[key]
+        if key in self._programs:
+            return rows, self._programs[key]
+        larger = sorted(r for r, c in self._programs if c == self._capacity and r > rows)
+        if not larger or self.generator.mesh is not None:
+            self._programs[key] = self._decode  # jit: compiles on this first call
+            return rows, self._decode
+        if key not in self._compiling:  # a failed compile is not retried: the larger step serves
+            self._compiling[key] = self._compiler.submit(self._compile, rows, self._capacity, self._cache[0][0])
+        return larger[0], self._programs[(larger[0], self._capacity)]
+
+    def _compile(self, rows: int, capacity: int, like: jax.Array):
+        """On the worker: the step for `rows` rows of a cache of `capacity` slots (each layer's keys and values
+        like `like` but for that), compiled ahead of time from abstract arguments while the engine's thread
+        goes on stepping."""
+        m = self.generator.config
+        params = jax.tree.map(lambda x: _abstract(np.shape(x), x.dtype, x), self.generator.params)
+        layer = _abstract((self.slots, m.num_heads, capacity, m.d_model // m.num_heads), like.dtype, like)
+        cache = tuple(tuple(layer for _ in range(m.num_layers)) for _ in range(2))
+        feed = [_abstract((rows,), dtype) for dtype in [np.int32] * 3 + [np.float32] * 2 + [np.uint32] * 2]
+        try:
+            return self._decode.lower(params, cache, _abstract((), np.int32), *feed).compile()
+        except Exception:
+            logging.exception("compiling the engine's step for %d rows failed (a larger one serves them)", rows)
+            raise
 
     def _deliver(self, i: int, row: _Row, token: Token) -> None:
         row.tokens.append(token.id)
@@ -298,6 +342,11 @@ class Engine:
 
 # ---------------------------------------------------------------------------------------------------------
 # The compiled programs
+
+def _abstract(shape: tuple, dtype, like=None) -> jax.ShapeDtypeStruct:
+    """An argument's shape and dtype for ahead-of-time compilation, placed as `like` is (if given)."""
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=getattr(like, "sharding", None))
+
 
 def _prefill(model, params, tokens, starts):
     """(keys, values) per layer [prompts, heads, width, head_dim] of `tokens` [prompts, width], prompts

@@ -5,6 +5,7 @@ bad requests are refused, and a cancelled request frees its row."""
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -211,5 +212,30 @@ def test_cancel_frees_the_row(generator):
         assert len(out.wait().tokens) == NEW
         assert not out_long.done.is_set() and len(out_long.tokens) < 50
         assert engine.load() == (0, 0)
+    finally:
+        engine.close()
+
+
+def test_a_row_count_seen_first_runs_on_a_larger_compiled_step_while_its_own_compiles(generator):
+    """A burst of four requests compiles the four-row step at each capacity it reaches. A lone request later is
+    served by it wherever its own one-row step is not compiled yet (that compiles on the worker, ahead of time,
+    instead of stalling the step), and gets Generator's tokens either way; so does the next one, on the one-row
+    steps then compiled."""
+    engine = Engine(generator, slots=4, queue=8)
+    try:
+        prompts = prompts_of((9, 9, 9, 9), generator.config.vocab_size, seed=5)
+        want = generator.generate(prompts, NEW, GREEDY)
+        burst = [_request(p) for p in prompts]
+        engine.submit([r for r, _ in burst])
+        for i, (_, out) in enumerate(burst):
+            assert out.wait().ids == want.row(i), i
+        for round_ in range(2):
+            request, out = _request(prompts[1])
+            engine.submit([request])
+            assert out.wait().ids == want.row(1), round_
+            _wait_for(lambda: all(f.done() for f in engine._compiling.values()))
+        ahead = [c for (rows, c), program in engine._programs.items()
+                 if rows == 1 and isinstance(program, jax.stages.Compiled)]
+        assert ahead, engine._programs.keys()  # at least one capacity's one-row step came from the worker
     finally:
         engine.close()
