@@ -80,6 +80,7 @@ class Request:
     sampling: Sampling = Sampling()
     seed: int = 0  # in [0, 2**32)
     stop: Sequence[Sequence[int]] = ()
+    alternatives: int = TOP_LOGPROBS  # the likeliest tokens each Token carries in `top` (0 to TOP_LOGPROBS)
     cancelled: bool = False  # set by Engine.cancel, read by the engine's thread
 
 
@@ -169,6 +170,8 @@ class Engine:
             raise GenerationError(f"{name}: max_tokens={request.max_tokens}, must be >= 1")
         if not 0 <= request.seed < 2 ** 32:
             raise GenerationError(f"{name}: seed={request.seed}, must be in [0, 2**32)")
+        if not 0 <= request.alternatives <= TOP_LOGPROBS:
+            raise GenerationError(f"{name}: alternatives={request.alternatives}, must be 0 to {TOP_LOGPROBS}")
         if any(len(s) == 0 for s in request.stop):
             raise GenerationError(f"{name}: an empty stop sequence")
 
@@ -260,13 +263,16 @@ class Engine:
                 feed[:, i] = row.tokens[-1], self._start[i], s.top_k
                 floats[:, i] = s.temperature, s.top_p
                 keys[:, i] = row.request.seed, len(row.generated)
-        self._cache, out = decode(self.generator.params, self._cache, np.int32(self._index), *feed, *floats, *keys)
+        ranked = np.bool_(any(r is not None and r.request.alternatives for r in self._rows[:rows]))
+        self._cache, out = decode(self.generator.params, self._cache, np.int32(self._index), *feed, *floats, *keys,
+                                  ranked)
         self._index += 1
         tokens, logprobs, top_logprobs, top_ids = jax.device_get(out)
         with self._changed:
             for i, row in enumerate(self._rows[:rows]):
                 if row is not None and not row.request.cancelled:
-                    top = tuple(zip(top_ids[i].tolist(), top_logprobs[i].tolist()))
+                    n = row.request.alternatives
+                    top = tuple(zip(top_ids[i, :n].tolist(), top_logprobs[i, :n].tolist()))
                     self._deliver(i, row, Token(int(tokens[i]), float(logprobs[i]), top))
 
     def _program(self, rows: int) -> tuple[int, Callable]:
@@ -297,6 +303,7 @@ class Engine:
         layer = _abstract((self.slots, m.num_heads, capacity, m.d_model // m.num_heads), like.dtype, like)
         cache = tuple(tuple(layer for _ in range(m.num_layers)) for _ in range(2))
         feed = [_abstract((rows,), dtype) for dtype in [np.int32] * 3 + [np.float32] * 2 + [np.uint32] * 2]
+        feed.append(_abstract((), np.bool_))
         try:
             return self._decode.lower(params, cache, _abstract((), np.int32), *feed).compile()
         except Exception:
@@ -366,9 +373,10 @@ def _place(cache, part, rows, index):
     return tuple(map(place, cache[0], part[0])), tuple(map(place, cache[1], part[1]))
 
 
-def _decode(model, params, cache, index, tokens, start, top_k, temperature, top_p, seeds, counts):
+def _decode(model, params, cache, index, tokens, start, top_k, temperature, top_p, seeds, counts, ranked):
     """Feeds the first len(tokens) rows their tokens at slot `index` (rows left-padded to `start`); returns the
-    cache and, per row, the next token, its logprob and the TOP_LOGPROBS most likely tokens' (logprobs, ids)."""
+    cache and, per row, the next token, its logprob and the TOP_LOGPROBS most likely tokens' (logprobs, ids):
+    zeros unless `ranked` (some row asks for them)."""
     n = tokens.shape[0]
     part = cache if n == cache[0][0].shape[0] else tuple(tuple(x[:n] for x in c) for c in cache)
     rows = KVCache(k=part[0], v=part[1], start=start, index=index)
@@ -393,7 +401,9 @@ def _decode(model, params, cache, index, tokens, start, top_k, temperature, top_
     token = jax.lax.cond(jnp.all(greedy), lambda logits: likeliest, draw, logits)
     logprobs = jax.nn.log_softmax(logits / jnp.where(greedy, 1.0, temperature)[:, None], axis=-1)
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-    top = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
+    k = min(TOP_LOGPROBS, logprobs.shape[-1])
+    nothing = lambda logprobs: (jnp.zeros((n, k), logprobs.dtype), jnp.zeros((n, k), jnp.int32))  # noqa: E731
+    top = jax.lax.cond(ranked, lambda logprobs: tuple(jax.lax.top_k(logprobs, k)), nothing, logprobs)
     return cache, (token, chosen, *top)
 
 

@@ -246,7 +246,7 @@ class Api:
         prompts, ids = self._prompts(body, call.model)
         prompts, ids = [p for p in prompts for _ in range(call.n)], [p for p in ids for _ in range(call.n)]
         texts = [ChoiceText(call.model.tokenizer, call.stop, p[-1]) for p in ids]
-        run = self._start(call, ids, stop_sequences(call.model.tokenizer, call.stop))
+        run = self._start(call, ids, stop_sequences(call.model.tokenizer, call.stop), logprobs or 0)
         ident, prompt_tokens = f"cmpl-{uuid.uuid4().hex}", sum(map(len, ids[::call.n]))
         if call.stream:
             return _sse(self._completion_chunks(call, ident, run, texts, logprobs, prompts, prompt_tokens))
@@ -271,7 +271,7 @@ class Api:
             ids = self._fit(call, turns, message)
             stop = list(STOP_STRINGS) + call.stop
             texts = [ChoiceText(call.model.tokenizer, stop, ids[-1]) for _ in range(call.n)]
-            run = self._start(call, [ids] * call.n, stop_sequences(call.model.tokenizer, stop))
+            run = self._start(call, [ids] * call.n, stop_sequences(call.model.tokenizer, stop), top if logprobs else 0)
             if call.stream and not logprobs and not self.safety.judges_whole:
                 return _sse(self._chat_stream(call, ident, body["messages"], run, texts, len(ids)))
             answer = asyncio.ensure_future(self._reply(call, body["messages"], run, texts, logprobs, top, len(ids)))
@@ -456,15 +456,16 @@ class Api:
                                     "which leaves no room to generate", "context_length_exceeded")
         return prompts, ids
 
-    def _start(self, call: _Call, prompts: list[list[int]], stop: list[list[int]]) -> _Run:
-        """Queues a request per choice, handing its tokens from the engine's thread to this event loop."""
+    def _start(self, call: _Call, prompts: list[list[int]], stop: list[list[int]], alternatives: int) -> _Run:
+        """Queues a request per choice, handing its tokens (with the `alternatives` likeliest tokens each) from the
+        engine's thread to this event loop."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emitter(i: int):
             return lambda event: loop.call_soon_threadsafe(events.put_nowait, (i, event))
 
         seeds = choice_seeds(call.seed, len(prompts))
-        requests = [engine_lib.Request(p, call.max_tokens, emitter(i), call.sampling, seeds[i], stop)
+        requests = [engine_lib.Request(p, call.max_tokens, emitter(i), call.sampling, seeds[i], stop, alternatives)
                     for i, p in enumerate(prompts)]
         try:
             call.model.engine.submit(requests)

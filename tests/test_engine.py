@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from decoding_reference import GREEDY, PAD, full_logits, log_softmax, np_keep, np_process, prompts_of, spread_params, tiny
-from omni.engine import Engine, QueueFull, Request
+from omni.engine import TOP_LOGPROBS, Engine, QueueFull, Request
 from omni.generate import GenerationError, Generator, Sampling, process_rows
 
 NEW = 12
@@ -188,7 +188,8 @@ def test_queue_bound_and_bad_requests(generator):
         m = generator.config
         bad = [dict(prompt=[]), dict(prompt=list(range(m.max_len))), dict(prompt=[m.vocab_size]),
                dict(max_tokens=0), dict(sampling=Sampling(temperature=-1.0)),
-               dict(sampling=Sampling(repetition_penalty=1.2)), dict(seed=-1), dict(seed=2 ** 32), dict(stop=[[]])]
+               dict(sampling=Sampling(repetition_penalty=1.2)), dict(seed=-1), dict(seed=2 ** 32), dict(stop=[[]]),
+               dict(alternatives=-1), dict(alternatives=TOP_LOGPROBS + 1)]
         for fields in bad:
             args = {**dict(prompt=prompt, max_tokens=NEW, emit=Collect(), sampling=GREEDY), **fields}
             with pytest.raises(GenerationError):
@@ -239,3 +240,23 @@ def test_a_row_count_seen_first_runs_on_a_larger_compiled_step_while_its_own_com
         assert ahead, engine._programs.keys()  # at least one capacity's one-row step came from the worker
     finally:
         engine.close()
+
+
+def test_each_token_carries_the_alternatives_its_request_asks_for(generator, engine):
+    """Three requests in one batch asking for 0, 3 and all TOP_LOGPROBS alternatives: each gets that many, the
+    likeliest first, the same tokens (greedy) as Generator's; alone, a request asking for none gets none (the
+    step skips ranking the vocabulary) and the same tokens."""
+    prompts = prompts_of((5, 5, 5), generator.config.vocab_size, seed=9)
+    want = generator.generate(prompts, NEW, GREEDY)
+    asked = [_request(p, alternatives=n) for p, n in zip(prompts, (0, 3, TOP_LOGPROBS))]
+    engine.submit([r for r, _ in asked])
+    full = asked[2][1].wait().tokens
+    for i, ((_, out), n) in enumerate(zip(asked, (0, 3, TOP_LOGPROBS))):
+        assert out.wait().ids == want.row(i)
+        assert all(len(t.top) == n for t in out.tokens)
+        for t in out.tokens:
+            assert [lp for _, lp in t.top] == sorted((lp for _, lp in t.top), reverse=True)
+    assert all(t.top[0] == (t.id, pytest.approx(t.logprob, abs=1e-5)) for t in full)
+    request, out = _request(prompts[0], alternatives=0)
+    engine.submit([request])
+    assert out.wait().ids == want.row(0) and all(t.top == () for t in out.tokens)
