@@ -278,21 +278,27 @@ class Engine:
     def _program(self, rows: int) -> tuple[int, Callable]:
         """(rows it runs, the compiled step) for `rows` busy rows at the cache's capacity: the step for exactly
         those rows where it is compiled; else, while it compiles on the worker, the smallest compiled one with
-        more rows. Compiled on first call (a stall) only where no larger one is, or on a mesh."""
-        key = (rows, self._capacity)
-        compiling = self._compiling.get(key)
-        if compiling is not None and compiling.done() and compiling.exception() is None:
-            self._programs[key] = compiling.result()
-            del self._compiling[key]
-        if key in self._programs:
-            return rows, self._programs[key]
-        larger = sorted(r for r, c in self._programs if c == self._capacity and r > rows)
-        if not larger or self.generator.mesh is not None:
-            self._programs[key] = self._decode  # jit: compiles on this first call
+        more rows. Compiled on first call (a stall) only where no larger one is, or on a mesh. The step for all
+        rows at the next capacity compiles on the worker ahead of the cache's growing to it."""
+        for key in [k for k, future in self._compiling.items() if future.done() and future.exception() is None]:
+            self._programs[key] = self._compiling.pop(key).result()
+        capacity, mesh = self._capacity, self.generator.mesh
+        if mesh is None and capacity < self.generator.config.max_len:
+            self._compile_later(self.slots, bucket(capacity + 1, self.generator.config.max_len))
+        if (rows, capacity) in self._programs:
+            return rows, self._programs[rows, capacity]
+        larger = sorted(r for r, c in self._programs if c == capacity and r > rows)
+        if not larger or mesh is not None:
+            self._programs[rows, capacity] = self._decode  # jit: compiles on this first call
             return rows, self._decode
-        if key not in self._compiling:  # a failed compile is not retried: the larger step serves
-            self._compiling[key] = self._compiler.submit(self._compile, rows, self._capacity, self._cache[0][0])
-        return larger[0], self._programs[(larger[0], self._capacity)]
+        self._compile_later(rows, capacity)
+        return larger[0], self._programs[larger[0], capacity]
+
+    def _compile_later(self, rows: int, capacity: int) -> None:
+        """Queues the step for (rows, capacity) on the worker, unless it is compiled or queued (a failed compile
+        is not retried: a larger step serves those rows)."""
+        if (rows, capacity) not in self._programs and (rows, capacity) not in self._compiling:
+            self._compiling[rows, capacity] = self._compiler.submit(self._compile, rows, capacity, self._cache[0][0])
 
     def _compile(self, rows: int, capacity: int, like: jax.Array):
         """On the worker: the step for `rows` rows of a cache of `capacity` slots (each layer's keys and values
