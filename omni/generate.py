@@ -115,26 +115,30 @@ class Generator:
         quantized = model_config.get("quant", "none") != "none"
         self.compiler_options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if quantized else {}
         self._run = jax.jit(functools.partial(_generate, GPT(self.config)),
-                            static_argnames=("max_new", "slots", "sampling"), compiler_options=self.compiler_options)
+                            static_argnames=("max_new", "slots", "sampling", "samples"), compiler_options=self.compiler_options)
 
     def set_params(self, params) -> None:
         """New values for the same model (e.g. after training steps): the compiled programs are kept."""
         self.params = transposed(*unrolled(self._source_config, nn.unbox(params)))[1]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop: Sequence[Sequence[int]] = (), seed: int = 0) -> Generation:
-        """Continues every prompt (token ids) by up to `max_new_tokens`, fewer if the context ends first.
-        A row stops after emitting any of the `stop` token sequences (e.g. [[eos_id]])."""
+                 stop: Sequence[Sequence[int]] = (), seed: int = 0, samples: int = 1) -> Generation:
+        """Continues every prompt (token ids) by up to `max_new_tokens`, fewer if the context ends first,
+        `samples` times: rows i * samples .. (i + 1) * samples - 1 are prompt i's, all from one prefill of it (the
+        same rows as the prompt repeated, at a fraction of the prefill). A row stops after emitting any of the
+        `stop` token sequences (e.g. [[eos_id]])."""
         m = self.config
         sampling.check(m.vocab_size)
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        if samples < 1:
+            raise GenerationError(f"samples={samples}: must be >= 1")
         tokens, start, longest = self._left_pad(prompts)
         max_new = min(max_new_tokens, m.max_len - longest)  # positions stop at the context's end
         stops = _stop_table(stop)
         with _mesh_context(self.mesh):
             out = self._run(self.params, tokens, start, stops, jax.random.key(seed), max_new=max_new,
-                            slots=tokens.shape[1] + max_new, sampling=sampling)
+                            slots=tokens.shape[1] + max_new, sampling=sampling, samples=samples)
         tokens, logprobs, lengths, stopped = jax.device_get(out)
         tokens = np.where(np.arange(max_new)[None] < lengths[:, None], tokens, self.pad_id)
         return Generation(tokens=tokens, logprobs=logprobs, lengths=lengths, stopped=stopped)
@@ -234,10 +238,14 @@ def _choose(logits, rng, sampling):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _generate(model, params, tokens, start, stops, rng, *, max_new, slots, sampling):
-    batch, vocab = tokens.shape[0], model.config.vocab_size
+def _generate(model, params, tokens, start, stops, rng, *, max_new, slots, sampling, samples=1):
     cache = KVCache.zeros(model.config, jnp.asarray(start), slots)
     logits, cache = model.apply({"params": params}, tokens, cache=cache)
+    if samples > 1:  # each prompt's prefill serves its `samples` rows
+        repeat = functools.partial(jnp.repeat, repeats=samples, axis=0)
+        cache = cache.replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), start=repeat(cache.start))
+        tokens, start, logits = repeat(tokens), repeat(start), repeat(logits[:, -1:])
+    batch, vocab = tokens.shape[0], model.config.vocab_size
     recent = jnp.full((batch, stops.shape[1]), -2, jnp.int32)  # last generated tokens, for stop matching
     out = jnp.zeros((batch, max_new), jnp.int32)
     init = dict(t=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1], out=out,

@@ -1,4 +1,4 @@
-"""Shared by the learning probes (tests/test_ppo_learning.py, tests/test_post_training.py): one prompt whose
+"""Shared by the learning probes (tests/test_ppo_learning.py, tests/test_post_training.py, tests/test_ppo.py): one prompt whose
 answers "a", "b" and "c" a tiny policy is first fine-tuned to give with probabilities 0.2, 0.3 and 0.5, and the
 exact probability of each answer, computed from the model's logits."""
 import flax.linen as nn
@@ -57,3 +57,25 @@ def fine_tuned(model_config, tok, lr: float, steps: int):
     probs = np.exp(np.asarray(answer_logprobs(model, params, tok)))
     np.testing.assert_allclose(probs, target, atol=0.03)
     return params
+
+
+def unpacked(rows: dict) -> dict:
+    """`rollout.episodes`' rows as a row per episode holding its whole prompt: 'inputs', 'targets', 'mask' with
+    the response's targets where the prompt's last token predicts them, and 'last' where `rows` has it (a
+    minibatch has not)."""
+    group = len(rows["inputs"]) // len(rows["prefix"])
+    width, length = rows["prefix"].shape[1], rows["inputs"].shape[1]
+    out = {k: np.zeros((len(rows["inputs"]), width + length), np.int32) for k in ("inputs", "targets")}
+    out["mask"] = np.zeros(out["inputs"].shape, np.float32)
+    out["last"] = np.zeros(len(rows["inputs"]), np.int32)
+    for e in range(len(rows["inputs"])):
+        prefix = rows["prefix"][e // group, rows["prefix_start"][e // group, 0]:]
+        n = len(prefix)
+        out["inputs"][e, :n + length] = np.concatenate([prefix, rows["inputs"][e]])
+        out["targets"][e, n:n + length] = rows["targets"][e]
+        if n:
+            out["targets"][e, :n] = out["inputs"][e, 1:n + 1]
+        out["mask"][e, n:n + length] = rows["mask"][e]
+        if "last" in rows:
+            out["last"][e] = n + rows["last"][e]
+    return out

@@ -121,7 +121,7 @@ def _ptx_text(pipeline) -> str:
 def _ppo_flags(pipeline, workdir, **extra):
     text = _ptx_text(pipeline)
     flags = {"init_from": pipeline["sft"], "ppo.reward_from": pipeline["rm"], "data.data_dir": pipeline["data_dir"],
-             "ppo.iterations": 2, "ppo.rollout_batch": 8, "ppo.max_new_tokens": 8, "ppo.eval_prompts": 8,
+             "ppo.iterations": 2, "ppo.rollout_batch": 8, "ppo.samples_per_prompt": 4, "ppo.max_new_tokens": 8, "ppo.eval_prompts": 8,
              "ppo.sample_every": 1, "ppo.ptx_coef": 1.0, "ppo.ptx_data": "text", "ppo.ptx_path": str(text),
              "ppo.ptx_batch": 2, "ppo.ptx_eval_rows": 2, "train.batch_size": 4, "train.seq_len": 48,
              "train.log_every": 2, "train.eval_every": 4, "train.checkpoint_every": 2, "optim.warmup_steps": 1, **extra}

@@ -160,6 +160,21 @@ def test_max_new_tokens_capped_at_context_end():
     np.testing.assert_array_equal(out.tokens, want)
 
 
+@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=1.0), Sampling(temperature=0.8, top_k=5,
+                                                                               repetition_penalty=1.3)])
+def test_samples_of_a_prompt_from_one_prefill_are_the_rows_of_the_prompt_repeated(sampling):
+    """generate(prompts, samples=k) fills each prompt's cache once for its k rows: the tokens, lengths and
+    log-probs of generate(each prompt repeated k times), the same draws (row by row), left padding included."""
+    _, _, prompts, generator, _, _, _ = shared_run("gpt2")
+    repeated = generator.generate([p for p in prompts for _ in range(3)], NEW, sampling, stop=[[7]], seed=5)
+    once = generator.generate(prompts, NEW, sampling, stop=[[7]], seed=5, samples=3)
+    np.testing.assert_array_equal(once.tokens, repeated.tokens)
+    np.testing.assert_array_equal(once.lengths, repeated.lengths)
+    np.testing.assert_allclose(once.logprobs, repeated.logprobs, atol=1e-5)
+    if sampling.temperature > 0:  # the samples of a prompt differ: each row draws its own
+        assert len({tuple(once.row(i)) for i in range(3)}) > 1
+
+
 # --- errors ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -179,6 +194,7 @@ def untouched_generator():
     ([[1, 2], [3, 100]], {}, "prompt 1 has token ids outside the model's vocabulary [0, 100)"),
     ([[-1, 2]], {}, "prompt 0 has token ids outside"),
     ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens=0: must be >= 1"),
+    ([[1, 2]], dict(samples=0), "samples=0: must be >= 1"),
     ([[1, 2]], dict(sampling=Sampling(temperature=-0.5)), "sampling temperature=-0.5: must be >= 0"),
     ([[1, 2]], dict(sampling=Sampling(temperature=float("nan"))), "sampling temperature=nan"),
     ([[1, 2]], dict(sampling=Sampling(top_k=-1)), "sampling top_k=-1: must be an int in [0, 100]"),

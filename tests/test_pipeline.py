@@ -212,7 +212,7 @@ def test_whole_pipeline_with_two_rounds(tmp_path):
     flags = {"sft": common + "train.steps=4 train.batch_size=8 train.seq_len=64 sft.eval_prompts=8",
              "label": common + "label.prompts=24 label.eval_prompts=8 label.max_new_tokens=8",
              "rm": common + "train.steps=4 train.batch_size=8 train.eval_batches=2 rm.bias_demonstrations=16",
-             "ppo": common + ("ppo.iterations=2 ppo.rollout_batch=8 ppo.max_new_tokens=8 ppo.eval_prompts=8 "
+             "ppo": common + ("ppo.iterations=2 ppo.rollout_batch=8 ppo.samples_per_prompt=4 ppo.max_new_tokens=8 ppo.eval_prompts=8 "
                               "ppo.ptx_eval_rows=0 train.batch_size=4 train.eval_every=100"),
              "ppo_ptx": f"ppo.ptx_data=text ppo.ptx_path={tmp_path / 'text'} ppo.ptx_batch=4"}
     args = ["--config=experiments/instructgpt.py", f"--workdir={tmp_path / 'run'}", f"--config.pretrained={base}",

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from learning_probe import PROMPT, CharTokenizer, answer_logprobs, fine_tuned
+from learning_probe import PROMPT, CharTokenizer, answer_logprobs, fine_tuned, unpacked
 from omni.config import base_config
 from omni.data.template import prompt_ids
 from omni.generate import Generator
@@ -222,14 +222,14 @@ def test_skip_zero_spread_masks_groups_whose_samples_score_the_same(sft, machine
         batches = [next(rollouts) for _ in range(c.ppo.rollout_batch // c.train.batch_size)]
         served[skip] = metrics, {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     metrics, batch = served[True]
-    is_pick = np.all(batch["inputs"][:, :len(pick)] == pick, axis=1)
+    is_pick = np.all(unpacked(batch)["inputs"][:, :len(pick)] == pick, axis=1)
     assert is_pick.sum() == 16  # 2 of the 4 groups of 8
     assert np.all(batch["mask"][is_pick] == 0)
     assert np.all(batch["mask"][~is_pick].sum(1) >= 1)
     assert metrics["skipped_episodes"] == pytest.approx(0.5)
     assert metrics["zero_spread_groups"] == pytest.approx(0.5)
     metrics, batch = served[False]
-    is_pick = np.all(batch["inputs"][:, :len(pick)] == pick, axis=1)
+    is_pick = np.all(unpacked(batch)["inputs"][:, :len(pick)] == pick, axis=1)
     assert np.all(batch["mask"].sum(1) >= 1) and is_pick.sum() == 16
     assert "skipped_episodes" not in metrics
 
@@ -286,9 +286,10 @@ def test_a_short_last_chunk_of_held_out_prompts_samples_as_if_padded_to_the_roll
     rollouts = rollout.Rollouts(c, tok, [PROMPT], generator, (reference, None), range(c.train.batch_size))
     held = evaluation.HeldOut(rollouts, [PROMPT, "pack", "pick"])
     ids = held.ids * 2  # 6 prompts: 8 rows, not the rollout batch's 32
-    assert held._rows(len(ids)) == 8 and held._rows(32) == 32 == c.ppo.rollout_batch
+    assert held._prompts(len(ids), 1) == 8 and held._prompts(32, 1) == 32 == c.ppo.rollout_batch
+    assert held._prompts(3, 2) == 4 and held._prompts(16, 2) == 16
     short = held._generate(policy, {"policy": policy}, ids, 1.0)
-    held._rows = lambda real: c.ppo.rollout_batch
+    held._prompts = lambda real, group: c.ppo.rollout_batch // group
     padded = held._generate(policy, {"policy": policy}, ids, 1.0)
     assert short[0] == padded[0] and len(set(short[0])) > 1
     assert np.all(np.abs(short[1]) > 1e-3)
@@ -301,7 +302,7 @@ class OneLogitPair(nn.Module):
     """A policy over two tokens with a logit each (the same at every position), no critic."""
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, prefix=None, prefix_start=None):
         logits = self.param("logits", nn.initializers.zeros_init(), (2,))
         return jnp.broadcast_to(logits, tokens.shape + (2,)), jnp.zeros(tokens.shape, jnp.float32)
 
@@ -316,8 +317,8 @@ def test_grpo_loss_ignores_positions_off_the_response(gap):
     loss_fn = grpo.grpo_loss(OneLogitPair(), c)
     params = {"logits": jnp.array([0.0, -gap], jnp.float32)}
     taken = float(jax.nn.log_softmax(params["logits"])[0])
-    batch = {"inputs": np.zeros((1, 2), np.int32), "targets": np.array([[0, 1]], np.int32),
-             "mask": np.array([[1.0, 0.0]], np.float32), "old_logprobs": np.array([[taken, 0.0]], np.float32),
+    batch = {"prefix": None, "prefix_start": None, "inputs": np.zeros((1, 2), np.int32),
+             "targets": np.array([[0, 1]], np.int32), "mask": np.array([[1.0, 0.0]], np.float32), "old_logprobs": np.array([[taken, 0.0]], np.float32),
              "ref_logprobs": np.array([[taken, 0.0]], np.float32), "advantages": np.array([[1.0, 0.0]], np.float32)}
     (loss, sums), grads = jax.value_and_grad(lambda q: loss_fn(q, batch, None), has_aux=True)(params)
     assert float(loss) == pytest.approx(-1.0) and float(sums["kl_loss"]) == 0.0, {k: float(v) for k, v in sums.items()}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from learning_probe import PROMPT, CharTokenizer, answer_logprobs, fine_tuned
+from learning_probe import PROMPT, CharTokenizer, answer_logprobs, fine_tuned, unpacked
 from omni.config import base_config
 from omni.data.template import prompt_ids
 from omni.generate import Generator
@@ -102,15 +102,15 @@ def test_kl_estimate_matches_the_sampler_and_is_unbiased(sft, temperature):
     prompts = [prompt_ids(tok, text) for text in (PROMPT, "a", "pick a", "ab")] * 128
     rows, out = rollout.sample(Generator(c.model, policy, pad_id=tok.pad_id), tok, c, policy, prompts, 0, temperature)
     params = {"policy": policy, "value": value}
-    logp, ref_logp, _, _ = jax.device_get(rollout.scorer(c)(params, ref, value, rows["inputs"], rows["targets"],
-                                                            rows["mask"], rows["last"]))
+    logp, ref_logp, _, _ = rollout.score_rows(rollout.scorer(c), params, ref, value, rows)
     sampled = out.logprobs[np.arange(out.logprobs.shape[1])[None] < out.lengths[:, None]]
     np.testing.assert_allclose(logp[rows["mask"] == 1], sampled, atol=1e-4)
     estimate = ((logp - ref_logp) * rows["mask"]).sum(1)
     model = GPT(c.model)
-    p = jax.nn.log_softmax(model.apply({"params": policy}, rows["inputs"]) / temperature)
-    q = jax.nn.log_softmax(model.apply({"params": ref}, rows["inputs"]) / temperature)
-    exact = np.asarray(((jnp.exp(p) * (p - q)).sum(-1) * rows["mask"]).sum(1))
+    full = unpacked(rows)
+    p = jax.nn.log_softmax(model.apply({"params": policy}, full["inputs"]) / temperature)
+    q = jax.nn.log_softmax(model.apply({"params": ref}, full["inputs"]) / temperature)
+    exact = np.asarray(((jnp.exp(p) * (p - q)).sum(-1) * full["mask"]).sum(1))
     assert np.all(exact >= 0) and exact.mean() > 0.1
     assert abs(estimate.mean() - exact.mean()) < 4 * estimate.std() / np.sqrt(len(estimate))
 

@@ -168,6 +168,7 @@ def test_the_registry_is_the_one_list_of_stages():
     ("dpo_tiny", "model.dropout", 0.1, "config.model.dropout=0.1: DPO compares"),
     ("grpo_tiny", "grpo.advantage", "ppo", "config.grpo.advantage='ppo': expected 'grpo' or 'rloo'"),
     ("grpo_tiny", "ppo.samples_per_prompt", 1, "config.ppo.samples_per_prompt=1: is GRPO's group size G"),
+    ("grpo_tiny", "train.batch_size", 4, "config.train.batch_size=4: not divisible by ppo.samples_per_prompt=8"),
     ("grpo_tiny", "grpo.reward", "gold", "config.grpo.reward='gold': expected 'model', 'labeler' or MODULE:FUNCTION"),
     ("grpo_tiny", "ppo.ptx_coef", 1.0, "config.ppo.ptx_coef=1.0: GRPO/RLOO have no pretraining term"),
     ("best_of_n_tiny", "best_of_n.n", 0, "config.best_of_n.n=0: must be a positive int"),

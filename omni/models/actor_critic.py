@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from omni.models.gpt import GPT
+from omni.models.gpt import GPT, continue_prefixes
 
 
 def value_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -29,11 +29,18 @@ class ActorCritic(nn.Module):
         if self.critic:
             self.value = GPT(value_config(self.config))
 
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, prefix: jax.Array | None = None, prefix_start: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
         """(logits [batch, length, vocab], values [batch, length], zeros without a critic); no dropout (RL
-        runs without it)."""
-        logits = self.policy(tokens)
-        return logits, self.value(tokens) if self.critic else jnp.zeros(tokens.shape, jnp.float32)
+        runs without it). With `prefix` [n, width] (left-padded from slot `prefix_start` [n]), the rows of
+        `tokens` continue it in groups of batch / n (gpt.continue_prefixes)."""
+        def run(module):
+            if prefix is None:
+                return module(tokens)
+            return continue_prefixes(lambda t, cache: module(t, cache=cache), self.config, prefix, prefix_start,
+                                     tokens)
+
+        return run(self.policy), run(self.value) if self.critic else jnp.zeros(tokens.shape, jnp.float32)
 
     def logits(self, tokens: jax.Array) -> jax.Array:
         return self.policy(tokens)

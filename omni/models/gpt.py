@@ -218,12 +218,12 @@ class GPT(nn.Module):
             score = nn.Dense(1, dtype=m.dtype, param_dtype=m.param_dtype,
                              kernel_init=init_normal(0.02, ("embed", None)), bias_init=init_zeros((None,)),
                              name="score_head")(x)
-            return _constrain(score[..., 0].astype(jnp.float32), ("batch", "length"))
-        logits = wte.attend(x).astype(jnp.float32)  # tied input/output embeddings
-        logits = _constrain(logits, ("batch", "length", "vocab"))
+            out = _constrain(score[..., 0].astype(jnp.float32), ("batch", "length"))
+        else:
+            out = _constrain(wte.attend(x).astype(jnp.float32), ("batch", "length", "vocab"))  # tied embeddings
         if cache is None:
-            return logits
-        return logits, cache.replace(k=kv[0], v=kv[1], index=cache.index + tokens.shape[1])
+            return out
+        return out, cache.replace(k=kv[0], v=kv[1], index=cache.index + tokens.shape[1])
 
     def _blocks(self, x, deterministic, segment_ids, kv, slot_info):
         m = self.config
@@ -247,6 +247,21 @@ class GPT(nn.Module):
                                                                      slot_info)
             new_kv.append(layer_kv)
         return x, None if kv is None else tuple(zip(*new_kv))
+
+
+def continue_prefixes(apply, m: ml_collections.ConfigDict, prefix: jax.Array, prefix_start: jax.Array,
+                      inputs: jax.Array) -> jax.Array:
+    """The output of `apply(tokens, cache) -> (out, cache)` (a GPT's call) on `inputs` [n * group, length], row r
+    continuing prefix r // group of `prefix` [n, width] (left-padded: its tokens start at slot `prefix_start`,
+    [n] or [n, 1]). Each prefix runs once, filling a KV cache that its group's rows share, as if every row held
+    its prefix: a prompt's samples are read so, the prompt once (omni/stages/rollout.py)."""
+    group = inputs.shape[0] // prefix.shape[0]
+    cache = KVCache.zeros(m, prefix_start.reshape(-1), prefix.shape[1] + inputs.shape[1])
+    _, cache = apply(prefix, cache)
+    repeat = functools.partial(jnp.repeat, repeats=group, axis=0, total_repeat_length=inputs.shape[0])
+    cache = cache.replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), start=repeat(cache.start))
+    out, _ = apply(inputs, cache)
+    return out
 
 
 def count_params(params) -> int:

@@ -11,6 +11,7 @@ policy (omni/stages/evaluation.py HeldOut), so best-of-n is judged as every othe
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -23,12 +24,12 @@ from omni.data import finetune
 from omni.data.template import prompt_ids
 from omni.files import write_atomic
 from omni.generate import Generator
-from omni.losses import lm_loss, response_scores
+from omni.losses import lm_loss
 from omni.models import GPT, flops_per_token
 from omni.models.actor_critic import value_config
 from omni.stages import sft
 from omni.stages.evaluation import policy_evaluation
-from omni.stages.rollout import fitting_prompts, frozen_params, response_text, sample
+from omni.stages.rollout import SCORED_KEYS, episode_scores, fitting_prompts, frozen_params, response_text, sample
 from omni.train.trainer import Task
 from omni.workdir import Workdir, starting_point
 
@@ -55,17 +56,16 @@ def best_answers(config: ml_collections.ConfigDict, tokenizer, prompts: list[str
     reward}."""
     p, n = config.ppo, config.best_of_n.n
     generator = Generator(config.model, policy, mesh, pad_id=tokenizer.pad_id)
-    rm = GPT(value_config(config.model))
-    score = jax.jit(lambda params, inputs, last: response_scores(rm, params, inputs[:, None], last[:, None])[:, 0])
-    ids = [prompt_ids(tokenizer, t) for t in prompts for _ in range(n)]
+    score = jax.jit(functools.partial(episode_scores, GPT(value_config(config.model))))
+    ids = [prompt_ids(tokenizer, t) for t in prompts]
     texts, rewards = [], []
-    size = p.rollout_batch
+    size = max(p.rollout_batch // n, 1)  # prompts per chunk
     for start in range(0, len(ids), size):
         chunk = ids[start:start + size]
-        real = len(chunk)
-        rows, out = sample(generator, tokenizer, config, policy, chunk + [chunk[0]] * (size - real),
-                           config.train.seed * 1_000_003 + start, p.temperature)
-        scores = np.asarray(score(reward, rows["inputs"], rows["last"])) - p.missing_eos_penalty * (~out.stopped)
+        real = len(chunk) * n
+        rows, out = sample(generator, tokenizer, config, policy, chunk + [chunk[0]] * (size - len(chunk)),
+                           config.train.seed * 1_000_003 + start * n, p.temperature, n)
+        scores = np.asarray(score(reward, {k: rows[k] for k in SCORED_KEYS})) - p.missing_eos_penalty * (~out.stopped)
         rewards += scores[:real].tolist()
         texts += [response_text(tokenizer, out, i) for i in range(real)]
     best = np.asarray(rewards).reshape(-1, n).argmax(1)

@@ -108,8 +108,7 @@ class HeldOut:
         """The held-out measures of one policy; `greedy` and `greedy_scores` kept for the comparison."""
         k = self.r.p.eval_samples
         greedy, _, _ = self._generate(policy_params, params, self.ids, 0.0, scored=False)
-        texts, kls, rewards = self._generate(policy_params, params, [i for i in self.ids for _ in range(k)],
-                                             self.r.p.temperature)
+        texts, kls, rewards = self._generate(policy_params, params, self.ids, self.r.p.temperature, group=k)
         out = {"greedy": greedy, "kl_to_sft": float(kls.mean())}
         if self.r.rm_params is not None:
             out["eval_reward"] = float(rewards.mean())
@@ -135,16 +134,18 @@ class HeldOut:
             out["rm_agreement"] = heldout.agreement(sample_scores, rewards)
         return out
 
-    def _generate(self, policy_params, params, ids: list[list[int]], temperature: float, scored: bool = True):
-        """(texts, summed log-ratio to the reference, reward-model scores; both empty unless `scored`) of
-        responses to `ids`, in chunks of the rollout batch (the compiled programs serve); a last chunk of fewer
-        rows is padded only to the next power of two."""
-        size, texts, kls, rewards = self.r.p.rollout_batch, [], [], []
-        for start in range(0, len(ids), size):
-            chunk = ids[start:start + size]
-            real = len(chunk)
+    def _generate(self, policy_params, params, ids: list[list[int]], temperature: float, scored: bool = True,
+                  group: int = 1):
+        """(texts, summed log-ratio to the reference, reward-model scores; both empty unless `scored`) of `group`
+        responses to each of `ids`, in chunks of the rollout batch (the compiled programs serve); a last chunk of
+        fewer prompts is padded only to the next power of two."""
+        per, texts, kls, rewards = max(self.r.p.rollout_batch // group, 1), [], [], []
+        for start in range(0, len(ids), per):
+            chunk = ids[start:start + per]
+            real = len(chunk) * group
             rows, out = sample(self.r.generator, self.r.tokenizer, self.r.config, policy_params,
-                               chunk + [chunk[0]] * (self._rows(real) - real), 12345 + start, temperature)
+                               chunk + [chunk[0]] * (self._prompts(len(chunk), group) - len(chunk)),
+                               12345 + start * group, temperature, group)
             texts += [response_text(self.r.tokenizer, out, i) for i in range(real)]
             if scored:
                 logp, ref_logp, _, scores = score_rows(self.r.score, params, self.r.ref_params, self.r.rm_params,
@@ -153,11 +154,11 @@ class HeldOut:
                 rewards += scores[:real].tolist()
         return texts, np.array(kls), np.array(rewards)
 
-    def _rows(self, real: int) -> int:
-        """The rows a chunk of `real` prompts is padded to: the rollout batch, or for fewer the next power of two
-        where the mesh's devices divide it (one more compiled shape, not a batch of padding; the samples are the
-        same, since each row's random draws depend only on its index)."""
+    def _prompts(self, real: int, group: int) -> int:
+        """The prompts a chunk of `real` prompts (`group` samples each) is padded to: a full chunk, or for fewer the
+        next power of two where the mesh's devices divide its rows (one more compiled shape, not a batch of
+        padding; the samples are the same, since each row's random draws depend only on its index)."""
         mesh = self.r.generator.mesh
-        size, devices = self.r.p.rollout_batch, 1 if mesh is None else mesh.devices.size
-        rows = 1 << max(real - 1, 0).bit_length()
-        return rows if rows < size and rows % devices == 0 else size
+        full, devices = max(self.r.p.rollout_batch // group, 1), 1 if mesh is None else mesh.devices.size
+        prompts = 1 << max(real - 1, 0).bit_length()
+        return prompts if prompts < full and prompts * group % devices == 0 else full

@@ -9,9 +9,9 @@ rewards) or a user's Python function. Rollouts, minibatches, checkpointed iterat
 evaluation are PPO's (omni/stages/rollout.py, its keys in config.ppo: rollout_batch, samples_per_prompt, epochs,
 max_new_tokens, temperature, eval_*); the trained tree is {'policy'} alone.
 
-Batch (per episode, [episodes, length], aligned with next-token targets): inputs, targets int32; mask float32, 1
-where the target is a response token (0 for a whole group without reward spread with grpo.skip_zero_spread);
-old_logprobs, ref_logprobs and advantages float32 from the rollout.
+Batch (PPO's layout, omni/stages/ppo.py: whole groups, each prompt read once): prefix, prefix_start per group; per
+episode inputs, targets int32; mask float32, 1 where the target is a response token (0 for a whole group without
+reward spread with grpo.skip_zero_spread); old_logprobs, ref_logprobs and advantages float32 from the rollout.
 Loss per response token: the clipped ratio objective -min(ratio A, clip(ratio) A) + beta k3(logp, ref_logp),
 averaged over the minibatch's response tokens (DAPO's token-level mean: a long answer is not worth less per token).
 """
@@ -28,12 +28,11 @@ from omni.config import ConfigError, require
 from omni.data.instructions import labeler_score
 from omni.generate import Generator
 from omni.losses import group_advantages, k3_kl, rloo_advantages, token_logprobs  # noqa: F401 (the contracts)
-from omni.models import flops_per_token
 from omni.models.actor_critic import ActorCritic
 from omni.stages import ppo
 from omni.stages.evaluation import HeldOut
-from omni.stages.rollout import (Rollouts, batch_shapes, fitting_prompts, frozen_params, labeler_of,
-                                 pretraining)
+from omni.stages.rollout import (Rollouts, batch_shapes, fitting_prompts, flops_per_row_token, frozen_params,
+                                 labeler_of, pretraining)
 from omni.train.trainer import Task
 from omni.workdir import Workdir, starting_point
 
@@ -64,7 +63,7 @@ def grpo_loss(model: ActorCritic, config: ml_collections.ConfigDict):
 
     def loss_fn(params, batch: dict, rng):
         del rng  # no dropout in RL
-        logits, _ = model.apply({"params": params}, batch["inputs"])
+        logits, _ = model.apply({"params": params}, batch["inputs"], batch["prefix"], batch["prefix_start"])
         logp = token_logprobs(logits / p.temperature, batch["targets"])
         m, advantages = batch["mask"], batch["advantages"]
         log_ratio = (logp - batch["old_logprobs"]) * m
@@ -140,7 +139,7 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
     model = ActorCritic(config.model, critic=False)
     return Task(model=model, loss_fn=grpo_loss(model, config), train_iter=rollouts, eval_batches=[],
                 tokenizer_path=tokenizer.model_path, example_batch=rollouts.example(),
-                flops_per_token=flops_per_token(config.model, config.train.seq_len),
+                flops_per_token=flops_per_row_token(config, config.model),
                 eval_extra=HeldOut(rollouts, eval_prompts[:p.eval_prompts], lm_eval, task_of,
                                    p.reference_from or config.init_from),
                 before_step=rollouts.before_step, initial_params=_initial_params(config, mesh), language_model=False,

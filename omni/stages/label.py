@@ -37,10 +37,11 @@ def _ranked(generator, tokenizer, config: ml_collections.ConfigDict, prompts: li
     per_batch = max(1, s.batch // k)
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start:start + per_batch]
-        ids = [prompt_ids(tokenizer, p) for p in chunk for _ in range(k)]
-        out = generator.generate(ids, s.max_new_tokens, Sampling(temperature=s.temperature),
-                                 stop=[[tokenizer.eos_id]], seed=seed * 1_000_003 + start)
-        texts = [tokenizer.decode([t for t in out.row(i) if t != tokenizer.eos_id]).strip() for i in range(len(ids))]
+        out = generator.generate([prompt_ids(tokenizer, p) for p in chunk], s.max_new_tokens,
+                                 Sampling(temperature=s.temperature), stop=[[tokenizer.eos_id]],
+                                 seed=seed * 1_000_003 + start, samples=k)
+        texts = [tokenizer.decode([t for t in out.row(i) if t != tokenizer.eos_id]).strip()
+                 for i in range(len(chunk) * k)]
         for j, prompt in enumerate(chunk):
             responses = texts[j * k:(j + 1) * k]
             scores += [instructions.labeler_score(prompt, r) for r in responses]

@@ -7,11 +7,13 @@ trained ones live in one parameter tree {'policy', 'value'} (`ActorCritic`) that
 other stage's (`ActorCritic`, omni/models/actor_critic.py). Each iteration (omni/stages/rollout.py, which also
 defines this batch layout)
 samples ppo.rollout_batch responses from the policy at ppo.temperature, scores them, and serves them as
-ppo.epochs passes of minibatches of train.batch_size episodes.
+ppo.epochs passes of minibatches of train.batch_size episodes, whole groups of a prompt's samples.
 
-Batch (per episode, [episodes, length], aligned with next-token targets): inputs, targets int32; mask float32,
-1 where the target is a response token (an action); old_logprobs, old_values, advantages, returns float32 from
-the rollout. PPO-ptx adds ptx_inputs, ptx_targets, ptx_weights: pretraining rows whose next-token loss, times
+Batch (rollout.episodes' layout: each prompt read once): per group prefix [groups, width] (its prompt but the last
+token, left-padded) and prefix_start [groups, 1] int32; per episode [episodes, length], aligned with next-token
+targets and continuing its group's prefix: inputs (the prompt's last token, then the response), targets int32;
+mask float32, 1 where the target is a response token (an action); old_logprobs, old_values, advantages, returns
+float32 from the rollout. PPO-ptx adds ptx_inputs, ptx_targets, ptx_weights: pretraining rows whose next-token loss, times
 ppo.ptx_coef, joins the same update.
 Loss per action token: clipped policy loss + value_coef x clipped value loss - entropy_coef x entropy, averaged
 over the minibatch's action tokens.
@@ -29,11 +31,10 @@ from omni.config import ConfigError, require
 from omni.generate import Generator
 from omni.losses import entropy, token_logprobs, token_nll
 from omni.losses import gae  # noqa: F401 (other tools import PPO's advantage estimator from here)
-from omni.models import flops_per_token
 from omni.models.actor_critic import ActorCritic, value_config
 from omni.stages.evaluation import HeldOut
-from omni.stages.rollout import (Rollouts, batch_shapes, fitting_prompts, frozen_params, labeler_of,
-                                 pretraining)
+from omni.stages.rollout import (Rollouts, batch_shapes, fitting_prompts, flops_per_row_token, frozen_params,
+                                 labeler_of, pretraining)
 from omni.train.trainer import Task
 from omni.workdir import Workdir, starting_point
 
@@ -52,6 +53,9 @@ def check(c: ml_collections.ConfigDict) -> None:
              f"not divisible by train.batch_size={t.batch_size} (the minibatch, in episodes)")
     require(p.rollout_batch % p.samples_per_prompt == 0, "ppo.rollout_batch", p.rollout_batch,
              f"not divisible by ppo.samples_per_prompt={p.samples_per_prompt} (whole groups per batch)")
+    require(t.batch_size % p.samples_per_prompt == 0, "train.batch_size", t.batch_size,
+             f"not divisible by ppo.samples_per_prompt={p.samples_per_prompt} (a minibatch holds whole groups: a "
+             f"prompt's samples share its prefix)")
     require(p.value_head in ("zero", "reward"), "ppo.value_head", p.value_head, "expected 'zero' or 'reward'")
     require(p.temperature > 0, "ppo.temperature", p.temperature, "must be > 0 (rollouts sample)")
     require(0 < p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma/lam", (p.gamma, p.lam), "need 0 < gamma <= 1, 0 <= lam <= 1")
@@ -81,7 +85,7 @@ def ppo_loss(model: ActorCritic, p: ml_collections.ConfigDict):
 
     def loss_fn(params, batch: dict, rng: jax.Array | None):
         del rng  # no dropout anywhere in PPO
-        logits, values = model.apply({"params": params}, batch["inputs"])
+        logits, values = model.apply({"params": params}, batch["inputs"], batch["prefix"], batch["prefix_start"])
         logits = logits / p.temperature
         logp = token_logprobs(logits, batch["targets"])
         m, advantages = batch["mask"], batch["advantages"]
@@ -156,11 +160,10 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> Task:
           f"in minibatches of {config.train.batch_size}: {config.train.steps} updates; "
           f"{len(eval_prompts[:p.eval_prompts]):,} held-out prompts", flush=True)
     model = ActorCritic(config.model)
-    seq_len = config.train.seq_len
     return Task(model=model, loss_fn=ppo_loss(model, p), train_iter=rollouts, eval_batches=[],
                 tokenizer_path=tokenizer.model_path, example_batch=rollouts.example(),
-                flops_per_token=flops_per_token(config.model, seq_len) + flops_per_token(value_config(config.model),
-                                                                                       seq_len),
+                flops_per_token=(flops_per_row_token(config, config.model)
+                                 + flops_per_row_token(config, value_config(config.model))),
                 eval_extra=HeldOut(rollouts, eval_prompts[:p.eval_prompts], lm_eval, task_of,
                                    p.reference_from or config.init_from),
                 before_step=rollouts.before_step, initial_params=_initial_params(config, mesh), language_model=False,

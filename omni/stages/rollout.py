@@ -6,6 +6,12 @@ loads (the held-out evaluation that judges them all, omni/stages/evaluation.py, 
 PPO learns a value function (its advantages are GAE's); GRPO and RLOO have none: an episode's advantage comes
 from the other samples of its prompt, the same for all its tokens (omni/losses.py).
 
+Each prompt is read once for its group of ppo.samples_per_prompt samples, everywhere: the generator fills its KV
+cache once for the group's rows, and scoring and training run the prompt (but its last token) once into a cache
+that the group's episode rows continue (`episodes`' layout, gpt.continue_prefixes), so a minibatch holds whole
+groups. The numbers are those of a row per episode holding its prompt (tests/test_ppo.py), at a fraction of the
+work: a prompt here is about 28 tokens and a response 5.
+
 Generation reuses one `Generator` (omni/generate.py) whose compiled prefill/decode programs are kept across
 iterations: each rollout only hands it the new parameters. Rollouts sample purely (temperature only: top-k,
 top-p or a minimum length would make the KL estimate biased and exploitable) and stop at EOS.
@@ -31,9 +37,10 @@ from omni.data import DataError, finetune
 from omni.data.instructions import labeler_score, parse_prompt
 from omni.data.template import prompt_ids
 from omni.generate import Generator, Sampling
-from omni.losses import (explained_variance, gae, group_advantages, lm_loss, response_scores, rloo_advantages,
+from omni.losses import (explained_variance, gae, group_advantages, lm_loss, rloo_advantages,
                          token_logprobs, whiten)
-from omni.models import GPT
+from omni.models import GPT, flops_per_token
+from omni.models.gpt import continue_prefixes
 from omni.models.actor_critic import ActorCritic, value_config
 from omni.train.trainer import evaluate
 from omni.workdir import Workdir
@@ -119,30 +126,53 @@ def labeler_of(config: ml_collections.ConfigDict) -> tuple[Callable | None, Call
 # ----- episodes: sampled and scored
 
 
-def episodes(prompts: Sequence[list[int]], responses: Sequence[list[int]], length: int, pad_id: int
-             ) -> dict[str, np.ndarray]:
-    """Prompt + response token rows laid out for scoring and training: 'inputs', 'targets' [n, length] (the
-    sequence and its next tokens, right-padded), 'mask' 1 where the target is a response token, 'last' [n]
-    (the final token's index in inputs: where the reward model reads)."""
-    n = len(prompts)
-    tokens = np.full((n, length + 1), pad_id, np.int32)
-    mask = np.zeros((n, length), np.float32)
-    last = np.zeros(n, np.int32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        tokens[i, :len(p) + len(r)] = list(p) + list(r)
-        mask[i, len(p) - 1:len(p) - 1 + len(r)] = 1.0
-        last[i] = len(p) + len(r) - 1
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "last": last}
+def layout(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(prefix width, row length) of an episode: a prompt that fits (fitting_prompts) but for its last token, left-
+    padded; then a row of that token and up to ppo.max_new_tokens response tokens. train.seq_len slots in all."""
+    return max(config.train.seq_len - config.ppo.max_new_tokens - 1, 1), config.ppo.max_new_tokens + 1
+
+
+def flops_per_row_token(config: ml_collections.ConfigDict, model_config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs of `model_config` per token of the episodes' rows, their group's prefix's share included
+    (the trainer counts the rows' tokens)."""
+    (width, length), group = layout(config), config.ppo.samples_per_prompt
+    return flops_per_token(model_config, config.train.seq_len) * (1 + width / (length * group))
+
+
+def episodes(prompts: Sequence[list[int]], responses: Sequence[list[int]], config: ml_collections.ConfigDict,
+             pad_id: int) -> dict[str, np.ndarray]:
+    """Responses to prompts, `group` = len(responses) / len(prompts) in a row to each, laid out for scoring and
+    training with each prompt read once (gpt.continue_prefixes): 'prefix' [prompts, width] a prompt but its last
+    token, left-padded from slot 'prefix_start' [prompts, 1]; per episode 'inputs', 'targets' [n, length] (the
+    prompt's last token then the response, and their next tokens; right-padded), 'mask' 1 where the target is a
+    response token, 'last' [n] (the final token's index in inputs: where the reward model reads)."""
+    width, length = layout(config)
+    group = len(responses) // len(prompts)
+    prefix = np.full((len(prompts), width), pad_id, np.int32)
+    start = np.zeros((len(prompts), 1), np.int32)
+    for i, p in enumerate(prompts):
+        start[i] = width - (len(p) - 1)
+        prefix[i, start[i, 0]:] = p[:-1]
+    tokens = np.full((len(responses), length + 1), pad_id, np.int32)
+    mask = np.zeros((len(responses), length), np.float32)
+    last = np.zeros(len(responses), np.int32)
+    for e, r in enumerate(responses):
+        tokens[e, :1 + len(r)] = [prompts[e // group][-1]] + list(r)
+        mask[e, :len(r)] = 1.0
+        last[e] = len(r)
+    return {"prefix": prefix, "prefix_start": start, "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "mask": mask, "last": last}
 
 
 def sample(generator: Generator, tokenizer, config: ml_collections.ConfigDict, policy_params,
-           prompts: Sequence[list[int]], seed: int, temperature: float) -> tuple[dict[str, np.ndarray], Any]:
-    """The policy's responses to `prompts` (token ids), stopping at EOS, laid out as `episodes`; and the
-    Generation (lengths, stopped)."""
+           prompts: Sequence[list[int]], seed: int, temperature: float, group: int = 1
+           ) -> tuple[dict[str, np.ndarray], Any]:
+    """The policy's `group` responses to each of `prompts` (token ids), stopping at EOS, laid out as `episodes`;
+    and the Generation (lengths, stopped), a row per episode."""
     generator.set_params(policy_params)
     out = generator.generate(prompts, config.ppo.max_new_tokens, Sampling(temperature=temperature),
-                             stop=[[tokenizer.eos_id]], seed=seed)
-    rows = episodes(prompts, [out.row(i) for i in range(len(prompts))], config.train.seq_len, tokenizer.pad_id)
+                             stop=[[tokenizer.eos_id]], seed=seed, samples=group)
+    rows = episodes(prompts, [out.row(i) for i in range(len(out.lengths))], config, tokenizer.pad_id)
     return rows, out
 
 
@@ -156,39 +186,50 @@ def critic(config: ml_collections.ConfigDict) -> bool:
     return config.stage == "ppo"
 
 
+def _through(model: GPT, params) -> Callable:
+    return lambda tokens, cache: model.apply({"params": params}, tokens, cache=cache)
+
+
+def episode_scores(model: GPT, params, rows: dict) -> jax.Array:
+    """The scalar-head `model`'s score of each episode of `rows` (`episodes`' layout), read at its last token."""
+    per_token = continue_prefixes(_through(model, params), model.config, rows["prefix"], rows["prefix_start"],
+                                  rows["inputs"])
+    return jnp.take_along_axis(per_token, rows["last"][:, None], axis=1)[:, 0]
+
+
+SCORED_KEYS = ("prefix", "prefix_start", "inputs", "targets", "mask", "last")
+
+
 def scorer(config: ml_collections.ConfigDict) -> Callable:
-    """jit'd score(params, ref_params, rm_params, inputs, targets, mask, last) -> (log-probs of the policy and
-    of the reference at temperature T, values, reward-model scores), each per token (0 off mask) or per row.
-    Without a critic the values are 0; without a reward model (rm_params None) so are its scores."""
+    """jit'd score(params, ref_params, rm_params, rows) -> (log-probs of the policy and of the reference at
+    temperature T, values, reward-model scores), each per token (0 off mask) or per episode, of `rows`
+    (`episodes`' SCORED_KEYS). Without a critic the values are 0; without a reward model (rm_params None) so
+    are its scores."""
     m = config.model
     model, reference, reward = ActorCritic(m, critic=critic(config)), GPT(m), GPT(value_config(m))
     temperature = config.ppo.temperature
 
     @jax.jit
-    def score(params, ref_params, rm_params, inputs, targets, mask, last):
-        logits, values = model.apply({"params": params}, inputs)
+    def score(params, ref_params, rm_params, rows):
+        inputs, targets, mask = rows["inputs"], rows["targets"], rows["mask"]
+        logits, values = model.apply({"params": params}, inputs, rows["prefix"], rows["prefix_start"])
         logp = token_logprobs(logits / temperature, targets)
-        ref_logp = token_logprobs(reference.apply({"params": ref_params}, inputs) / temperature, targets)
+        ref_logits = continue_prefixes(_through(reference, ref_params), m, rows["prefix"], rows["prefix_start"],
+                                       inputs)
+        ref_logp = token_logprobs(ref_logits / temperature, targets)
         if rm_params is None:
             scores = jnp.zeros(inputs.shape[0], jnp.float32)
         else:
-            scores = response_scores(reward, rm_params, inputs[:, None], last[:, None])[:, 0]
+            scores = episode_scores(reward, rm_params, rows)
         return logp * mask, ref_logp * mask, values * mask, scores
 
     return score
 
 
-def score_rows(score: Callable, params, ref_params, rm_params, rows: dict[str, np.ndarray], bucket: int = 16
+def score_rows(score: Callable, params, ref_params, rm_params, rows: dict[str, np.ndarray]
                ) -> tuple[np.ndarray, ...]:
-    """`score` on the rows cut to the longest episode (rounded up to `bucket` positions, so few shapes are
-    compiled), the per-token results padded back to the rows' length: responses are short next to seq_len."""
-    length = rows["inputs"].shape[1]
-    width = min(length, -(-(int(rows["last"].max()) + 1) // bucket) * bucket)
-    cut = {k: rows[k][:, :width] for k in ("inputs", "targets", "mask")}
-    logp, ref_logp, values, scores = jax.device_get(score(params, ref_params, rm_params, cut["inputs"],
-                                                          cut["targets"], cut["mask"], rows["last"]))
-    pad = lambda x: np.pad(x, ((0, 0), (0, length - width)))  # noqa: E731
-    return pad(logp), pad(ref_logp), pad(values), scores
+    """`score` on the episodes `rows`, fetched to the host."""
+    return jax.device_get(score(params, ref_params, rm_params, {k: rows[k] for k in SCORED_KEYS}))
 
 
 def summed_log_ratio(logp: np.ndarray, ref_logp: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -273,22 +314,30 @@ def score_metrics(raw: np.ndarray, true: np.ndarray | None, group_size: int) -> 
 # ----- minibatches
 
 
-# One episode's rows in a minibatch (omni/stages/ppo.py's and grpo.py's docstrings); PPO-ptx adds PTX_KEYS.
+# One episode's rows in a minibatch (omni/stages/ppo.py's and grpo.py's docstrings), and its group's prompt
+# (PREFIX_KEYS, a row per group); PPO-ptx adds PTX_KEYS.
 BATCH_KEYS = ("inputs", "targets", "mask", "old_logprobs", "old_values", "advantages", "returns")
 GROUP_BATCH_KEYS = ("inputs", "targets", "mask", "old_logprobs", "ref_logprobs", "advantages")
+PREFIX_KEYS = ("prefix", "prefix_start")
 PTX_KEYS = ("ptx_inputs", "ptx_targets", "ptx_weights")
 
 
 def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    return BATCH_KEYS if critic(config) else GROUP_BATCH_KEYS
+    return (BATCH_KEYS if critic(config) else GROUP_BATCH_KEYS) + PREFIX_KEYS
 
 
 def batch_shapes(config: ml_collections.ConfigDict, episodes: int, ptx_rows: int) -> dict[str, tuple]:
-    """Shapes and dtypes of a minibatch of `episodes` (plus `ptx_rows` pretraining rows with ppo.ptx_coef)."""
-    length = config.train.seq_len
-    keys = batch_keys(config) + (PTX_KEYS if config.ppo.ptx_coef > 0 else ())
-    return {k: ((ptx_rows if k.startswith("ptx_") else episodes, length),
-                np.int32 if k in ("inputs", "targets", "ptx_inputs", "ptx_targets") else np.float32) for k in keys}
+    """Shapes and dtypes of a minibatch of `episodes`, in whole groups of ppo.samples_per_prompt (plus
+    `ptx_rows` pretraining rows with ppo.ptx_coef)."""
+    width, length = layout(config)
+    groups = episodes // config.ppo.samples_per_prompt
+    shapes = {k: ((episodes, length), np.int32 if k in ("inputs", "targets") else np.float32)
+              for k in batch_keys(config) if k not in PREFIX_KEYS}
+    shapes.update(prefix=((groups, width), np.int32), prefix_start=((groups, 1), np.int32))
+    if config.ppo.ptx_coef > 0:
+        shapes.update({k: ((ptx_rows, config.train.seq_len), np.float32 if k == "ptx_weights" else np.int32)
+                       for k in PTX_KEYS})
+    return shapes
 
 
 def _pack(arrays: dict[str, np.ndarray]) -> str:
@@ -300,6 +349,16 @@ def _pack(arrays: dict[str, np.ndarray]) -> str:
 def _unpack(text: str) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(base64.b64decode(text))) as f:
         return {k: f[k] for k in f.files}
+
+
+def _group_rows(rows: Sequence[int], group: int) -> list[int]:
+    """The groups of a minibatch that a process holding its episode `rows` holds: whole groups, or a ConfigError."""
+    groups = sorted({r // group for r in rows})
+    if sorted(rows) != [g * group + j for g in groups for j in range(group)]:
+        raise ConfigError(f"config.ppo.samples_per_prompt={group}: this process holds episodes {min(rows)}..{max(rows)} "
+                          f"of a minibatch, not whole groups (train.batch_size / samples_per_prompt must divide "
+                          f"evenly over the mesh's batch shards)")
+    return groups
 
 
 class Rollouts:
@@ -317,6 +376,7 @@ class Rollouts:
         self.prompt_ids = [prompt_ids(tokenizer, text) for text in prompts]
         self.ref_params, self.rm_params = frozen
         self.rows, self.labeler = list(rows), labeler
+        self.group_rows = _group_rows(self.rows, self.p.samples_per_prompt)  # this process's groups of a minibatch
         # reward_fn(prompts, responses) -> raw rewards [n], in place of the reward model's scores
         self.reward_fn = reward_fn
         self.ptx_iter, self.ptx_rows = ptx if ptx is not None else (None, [])  # pretraining (iterator, rows)
@@ -333,11 +393,15 @@ class Rollouts:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        """The next minibatch: whole groups (a prompt's samples share its prefix), in a new order every epoch."""
         epoch, j = divmod(self.position, self.per_epoch)
-        order = np.random.default_rng([self.config.train.seed, self.iteration, epoch]).permutation(self.p.rollout_batch)
-        b = self.config.train.batch_size
-        picked = order[j * b:(j + 1) * b][self.rows]
-        batch = {k: self.buffer[k][picked] for k in self.keys}
+        k = self.p.samples_per_prompt
+        groups = np.random.default_rng([self.config.train.seed, self.iteration, epoch]).permutation(
+            self.p.rollout_batch // k)
+        b = self.config.train.batch_size // k
+        picked = groups[j * b:(j + 1) * b][self.group_rows]
+        batch = {key: self.buffer[key][picked if key in PREFIX_KEYS else (picked[:, None] * k + np.arange(k)).ravel()]
+                 for key in self.keys}
         self.position += 1
         if self.ptx_iter is not None:
             batch.update({f"ptx_{k}": v for k, v in next(self.ptx_iter).items() if k in ("inputs", "targets", "weights")})
@@ -363,28 +427,27 @@ class Rollouts:
         return metrics
 
     def _batch_prompts(self) -> list[int]:
-        """Indices of this iteration's prompts, each ppo.samples_per_prompt times in a row (a group): the prompt
+        """Indices of this iteration's prompts, each sampled ppo.samples_per_prompt times (a group): the prompt
         set in a new seeded order every epoch."""
-        n, k = len(self.prompts), self.p.samples_per_prompt
-        size = self.p.rollout_batch // k
+        n, size = len(self.prompts), self.p.rollout_batch // self.p.samples_per_prompt
         orders = {}
         out = []
         for j in range(self.iteration * size, (self.iteration + 1) * size):
             epoch, i = divmod(j, n)
             if epoch not in orders:
                 orders[epoch] = np.random.default_rng([self.config.train.seed, 1_000_003, epoch]).permutation(n)
-            out += [int(orders[epoch][i])] * k
+            out.append(int(orders[epoch][i]))
         return out
 
     def _rollout(self, params) -> dict[str, float]:
         """Samples and scores this iteration's rollout batch with `params`, keeps it as the buffer the coming
         minibatches are drawn from; its metrics."""
         indices = self._batch_prompts()
-        prompts = [self.prompts[i] for i in indices]
+        prompts = [self.prompts[i] for i in indices for _ in range(self.p.samples_per_prompt)]  # per episode
         start = time.perf_counter()
         rows, out = sample(self.generator, self.tokenizer, self.config, params["policy"],
                            [self.prompt_ids[i] for i in indices], self.config.train.seed * 1_000_003 + self.iteration,
-                           self.p.temperature)
+                           self.p.temperature, self.p.samples_per_prompt)
         generate_s = time.perf_counter() - start
         start = time.perf_counter()
         s = self._score(params, prompts, rows, out)
@@ -405,7 +468,8 @@ class Rollouts:
             kept = spread_groups(s.raw, self.p.samples_per_prompt)
             metrics["skipped_episodes"] = float(1 - kept.mean())
             mask = mask * kept[:, None]
-        self.buffer = {"inputs": rows["inputs"], "targets": rows["targets"], "mask": mask,
+        self.buffer = {"prefix": rows["prefix"], "prefix_start": rows["prefix_start"],
+                       "inputs": rows["inputs"], "targets": rows["targets"], "mask": mask,
                        "old_logprobs": s.logprobs, "old_values": s.values, "ref_logprobs": s.ref_logprobs,
                        "advantages": s.advantages, "returns": s.returns}
         self.buffer = {k: self.buffer[k] for k in self.keys}
