@@ -12,6 +12,7 @@ reward model started from the policy has before any training.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import jax
@@ -23,10 +24,9 @@ from omni.data import finetune
 from omni.data.instructions import labeler_score, parse_prompt
 from omni.data.template import prompt_ids
 from omni.generate import Generator, Sampling
-from omni.losses import response_scores
 from omni.models import GPT
 from omni.stages import heldout
-from omni.stages.rollout import episodes
+from omni.stages.rollout import SCORED_KEYS, episode_scores, episodes
 
 
 def main() -> None:
@@ -48,8 +48,10 @@ def main() -> None:
     if not likelihood:
         rm_config, rm_params, _ = omni.load(args.reward, args.reward_step)
         reward = GPT(rm_config.model)
-        score = jax.jit(lambda p, x, last: response_scores(reward, p, x[:, None], last[:, None])[:, 0])
-    data = base_config().data
+        score = jax.jit(functools.partial(episode_scores, reward))
+    layout = base_config()  # the episodes' layout: rows of seq_len slots, responses of max_new_tokens
+    layout.train.seq_len, layout.ppo.max_new_tokens = args.seq_len, args.max_new_tokens
+    data = layout.data
     data.name = "instructions"
     room = args.seq_len - args.max_new_tokens  # prompts that leave room for a full response, as PPO keeps them
     prompts = [t for t in finetune.prompts(data, args.split)[args.skip:] if len(prompt_ids(tokenizer, t)) <= room]
@@ -58,14 +60,14 @@ def main() -> None:
     true, predicted = [], []
     for start in range(0, len(prompts), 8):
         chunk = prompts[start:start + 8]
-        ids = [prompt_ids(tokenizer, t) for t in chunk for _ in range(k)]
+        ids = [prompt_ids(tokenizer, t) for t in chunk]
         out = generator.generate(ids, args.max_new_tokens, Sampling(temperature=1.0), stop=[[tokenizer.eos_id]],
-                                 seed=start)
+                                 seed=start, samples=k)
         if likelihood:  # the sampler's log-probability (temperature 1) of each response, EOS included; 0 after it
             scores = out.logprobs.sum(1)
         else:
-            rows = episodes(ids, [out.row(i) for i in range(len(ids))], args.seq_len, tokenizer.pad_id)
-            scores = np.asarray(score(rm_params, rows["inputs"], rows["last"]))
+            rows = episodes(ids, [out.row(i) for i in range(len(ids) * k)], layout, tokenizer.pad_id)
+            scores = np.asarray(score(rm_params, {key: rows[key] for key in SCORED_KEYS}))
         for j, prompt in enumerate(chunk):
             texts = [tokenizer.decode([t for t in out.row(j * k + i) if t != tokenizer.eos_id]).strip()
                      for i in range(k)]
