@@ -115,7 +115,8 @@ class Generator:
         quantized = model_config.get("quant", "none") != "none"
         self.compiler_options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if quantized else {}
         self._run = jax.jit(functools.partial(_generate, GPT(self.config)),
-                            static_argnames=("max_new", "slots", "sampling", "samples"), compiler_options=self.compiler_options)
+                            static_argnames=("max_new", "slots", "sampling", "samples"),
+                            compiler_options=self.compiler_options)
 
     def set_params(self, params) -> None:
         """New values for the same model (e.g. after training steps): the compiled programs are kept."""
@@ -243,8 +244,7 @@ def _generate(model, params, tokens, start, stops, rng, *, max_new, slots, sampl
     logits, cache = model.apply({"params": params}, tokens, cache=cache)
     if samples > 1:  # each prompt's prefill serves its `samples` rows
         repeat = functools.partial(jnp.repeat, repeats=samples, axis=0)
-        cache = cache.replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), start=repeat(cache.start))
-        tokens, start, logits = repeat(tokens), repeat(start), repeat(logits[:, -1:])
+        cache, tokens, start, logits = cache.repeat(samples), repeat(tokens), repeat(start), repeat(logits[:, -1:])
     batch, vocab = tokens.shape[0], model.config.vocab_size
     recent = jnp.full((batch, stops.shape[1]), -2, jnp.int32)  # last generated tokens, for stop matching
     out = jnp.zeros((batch, max_new), jnp.int32)

@@ -1,6 +1,6 @@
-"""Shared by the learning probes (tests/test_ppo_learning.py, tests/test_post_training.py, tests/test_ppo.py): one prompt whose
+"""Shared by the learning probes (tests/test_ppo_learning.py, tests/test_post_training.py): one prompt whose
 answers "a", "b" and "c" a tiny policy is first fine-tuned to give with probabilities 0.2, 0.3 and 0.5, and the
-exact probability of each answer, computed from the model's logits."""
+exact probability of each answer, computed from the model's logits; and `unpacked` (also tests/test_ppo.py)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

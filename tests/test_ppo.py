@@ -165,8 +165,9 @@ def test_the_loss_through_a_shared_prompt_has_the_gradient_of_a_row_per_episode(
 
     plain_batch = {**{k: full[k] for k in ("inputs", "targets", "mask")},
                    **{k: spread(v) for k, v in extra.items()}, "prefix": None, "prefix_start": None}
+    policy_only = lambda m: ppo.ActorCritic(m, critic=False)  # noqa: E731
     for loss, model, tree in ((ppo.ppo_loss, ppo.ActorCritic, params),
-                              (grpo.grpo_loss, lambda m: ppo.ActorCritic(m, critic=False), {"policy": params["policy"]})):
+                              (grpo.grpo_loss, policy_only, {"policy": params["policy"]})):
         cfg = c.ppo if loss is ppo.ppo_loss else c
         shared = jax.value_and_grad(lambda q: loss(model(c.model), cfg)(q, batch, None)[0])(tree)
         critic = loss is ppo.ppo_loss

@@ -46,6 +46,11 @@ class KVCache(flax.struct.PyTreeNode):
         v = tuple(jnp.zeros(shape, m.dtype) for _ in range(m.num_layers))
         return cls(k=k, v=v, start=start.astype(jnp.int32), index=jnp.zeros((), jnp.int32))
 
+    def repeat(self, times: int) -> "KVCache":
+        """Each row `times` times in a row: one prefill shared by several continuations of its prompt."""
+        rows = functools.partial(jnp.repeat, repeats=times, axis=0, total_repeat_length=self.start.shape[0] * times)
+        return self.replace(k=tuple(map(rows, self.k)), v=tuple(map(rows, self.v)), start=rows(self.start))
+
 
 def layer_norm(m: ml_collections.ConfigDict, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, dtype=m.dtype, param_dtype=m.param_dtype, scale_init=init_ones(("embed",)),
@@ -258,9 +263,7 @@ def continue_prefixes(apply, m: ml_collections.ConfigDict, prefix: jax.Array, pr
     group = inputs.shape[0] // prefix.shape[0]
     cache = KVCache.zeros(m, prefix_start.reshape(-1), prefix.shape[1] + inputs.shape[1])
     _, cache = apply(prefix, cache)
-    repeat = functools.partial(jnp.repeat, repeats=group, axis=0, total_repeat_length=inputs.shape[0])
-    cache = cache.replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), start=repeat(cache.start))
-    out, _ = apply(inputs, cache)
+    out, _ = apply(inputs, cache.repeat(group))
     return out
 
 

@@ -355,7 +355,8 @@ def _group_rows(rows: Sequence[int], group: int) -> list[int]:
     """The groups of a minibatch that a process holding its episode `rows` holds: whole groups, or a ConfigError."""
     groups = sorted({r // group for r in rows})
     if sorted(rows) != [g * group + j for g in groups for j in range(group)]:
-        raise ConfigError(f"config.ppo.samples_per_prompt={group}: this process holds episodes {min(rows)}..{max(rows)} "
+        raise ConfigError(f"config.ppo.samples_per_prompt={group}: this process holds episodes "
+                          f"{min(rows)}..{max(rows)} "
                           f"of a minibatch, not whole groups (train.batch_size / samples_per_prompt must divide "
                           f"evenly over the mesh's batch shards)")
     return groups
